@@ -1,0 +1,45 @@
+"""The decode cache: latent KV rows, indexer keys and N-gram history, passed in and returned (SPEC 3.3, 3.7, 6).
+
+Per token and MLA sublayer the cache holds the scaled c_kv [R] and the rotated k_rope [Hr] (576 values at full size);
+each indexer owner adds its keys [J]. Arrays are stacked over the decoder layers so the layer scan can slice them.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from longcat_jax.config import Config
+from longcat_jax.ngram import next_history
+
+
+@flax.struct.dataclass
+class Cache:
+    c_kv: jax.Array  # [L, 2, B, S, R]
+    k_rope: jax.Array  # [L, 2, B, S, Hr]
+    index_k: jax.Array | None  # [L, indexers per layer, B, S, J], f32; None without an indexer
+    ngram_history: jax.Array | None  # [B, N-1] last tokens; None without the N-gram embedding
+    length: jax.Array  # int32 scalar: rows already written
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv.shape[3]
+
+
+def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+    L, dt = cfg.num_layers, cfg.jnp_dtype
+    index_k = None
+    if cfg.use_indexer:
+        index_k = jnp.zeros((L, cfg.indexer_sublayers, batch, max_len, cfg.index_head_dim), jnp.float32)
+    history = None
+    if cfg.ngram_n:
+        history = next_history(None, jnp.zeros((batch, 0), jnp.int32), cfg)
+    return Cache(
+        c_kv=jnp.zeros((L, 2, batch, max_len, cfg.kv_lora_rank), dt),
+        k_rope=jnp.zeros((L, 2, batch, max_len, cfg.qk_rope_head_dim), dt),
+        index_k=index_k,
+        ngram_history=history,
+        length=jnp.zeros((), jnp.int32),
+    )

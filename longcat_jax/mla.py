@@ -1,0 +1,91 @@
+"""Multi-head latent attention with the LongCat LoRA scaling factors (SPEC 3.3).
+
+Two mathematically equal attention forms over the same latent cache (scaled c_kv [R] plus rotated k_rope [Hr]):
+  naive     expand keys and values per head with w_kv_up, then attend (training and prefill);
+  absorbed  fold W_UK into the query and W_UV into the output, attend over the latent rows (decode and the sparse path).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from longcat_jax.config import Config
+from longcat_jax.layers import apply_rope, param, rms_norm
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        pd, D, N = cfg.jnp_param_dtype, cfg.hidden_size, cfg.num_heads
+        self.w_q_down = param(rngs, (D, cfg.q_lora_rank), ("embed", "q_lora"), pd)
+        self.q_norm = param(None, (cfg.q_lora_rank,), ("q_lora",), pd, init="ones")
+        self.w_q_up = param(rngs, (cfg.q_lora_rank, N, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"), pd)
+        self.w_kv_down = param(rngs, (D, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), pd)
+        self.kv_norm = param(None, (cfg.kv_lora_rank,), ("kv_lora",), pd, init="ones")
+        self.w_kv_up = param(
+            rngs, (cfg.kv_lora_rank, N, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), pd
+        )
+        self.w_o = param(rngs, (N, cfg.v_head_dim, D), ("heads", "head_dim", "embed"), pd)
+        self.cfg = cfg
+
+    def latents(self, x, positions, inv_freq):
+        """Queries and the cacheable latents for x [B, T, D] at positions [B, T].
+
+        Returns q_nope [B,T,N,Hn], q_rope [B,T,N,Hr] (both scaled by alpha_q, q_rope rotated), c_q [B,T,Rq] (the
+        unscaled query latent, the indexer's input), c_kv [B,T,R] (normed, scaled by alpha_kv) and k_rope [B,T,Hr]
+        (rotated, unscaled).
+        """
+        cfg, dt = self.cfg, x.dtype
+        c_q = rms_norm(jnp.einsum("btd,dr->btr", x, self.w_q_down[...].astype(dt)), self.q_norm[...], cfg.mla_norm_eps)
+        q = jnp.einsum("btr,rnh->btnh", c_q, self.w_q_up[...].astype(dt)) * jnp.asarray(cfg.q_scale, dt)
+        q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+        kv = jnp.einsum("btd,dr->btr", x, self.w_kv_down[...].astype(dt))
+        c_kv = rms_norm(kv[..., : cfg.kv_lora_rank], self.kv_norm[...], cfg.mla_norm_eps)
+        c_kv = c_kv * jnp.asarray(cfg.kv_scale, dt)
+        k_rope = apply_rope(kv[..., cfg.kv_lora_rank :], positions, inv_freq, interleaved=True)
+        q_rope = apply_rope(q_rope, positions, inv_freq, interleaved=True)
+        return q_nope, q_rope, c_q, c_kv, k_rope
+
+    def attend(self, q_nope, q_rope, c_kv, k_rope, mask, absorbed: bool = False):
+        """Attention over latent keys c_kv [B,S,R], k_rope [B,S,Hr] with a boolean mask [B,T,S]; returns [B,T,D]."""
+        fn = attend_absorbed if absorbed else attend_naive
+        o = fn(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg)
+        return jnp.einsum("btnh,nhd->btd", o, self.w_o[...].astype(o.dtype))
+
+
+def _softmax_f32(scores, mask):
+    """Masked softmax over the last axis in f32; fully masked rows give zeros instead of NaN."""
+    scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
+    return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+
+
+def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
+    """Per-head keys/values from the latent: o [B,T,N,Hv] = softmax(q.k * s) v."""
+    dt = q_nope.dtype
+    kv = jnp.einsum("bsr,rnh->bsnh", c_kv, w_kv_up.astype(dt))
+    k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
+    scores = jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
+    p = _softmax_f32(scores * cfg.softmax_scale, mask[:, None])
+    return jnp.einsum("bnts,bsnh->btnh", p.astype(dt), v)
+
+
+def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
+    """Absorbed form: q~ = W_UK^T q_nope scores against c_kv directly; W_UV maps the latent sum to values."""
+    dt = q_nope.dtype
+    w_uk = w_kv_up[..., : cfg.qk_nope_head_dim].astype(dt)  # [R, N, Hn]
+    w_uv = w_kv_up[..., cfg.qk_nope_head_dim :].astype(dt)  # [R, N, Hv]
+    q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_uk)
+    scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
+    p = _softmax_f32(scores * cfg.softmax_scale, mask[:, None])
+    o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(dt), c_kv)
+    return jnp.einsum("btnr,rnh->btnh", o_lat, w_uv)
+
+
+def attention_mask(q_positions, k_positions, k_valid=None):
+    """Causal mask [B,T,S] from absolute positions; k_valid [B,S] removes unwritten cache rows."""
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    return mask

@@ -1,0 +1,146 @@
+"""The LongCat model: embeddings, the scanned stack of ScMoE layers, the LM head and MTP (SPEC section 2).
+
+Three explicit modes share the same blocks:
+  forward(model, tokens)              training / full sequence; main logits, MTP draft logits, hidden states
+  prefill(model, tokens, max_len)     fills a fresh Cache and returns the logits
+  decode_step(model, tokens, cache)   appends tokens (usually one) to the cache, attending in absorbed form
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longcat_jax.block import Context, DecoderLayer
+from longcat_jax.cache import Cache, init_cache
+from longcat_jax.config import Config
+from longcat_jax.layers import RMSNorm, config_inv_freq, param
+from longcat_jax.mtp import MTP
+from longcat_jax.ngram import NgramEmbedding, next_history
+from sharding.rules import RULES
+
+
+class LongCat(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        pd, D, V = cfg.jnp_param_dtype, cfg.hidden_size, cfg.vocab_size
+        self.embed = param(rngs, (V, D), ("vocab", "embed"), pd)
+        self.ngram = NgramEmbedding(cfg, rngs) if cfg.ngram_n else None
+        self.layers = _stacked_layers(cfg, rngs)
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, cfg)
+        self.lm_head = param(rngs, (D, V), ("embed", "vocab"), pd)
+        self.mtp = MTP(cfg, rngs) if cfg.mtp_num_steps else None
+        self.cfg = cfg
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """Main-head logits [B, T, V] for int token ids [B, T]."""
+        return forward(self, input_ids).logits
+
+
+def _stacked_layers(cfg: Config, rngs: nnx.Rngs) -> DecoderLayer:
+    """num_layers DecoderLayers with every parameter stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return DecoderLayer(cfg, r)
+
+    return make(rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    logits: jax.Array  # [B, T, V] f32
+    mtp_logits: jax.Array | None  # [S, B, T, V] f32, S = mtp_num_steps
+    hidden: jax.Array  # [B, T, D] final hidden state before the final norm
+
+
+jax.tree_util.register_dataclass(Output, data_fields=["logits", "mtp_logits", "hidden"], meta_fields=[])
+
+
+def embed_tokens(model: LongCat, tokens, history=None):
+    """Token embedding, averaged with the N-gram branches when present: (E[x] + sum_i P_i T_i[id_i]) / (1 + G)."""
+    cfg = model.cfg
+    e = model.embed[...].astype(cfg.jnp_dtype)[tokens]
+    if model.ngram is not None:
+        e = (e + model.ngram(tokens, history)) / jnp.asarray(1 + cfg.ngram_branches, e.dtype)
+    return e
+
+
+def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None):
+    """Scan the stacked layers; returns (h, new per-layer cache dict or None)."""
+    graphdef, state = nnx.split(model.layers)
+    layer_caches = None
+    if cache is not None:
+        layer_caches = {"c_kv": cache.c_kv, "k_rope": cache.k_rope}
+        if cache.index_k is not None:
+            layer_caches["index_k"] = cache.index_k
+
+    def body(h, xs):
+        layer_state, layer_cache = xs
+        layer = nnx.merge(graphdef, layer_state)
+        return layer(h, ctx, layer_cache)
+
+    return jax.lax.scan(body, h, (state, layer_caches))
+
+
+def _logits(model: LongCat, h):
+    return jnp.einsum("btd,dv->btv", model.final_norm(h), model.lm_head[...].astype(h.dtype)).astype(jnp.float32)
+
+
+def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True) -> Output:
+    """Full-sequence forward. tokens int [B, T]; positions default to 0..T-1."""
+    cfg = model.cfg
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg))
+    h = embed_tokens(model, tokens)
+    h, _ = _run_layers(model, h, ctx, None)
+    logits = _logits(model, h)
+    mtp_logits = None
+    if with_mtp and model.mtp is not None:
+        h0 = h if cfg.mtp_hidden_source == "pre_norm" else model.final_norm(h)
+        mtp_logits = model.mtp(h0, tokens, ctx, model.lm_head[...]).astype(jnp.float32)
+    return Output(logits=logits, mtp_logits=mtp_logits, hidden=h)
+
+
+def decode_step(model: LongCat, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+    """Append tokens [B, T] (T >= 1) at cache.length; returns (logits [B, T, V], updated cache)."""
+    cfg = model.cfg
+    B, T = tokens.shape
+    positions = cache.length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), cache_len=cache.length)
+    h = embed_tokens(model, tokens, cache.ngram_history)
+    h, new = _run_layers(model, h, ctx, cache)
+    history = None if cache.ngram_history is None else next_history(cache.ngram_history, tokens, cfg)
+    cache = Cache(c_kv=new["c_kv"], k_rope=new["k_rope"], index_k=new.get("index_k"), ngram_history=history,
+                  length=cache.length + T)
+    return _logits(model, h), cache
+
+
+def prefill(model: LongCat, tokens: jax.Array, max_len: int) -> tuple[jax.Array, Cache]:
+    """Run a prompt [B, T] into a fresh cache of max_len rows; returns (logits [B, T, V], cache)."""
+    B, T = tokens.shape
+    if T > max_len:
+        raise ValueError(f"prompt of {T} tokens does not fit a cache of {max_len}")
+    return decode_step(model, tokens, init_cache(model.cfg, B, max_len))
+
+
+def build_model(cfg: Config, seed: int = 0, mesh: jax.sharding.Mesh | None = None, rules=RULES) -> LongCat:
+    """Initialise a model. With a mesh, parameters are born sharded inside jit (STYLE 8); without one, on the
+    default device with the logical names kept as metadata."""
+    if mesh is None:
+        with nnx.use_eager_sharding(False):
+            return LongCat(cfg, nnx.Rngs(seed))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return jax.jit(lambda: LongCat(cfg, nnx.Rngs(seed)))()
+
+
+def abstract_model(cfg: Config) -> LongCat:
+    """The model with ShapeDtypeStruct leaves: nothing allocated (parameter counts, checkpoint restore)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: LongCat(cfg, nnx.Rngs(0)))
+
