@@ -1,0 +1,209 @@
+"""Shortcut-MoE expert layer: router over routed + zero-computation experts, then dispatch (SPEC 3.4-3.5).
+
+The router scores all `num_slots = n_routed + zero` slots with an f32 softmax and selects the top k of
+`probs + bias` (the aux-loss-free e_score_correction_bias steers selection only). Each pick is weighted by its
+unbiased probability times `routed_scaling_factor`, with no renormalisation. Slots >= n_routed are identity
+("zero") experts: they return the token itself, and the scaling applies to them too (HF / NPU convention,
+SPEC 3.5; upstream SGLang GPU differs).
+
+    MoE(u) = sum_{e in idx, e < E} g_e FFN_e(u) + (sum_{e in idx, e >= E} g_e) u
+
+Two dispatch paths (SPEC 7.12 determinism: sort-based, fixed-order combine, no scatter-add):
+  * `moe_dropless`: stable sort of the N*K assignments by expert, `jax.lax.ragged_dot` over the E groups.
+  * `moe_capacity`: fixed [E, C, D] buffers, assignments past capacity (token order) dropped.
+Both gather the expert outputs back to [N, K, D] and reduce over K, so results do not depend on atomics.
+Parity reference: `transformers.models.longcat_flash` `LongcatFlashTopkRouter` / `LongcatFlashMoE` (SPEC 4.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longcat_jax.config import Config
+from longcat_jax.layers import param
+
+# --- Router ------------------------------------------------------------------------------------------------
+
+
+def route(u: jax.Array, classifier: jax.Array, bias: jax.Array, cfg: Config):
+    """Top-k routing over routed and identity slots (SPEC 3.5).
+
+    Args:
+      u: [N, D] router input (any dtype; upcast to f32).
+      classifier: [D, slots] router weight (kept in f32).
+      bias: [slots] e_score_correction_bias, used for selection only.
+    Returns:
+      weights [N, K] f32 (= probs[idx] * routed_scaling_factor),
+      indices [N, K] int32 (ordered by biased score, ties to the lowest slot),
+      probs [N, slots] f32 (softmax over all slots, for load statistics).
+    """
+    # HIGHEST keeps the logits true f32 on accelerators whose default f32 matmul is TF32/bf16-pass.
+    u32, w32 = u.astype(jnp.float32), classifier.astype(jnp.float32)
+    logits = jnp.einsum("nd,ds->ns", u32, w32, precision=jax.lax.Precision.HIGHEST)
+    probs = jax.nn.softmax(logits, axis=-1)
+    # The bias only decides which slots win; it never receives a gradient.
+    choice = probs + jax.lax.stop_gradient(bias.astype(jnp.float32))[None, :]
+    # lax.top_k is stable: equal scores come out lowest index first (SPEC 7.12 tie-break).
+    _, indices = jax.lax.top_k(jax.lax.stop_gradient(choice), cfg.moe_topk)
+    indices = indices.astype(jnp.int32)
+    weights = jnp.take_along_axis(probs, indices, axis=-1) * cfg.routed_scaling_factor
+    return weights, indices, probs
+
+
+def expert_load(indices: jax.Array, cfg: Config) -> jax.Array:
+    """Assignments per slot, [slots] int32, from indices [N, K] (input to the aux-loss-free bias update)."""
+    # Integer scatter-add: exact, so order does not matter.
+    return jnp.bincount(indices.reshape(-1), length=cfg.num_slots).astype(jnp.int32)
+
+
+# --- Shared sort / combine ---------------------------------------------------------------------------------
+
+
+def _replicate_sorted(x, order, k):
+    """x [N, D] -> [N*K, D] rows in sorted assignment order.
+
+    Broadcast over K then permute, instead of gathering x[order // k]: the backward pass is then a reduction
+    over K plus a collision-free permutation, with no duplicate-index scatter-add (deterministic gradients).
+    """
+    n, d = x.shape
+    return jnp.broadcast_to(x[:, None, :], (n, k, d)).reshape(n * k, d)[order]
+
+
+def _sort_assignments(indices: jax.Array, n_experts: int):
+    """Stable sort of the flattened [N*K] assignments by expert, identity slots last.
+
+    Returns order [N*K] (sorted position -> flat assignment), sorted expert ids [N*K] (identity mapped to E),
+    starts [E+1] (first sorted position of each routed expert; starts[E] = number of routed assignments).
+    """
+    flat = jnp.minimum(indices.reshape(-1), n_experts)  # every identity slot becomes E
+    # Stable: within one expert, assignments stay in (token, slot) order, which also defines capacity rank.
+    order = jnp.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    starts = jnp.searchsorted(sorted_e, jnp.arange(n_experts + 1, dtype=sorted_e.dtype), side="left")
+    return order, sorted_e, starts.astype(jnp.int32)
+
+
+def _combine(y_sorted, order, x, weights, indices, n_experts):
+    """Un-permute routed outputs to [N, K, D] and reduce over K in a fixed order, adding the identity term.
+
+    y_sorted: [N*K, D] expert outputs in sorted order (zero rows where dropped or identity).
+    Returns [N, D] in x's dtype; the weighted sum runs in f32.
+    """
+    n, k = indices.shape
+    # Inverse permutation by argsort of a permutation: a gather, not a scatter.
+    inv = jnp.argsort(order)
+    y = y_sorted[inv].reshape(n, k, -1)  # [N, K, D]
+    w = weights.astype(jnp.float32)
+    is_id = indices >= n_experts
+    routed = jnp.sum(jnp.where(is_id, 0.0, w)[..., None] * y.astype(jnp.float32), axis=1)
+    id_gate = jnp.sum(jnp.where(is_id, w, 0.0), axis=1, keepdims=True)  # [N, 1]
+    return (routed + id_gate * x.astype(jnp.float32)).astype(x.dtype)
+
+
+# --- Dispatch ----------------------------------------------------------------------------------------------
+
+
+def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
+    """Dropless expert FFN: sort by expert, grouped matmul with jax.lax.ragged_dot, fixed-order combine.
+
+    Args:
+      x: [N, D] tokens; weights [N, K] f32; indices [N, K] int32 slots (>= E are identity experts).
+      w_gate, w_up: [E, D, Fe]; w_down: [E, Fe, D].
+    Returns:
+      [N, D] in x's dtype.
+    """
+    n_experts = w_gate.shape[0]
+    k = indices.shape[1]
+    dt = cfg.jnp_dtype
+    order, sorted_e, starts = _sort_assignments(indices, n_experts)
+    group_sizes = starts[1:] - starts[:-1]  # [E]; identity rows sit past starts[E]
+    # Identity rows are outside every group. ragged_dot zero-fills such rows on CPU, but the masks below make
+    # the result (and its gradient to x) independent of what a backend leaves there.
+    is_routed = (sorted_e < n_experts)[:, None]
+    xs = jnp.where(is_routed, _replicate_sorted(x.astype(dt), order, k), 0)  # [N*K, D]
+    g = jax.lax.ragged_dot(xs, w_gate.astype(dt), group_sizes)
+    u = jax.lax.ragged_dot(xs, w_up.astype(dt), group_sizes)
+    h = jax.nn.silu(g) * u  # [N*K, Fe]
+    y = jax.lax.ragged_dot(h, w_down.astype(dt), group_sizes)  # [N*K, D]
+    y = jnp.where(is_routed, y, 0)
+    return _combine(y, order, x, weights, indices, n_experts)
+
+
+def capacity(cfg: Config, n_tokens: int, n_experts: int) -> int:
+    """Per-expert capacity ceil(cf * N * K / E), capped at N (top-k picks an expert once per token)."""
+    return min(n_tokens, math.ceil(cfg.capacity_factor * n_tokens * cfg.moe_topk / n_experts))
+
+
+def moe_capacity(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
+    """Capacity-factor expert FFN: [E, C, D] buffers, batched einsums; over-capacity assignments are dropped.
+
+    The rank of an assignment inside its expert follows token order; ranks >= C contribute 0. Identity experts
+    need no buffer and are never dropped. Shapes as in `moe_dropless`.
+    """
+    n, k = indices.shape
+    n_experts = w_gate.shape[0]
+    cap = capacity(cfg, n, n_experts)
+    dt = cfg.jnp_dtype
+    order, sorted_e, starts = _sort_assignments(indices, n_experts)
+    group_sizes = starts[1:] - starts[:-1]
+    xs = _replicate_sorted(x.astype(dt), order, k)  # [N*K, D] sorted by expert
+    # Dispatch by gather: buffer slot (e, c) reads sorted row starts[e] + c when c < group size.
+    c_idx = jnp.arange(cap, dtype=jnp.int32)
+    src = jnp.minimum(starts[:-1, None] + c_idx[None, :], n * k - 1)  # [E, C]
+    valid = c_idx[None, :] < group_sizes[:, None]  # [E, C]
+    buf = jnp.where(valid[..., None], xs[src], 0)  # [E, C, D]
+    g = jnp.einsum("ecd,edf->ecf", buf, w_gate.astype(dt))
+    u = jnp.einsum("ecd,edf->ecf", buf, w_up.astype(dt))
+    out = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, w_down.astype(dt))  # [E, C, D]
+    # Gather back: sorted row i holds rank i - starts[e] inside expert e.
+    rank = jnp.arange(n * k, dtype=jnp.int32) - starts[jnp.minimum(sorted_e, n_experts - 1)]
+    kept = (sorted_e < n_experts) & (rank < cap)
+    y = out[jnp.minimum(sorted_e, n_experts - 1), jnp.clip(rank, 0, cap - 1)]  # [N*K, D]
+    y = jnp.where(kept[:, None], y, 0)
+    return _combine(y, order, x, weights, indices, n_experts)
+
+
+def moe(x, classifier, bias, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
+    """Route then dispatch [N, D] tokens, picking the path from cfg.capacity_factor (None = dropless)."""
+    weights, indices, _ = route(x, classifier, bias, cfg)
+    dispatch = moe_dropless if cfg.capacity_factor is None else moe_capacity
+    return dispatch(x, weights, indices, w_gate, w_up, w_down, cfg)
+
+
+# --- Module ------------------------------------------------------------------------------------------------
+
+
+class MoE(nnx.Module):
+    """Router (`classifier`, `bias`) plus E routed SwiGLU experts; zero experts hold no parameters."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        pd, D, Fe, E = cfg.jnp_param_dtype, cfg.hidden_size, cfg.expert_ffn_hidden_size, cfg.n_routed_experts
+        self.cfg = cfg
+        # Router weight and correction bias stay f32 whatever the param dtype (HF _keep_in_fp32_modules).
+        self.classifier = param(rngs, (D, cfg.num_slots), ("embed", "slots"), jnp.float32)
+        self.bias = param(None, (cfg.num_slots,), ("slots",), jnp.float32, init="zeros")
+        self.w_gate = param(rngs, (E, D, Fe), ("experts", "embed", "expert_mlp"), pd)
+        self.w_up = param(rngs, (E, D, Fe), ("experts", "embed", "expert_mlp"), pd)
+        self.w_down = param(rngs, (E, Fe, D), ("experts", "expert_mlp", "embed"), pd)
+
+    def route_tokens(self, u):
+        """Routing of u [B, T, D] as N = B*T tokens: (weights [N, K], indices [N, K], probs [N, slots])."""
+        return route(u.reshape(-1, u.shape[-1]), self.classifier[...], self.bias[...], self.cfg)
+
+    def __call__(self, u):
+        """u [B, T, D] -> [B, T, D] in u's dtype."""
+        x = u.reshape(-1, u.shape[-1])
+        out = moe(
+            x,
+            self.classifier[...],
+            self.bias[...],
+            self.w_gate[...],
+            self.w_up[...],
+            self.w_down[...],
+            self.cfg,
+        )
+        return out.reshape(u.shape)
