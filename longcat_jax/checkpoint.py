@@ -348,12 +348,14 @@ def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shar
             weight_map.update({k: fname for k in pending})
             pending, size = {}, 0
 
-    for p, entry in mapping.items():
-        for name, tensor in _hf_tensors(entry, p, state[p], cfg):
-            pending[name] = tensor
-            size += tensor.nbytes
-            if size >= max_shard_bytes:
-                flush()
+    tensors = itertools.chain.from_iterable(_hf_tensors(entry, p, state[p], cfg) for p, entry in mapping.items())
+    if arch == FLASH:
+        tensors = itertools.chain(tensors, _zero_expert_placeholders(cfg, state))
+    for name, tensor in tensors:
+        pending[name] = tensor
+        size += tensor.nbytes
+        if size >= max_shard_bytes:
+            flush()
     flush()
     # Rename only once every shard is complete, so a crash never leaves a folder that looks whole.
     total = len(files)
@@ -366,6 +368,17 @@ def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shar
         json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
+
+
+def _zero_expert_placeholders(cfg: Config, state: dict):
+    """transformers' LongcatFlashExperts sizes gate_up with the zero experts included and refuses a checkpoint
+    without those rows; no forward pass reads them, so they are written as zeros (see `ignored`)."""
+    dtype = state[("layers", "moe", "w_gate")].dtype
+    shape = (cfg.expert_ffn_hidden_size, cfg.hidden_size)
+    for l in range(cfg.num_layers):
+        for e in range(cfg.n_routed_experts, cfg.num_slots):
+            for proj in ("gate_proj", "up_proj"):
+                yield f"model.layers.{l}.mlp.experts.{e}.{proj}.weight", np.zeros(shape, dtype)
 
 
 def _hf_tensors(entry: Entry, path, leaf, cfg: Config):
