@@ -20,6 +20,7 @@ from longcat_jax.config import Config
 from longcat_jax.layers import RMSNorm, config_inv_freq, param
 from longcat_jax.mtp import MTP
 from longcat_jax.ngram import NgramEmbedding, next_history
+from sharding.constrain import constrain
 from sharding.rules import RULES
 
 
@@ -81,7 +82,8 @@ def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None):
     def body(h, xs):
         layer_state, layer_cache = xs
         layer = nnx.merge(graphdef, layer_state)
-        return layer(h, ctx, layer_cache)
+        h, new_cache = layer(constrain(h, ("batch", "seq", "embed")), ctx, layer_cache)
+        return h, new_cache
 
     return jax.lax.scan(body, h, (state, layer_caches))
 

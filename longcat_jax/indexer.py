@@ -1,0 +1,230 @@
+"""Lightning indexer and LongCat Sparse Attention selection (SPEC 3.8, 3.9, 7.1-7.5).
+
+The indexer scores every causal key s for every query t,
+    I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])            (j over indexer heads, SPEC 3.8)
+and LSA turns those scores into K = index_topk key indices per query:
+  dense   at most K valid keys: take them all, so sparse attention is exactly dense (SPEC 3.9.1);
+  SI      sinks {pos < init} and the local window {pos > t - local} are forced in with +inf, then top-K;
+          off = the plain DSA token top-k;
+  HI      mean-pooled block keys give a coarse block score; tokens are scored only inside the best
+          hi_top_blocks blocks of the non-streaming region, then the SI rule runs (SPEC 7.4, a design choice);
+  CLI     the reuse sublayer takes its owner's indices; no code here (block.py threads them).
+This is the reference path: it materialises [B, T, S] scores. Indices point into the key axis of the given
+keys (a cache slot, not a position), -1 marks an empty slot, and ties go to the lowest key index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from longcat_jax.config import Config
+from longcat_jax.layers import apply_rope, config_inv_freq, param, rms_norm
+
+
+class Indexer(nnx.Module):
+    """Lightning-indexer weights of one owner sublayer (SPEC 3.8); `project` gives q, k and head weights."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        pd, D, I, J = cfg.jnp_param_dtype, cfg.hidden_size, cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = param(rngs, (cfg.q_lora_rank, I, J), ("q_lora", "indexer_heads", "head_dim"), pd)
+        self.wk = param(rngs, (D, J), ("embed", "head_dim"), pd)
+        self.k_norm = param(None, (J,), ("head_dim",), pd, init="ones")
+        # weights_proj stays fp32 whatever the model dtype (SPEC 3.8; HF _keep_in_fp32_modules).
+        self.weights_proj = param(rngs, (D, I), ("embed", "indexer_heads"), jnp.float32)
+        self.cfg = cfg
+
+    def project(self, x, c_q, positions):
+        """x [B,T,D] normed attention input, c_q [B,T,Rq] unscaled MLA query latent, positions int [B,T].
+
+        Returns q [B,T,I,J], k [B,T,J], w [B,T,I], all float32.
+        """
+        return indexer_project(x, c_q, positions, self.wq_b[...], self.wk[...], self.k_norm[...],
+                               self.weights_proj[...], self.cfg)
+
+
+def indexer_project(x, c_q, positions, wq_b, wk, k_norm, weights_proj, cfg: Config):
+    """Indexer queries, keys and head weights (SPEC 3.8).
+
+    Args:
+      x: [B, T, D] normed attention input. c_q: [B, T, Rq] MLA query latent, before the alpha_q scale
+        (HF convention; the scale would only multiply all scores by a positive constant, SPEC 7.6).
+      positions: int [B, T]. wq_b [Rq, I, J], wk [D, J], k_norm [J], weights_proj [D, I].
+    Returns:
+      q [B, T, I, J], k [B, T, J] (RMS-normed), both with RoPE on dims [0:qk_rope_head_dim] (rope part
+      first, nope part second), and w [B, T, I] = weights_proj(x) * I^-0.5 * J^-0.5, all float32. The J^-0.5
+      score scale lives in w because ReLU(c z) = c ReLU(z) for c > 0, so the scores equal HF's
+      sum_j w_hf ReLU(q.k J^-0.5).
+    """
+    dt, r = cfg.jnp_dtype, cfg.qk_rope_head_dim
+    I, J = wq_b.shape[1:]
+    q = jnp.einsum("btr,rij->btij", c_q.astype(dt), wq_b.astype(dt)).astype(jnp.float32)
+    k = jnp.einsum("btd,dj->btj", x.astype(dt), wk.astype(dt)).astype(jnp.float32)
+    k = rms_norm(k, k_norm.astype(jnp.float32), cfg.index_k_norm_eps)
+    inv_freq = config_inv_freq(cfg)
+    interleaved = cfg.indexer_rope_interleave
+    q = jnp.concatenate([apply_rope(q[..., :r], positions, inv_freq, interleaved), q[..., r:]], axis=-1)
+    k = jnp.concatenate([apply_rope(k[..., :r], positions, inv_freq, interleaved), k[..., r:]], axis=-1)
+    w = jnp.einsum("btd,di->bti", x.astype(jnp.float32), weights_proj.astype(jnp.float32))
+    w = w * (I**-0.5 * J**-0.5)
+    return q, k, w
+
+
+def _weighted_relu(q, k, w):
+    """sum_j w[t,j] ReLU(q[t,j] . k[s]) in f32: q [B,T,I,J], k [B,S,J], w [B,T,I] -> [B,T,S], unmasked."""
+    logits = jnp.einsum("btij,bsj->btis", q.astype(jnp.float32), k.astype(jnp.float32))
+    return jnp.einsum("bti,btis->bts", w.astype(jnp.float32), jax.nn.relu(logits))
+
+
+def _valid_keys(q_positions, k_positions, k_valid=None):
+    """bool [B,T,S]: key s is causal for query t (k_pos <= q_pos) and, if given, marked valid."""
+    valid = k_positions[:, None, :] <= q_positions[:, :, None]
+    if k_valid is not None:
+        valid = valid & k_valid[:, None, :]
+    return valid
+
+
+def indexer_scores(q, k, w, q_positions, k_positions, k_valid=None):
+    """Index scores I [B,T,S] float32 (SPEC 3.8); -inf at future keys (k_pos > q_pos) and where k_valid is
+    False.
+
+    q [B,T,I,J], k [B,S,J], w [B,T,I] from `indexer_project`; q_positions [B,T], k_positions [B,S] (keys may
+    come from a cache, so positions are explicit); k_valid bool [B,S] or None.
+    """
+    scores = _weighted_relu(q, k, w)
+    return jnp.where(_valid_keys(q_positions, k_positions, k_valid), scores, -jnp.inf)
+
+
+def forced_keys(q_positions, k_positions, cfg: Config):
+    """SI forced set F_t [B,T,S]: sinks (pos < index_init_tokens) and the local window (pos > t - local).
+
+    The window includes the query's own token; callers intersect with causality.
+    """
+    kp, qp = k_positions[:, None, :], q_positions[:, :, None]
+    return (kp < cfg.index_init_tokens) | (kp > qp - cfg.index_local_tokens)
+
+
+def _top_k_indices(scores, K: int):
+    """Indices int32 [B,T,K] of the K largest scores; -1 where the score is -inf (no valid key).
+
+    jax.lax.top_k puts the lower index first among equal values, which is the deterministic tie-break
+    (SPEC 7.12). Fewer than K keys are padded with -inf columns so the output is always K wide.
+    """
+    S = scores.shape[-1]
+    if S < K:
+        scores = jnp.pad(scores, ((0, 0), (0, 0), (0, K - S)), constant_values=-jnp.inf)
+    vals, idx = jax.lax.top_k(scores, K)
+    return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def select_topk(scores, q_positions, k_positions, cfg: Config, k_valid=None):
+    """Token-level LSA selection (SPEC 3.9.1): indices int32 [B,T,K], K = cfg.index_topk, -1 in empty slots.
+
+    With at most K valid causal keys every one of them is chosen (exact dense). Otherwise, with
+    cfg.si_enabled, the forced set gets +inf so it always sits inside the K slots and the rest are the highest
+    scores; with SI off this is the plain DSA top-k. Validity is recomputed from the positions, so `scores`
+    may be unmasked.
+    """
+    valid = _valid_keys(q_positions, k_positions, k_valid)
+    if cfg.si_enabled:
+        scores = jnp.where(forced_keys(q_positions, k_positions, cfg), jnp.inf, scores)
+    # The dense rule needs no branch: valid scores are finite, so top-K takes them all when there are <= K.
+    return _top_k_indices(jnp.where(valid, scores, -jnp.inf), cfg.index_topk)
+
+
+def block_keys(k, k_positions, block_size: int, k_valid=None):
+    """Mean-pooled indexer keys per block of `block_size` absolute positions (SPEC 7.4).
+
+    k [B,S,J] (post-norm, post-RoPE), k_positions int [B,S], assumed in [0, S) as in training from position 0
+    and in a linear cache; a key at a position >= S belongs to no block. Returns (k_bar [B,NB,J] float32,
+    count int32 [B,NB]) with NB = ceil(S / block_size); an empty block has a zero mean and count 0.
+    """
+    S = k.shape[1]
+    nb = -(-S // block_size)
+    member = jax.nn.one_hot(k_positions // block_size, nb, dtype=jnp.float32)  # [B, S, NB]
+    if k_valid is not None:
+        member = member * k_valid[..., None].astype(jnp.float32)
+    count = member.sum(axis=1)  # [B, NB]
+    k_sum = jnp.einsum("bsn,bsj->bnj", member, k.astype(jnp.float32))
+    return k_sum / jnp.maximum(count, 1.0)[..., None], count.astype(jnp.int32)
+
+
+def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
+    """HI selection (SPEC 7.4): coarse block scores, token scores inside the best blocks, then the SI rule.
+
+    A block is a candidate for query t when it holds a non-streaming key (init <= pos <= t - local) and ends
+    at or before t. Because index_local_tokens >= hi_block_size (a Config invariant), every block that holds a
+    non-streaming key has already ended, so no block mean contains a future key and every non-streaming token
+    is covered. The block score is sum_j w[t,j] ReLU(q[t,j] . k_bar_b) with the query's own q and w; the top
+    cfg.hi_top_blocks candidates keep their tokens' scores and all other non-forced tokens drop to -inf (a row
+    may fill fewer than K slots when the chosen blocks hold too few tokens). Rows with at most K valid keys
+    stay exact dense. Key positions must lie in [0, S) (see `block_keys`).
+
+    scores [B,T,S] token scores (from `indexer_scores`), q [B,T,I,J], k [B,S,J], w [B,T,I];
+    returns int32 [B,T,K].
+    """
+    Bh, K = cfg.hi_block_size, cfg.index_topk
+    k_bar, count = block_keys(k, k_positions, Bh, k_valid)
+    nb = k_bar.shape[1]
+    start = jnp.arange(nb, dtype=jnp.int32) * Bh  # [NB] first absolute position of each block
+    end = start + Bh - 1
+    qp = q_positions[:, :, None]  # [B, T, 1]
+    candidate = (
+        (start[None, None, :] <= qp - cfg.index_local_tokens)
+        & (end[None, None, :] >= cfg.index_init_tokens)
+        & (end[None, None, :] <= qp)
+        & (count[:, None, :] > 0)
+    )  # [B, T, NB]
+    block_scores = jnp.where(candidate, _weighted_relu(q, k_bar, w), -jnp.inf)
+    m = min(cfg.hi_top_blocks, nb)
+    _, top_blocks = jax.lax.top_k(block_scores, m)  # [B, T, M]; -inf picks are dropped by `& candidate`
+    B, T, _ = candidate.shape
+    chosen = jnp.zeros_like(candidate).at[
+        jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], top_blocks
+    ].set(True) & candidate
+    # Token s inherits its block's decision; out-of-range positions fall to block "nb" = not chosen.
+    tok_block = jnp.clip(k_positions // Bh, 0, nb)  # [B, S]
+    chosen_ext = jnp.concatenate([chosen, jnp.zeros_like(chosen[..., :1])], axis=-1)
+    tok_block = jnp.broadcast_to(tok_block[:, None, :], scores.shape)  # [B, T, S]
+    in_chosen = jnp.take_along_axis(chosen_ext, tok_block, axis=-1)
+    valid = _valid_keys(q_positions, k_positions, k_valid)
+    dense_row = valid.sum(axis=-1, keepdims=True) <= K
+    keep = in_chosen | forced_keys(q_positions, k_positions, cfg) | dense_row
+    return select_topk(jnp.where(keep, scores, -jnp.inf), q_positions, k_positions, cfg, k_valid)
+
+
+def use_hierarchical(cfg: Config, num_keys: int) -> bool:
+    """HI runs only when switched on and the key length exceeds cfg.hi_min_len (a static shape test)."""
+    return cfg.hi_enabled and num_keys > cfg.hi_min_len
+
+
+def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
+    """The model's entry point: indices int32 [B,T,K] from the indexer outputs, dispatching dense / SI / HI.
+
+    q [B,T,I,J], k [B,S,J], w [B,T,I] (from `Indexer.project`; k may be the indexer-key cache),
+    q_positions [B,T], k_positions [B,S], k_valid bool [B,S] or None. HI (when cfg.hi_enabled and
+    S > cfg.hi_min_len) needs key positions in [0, S).
+    """
+    scores = indexer_scores(q, k, w, q_positions, k_positions, k_valid)
+    if use_hierarchical(cfg, k.shape[1]):
+        return select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg, k_valid)
+    return select_topk(scores, q_positions, k_positions, cfg, k_valid)
+
+
+def indices_to_mask(indices, num_keys: int):
+    """bool [B,T,S] with True at the selected keys (HF-style scatter); -1 slots select nothing.
+
+    indices int [B,T,K]; the caller still ANDs this with the causal / validity mask.
+    """
+    B, T, _ = indices.shape
+    # -1 must not wrap around to the last key: send it out of range and let the scatter drop it.
+    safe = jnp.where(indices < 0, num_keys, indices)
+    mask = jnp.zeros((B, T, num_keys), dtype=bool)
+    return mask.at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], safe].set(True, mode="drop")
+
+
+__all__ = [
+    "Indexer", "indexer_project", "indexer_scores", "forced_keys", "select_topk", "block_keys",
+    "select_topk_hierarchical", "use_hierarchical", "select", "indices_to_mask",
+]
