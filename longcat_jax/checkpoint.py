@@ -90,7 +90,7 @@ def _mlp(prefix: str, stack: str) -> dict:
 
 
 def tensor_map(cfg: Config, architecture: str) -> dict:
-    """Nested dict mirroring nnx.state(model).to_pure_dict(), with an Entry at every leaf.
+    """Nested dict mirroring nnx.to_pure_dict(nnx.state(model)), with an Entry at every leaf.
 
     The N-gram tables are the one leaf that is not an Entry: a (template, None) pair handled by `_ngram_tables`.
     """
@@ -281,7 +281,7 @@ def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, **overrides) -> tu
     folder = SafetensorsFolder(path)
     abstract = abstract_model(cfg)
     graphdef, abs_state = nnx.split(abstract)
-    pure = abs_state.to_pure_dict()
+    pure = nnx.to_pure_dict(abs_state)
     shapes = {p: tuple(v.shape) for p, v in _flat(pure).items()}
     mapping = _flat(tensor_map(cfg, arch))
     if set(mapping) != set(shapes):
@@ -300,7 +300,7 @@ def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, **overrides) -> tu
         reader = _leaf_reader(folder, entry, p, leaf.shape, np.dtype(leaf.dtype), cfg)
         values[p] = jax.make_array_from_callback(leaf.shape, sharding, reader)
     nested = _unflat(values)
-    abs_state.replace_by_pure_dict(nested)
+    nnx.replace_by_pure_dict(abs_state, nested)
     return cfg, nnx.merge(graphdef, abs_state)
 
 
@@ -333,7 +333,7 @@ def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shar
     hf = config_to_hf(cfg, architecture)
     arch = hf["architectures"][0]
     os.makedirs(path, exist_ok=True)
-    state = _flat(nnx.state(model).to_pure_dict())
+    state = _flat(nnx.to_pure_dict(nnx.state(model)))
     mapping = _flat(tensor_map(cfg, arch))
     weight_map: dict[str, str] = {}
     pending: dict[str, np.ndarray] = {}

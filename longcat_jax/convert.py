@@ -30,7 +30,7 @@ def save_orbax(model: LongCat, path: str, architecture: str | None = None):
         raise FileExistsError(f"{path}/params already exists; refusing to overwrite a checkpoint")
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "params"), nnx.state(model).to_pure_dict())
+        ckptr.save(os.path.join(path, "params"), nnx.to_pure_dict(nnx.state(model)))
         ckptr.wait_until_finished()
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(model.cfg, architecture), f, indent=2)
@@ -48,8 +48,8 @@ def load_orbax(path: str) -> tuple[Config, LongCat, str]:
     cfg = config_from_hf(hf)
     graphdef, state = nnx.split(abstract_model(cfg))
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(params, state.to_pure_dict())
-    state.replace_by_pure_dict(restored)
+        restored = ckptr.restore(params, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
     return cfg, nnx.merge(graphdef, state), architecture_of(hf)
 
 

@@ -22,7 +22,7 @@ from longcat_jax.model import abstract_model
 
 
 def _sizes(cfg: Config) -> dict[tuple, int]:
-    state = nnx.state(abstract_model(cfg)).to_pure_dict()
+    state = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
     out = {}
 
     def walk(tree, prefix):

@@ -28,8 +28,8 @@ def _tokens(cfg, batch, length, seed=0):
 def _with_params_of(model, cfg):
     """A model of config `cfg` that takes every parameter it shares with `model`."""
     other = lj.build_model(cfg, seed=1)
-    src = nnx.state(model).to_pure_dict()
-    dst = nnx.state(other).to_pure_dict()
+    src = nnx.to_pure_dict(nnx.state(model))
+    dst = nnx.to_pure_dict(nnx.state(other))
 
     def copy(d, s):
         for k in d:

@@ -1,0 +1,70 @@
+"""Greedy generation with the prefill / decode-step cache path.
+
+    python serve.py --preset tiny --prompt-ids 5,17,42 --max-new-tokens 16
+    python serve.py --hf /path/to/hf_folder --prompt-ids 1,2,3
+
+Prints the generated token ids. The HTTP server (OpenAI API, batching, disaggregated prefill/decode) is a
+later issue; this script is the single-request core it will be built on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import longcat_jax as lj
+
+
+def generate(model: lj.LongCat, prompt: jax.Array, max_new_tokens: int) -> jax.Array:
+    """Greedy continuation of prompt [B, T]; returns [B, max_new_tokens] token ids."""
+    B, T = prompt.shape
+    logits, cache = jax.jit(lj.prefill, static_argnums=2)(model, prompt, T + max_new_tokens)
+    step = jax.jit(lj.decode_step)
+    token = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+    out = [token]
+    for _ in range(max_new_tokens - 1):
+        logits, cache = step(model, token, cache)
+        token = jnp.argmax(logits[:, -1], axis=-1)[:, None]
+        out.append(token)
+    return jnp.concatenate(out, axis=1)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("--prompt-ids is empty")
+    return ids
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Greedy generation with the LongCat decode cache.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=lj.Config.PRESETS, help="random weights of a preset")
+    source.add_argument("--hf", help="Hugging Face checkpoint folder")
+    parser.add_argument("--prompt-ids", type=parse_ids, required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    if args.hf:
+        cfg, model = lj.load_hf(args.hf)
+    else:
+        cfg = lj.Config.preset(args.preset)
+        model = lj.build_model(cfg, seed=args.seed)
+    bad = [i for i in args.prompt_ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        parser.error(f"prompt ids {bad} are outside the vocabulary [0, {cfg.vocab_size})")
+    out = generate(model, jnp.asarray([args.prompt_ids], jnp.int32), args.max_new_tokens)
+    print(",".join(str(int(t)) for t in out[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
