@@ -117,8 +117,7 @@ class Config:
                     self.index_init_tokens + self.index_local_tokens < self.index_topk,
                     "SI forced set (init + local tokens) must leave dynamic top-k slots",
                 )
-            if self.hi_enabled:
-                need(self.si_enabled, "HI scores the non-streaming region, so it needs SI on")
+            if self.hi_enabled and self.si_enabled:
                 need(
                     self.index_local_tokens >= self.hi_block_size,
                     "HI needs index_local_tokens >= hi_block_size so candidate blocks hold only past keys",

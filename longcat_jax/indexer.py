@@ -153,8 +153,8 @@ def block_keys(k, k_positions, block_size: int, k_valid=None):
 def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
     """HI selection (SPEC 7.4): coarse block scores, token scores inside the best blocks, then the SI rule.
 
-    A block is a candidate for query t when it holds a non-streaming key (init <= pos <= t - local) and ends
-    at or before t. Because index_local_tokens >= hi_block_size (a Config invariant), every block that holds a
+    A block is a candidate for query t when it holds a non-streaming key (init <= pos <= t - local; with SI
+    off, init = local = 0) and ends at or before t; keys of the query's own incomplete block compete as tokens. Because index_local_tokens >= hi_block_size (a Config invariant), every block that holds a
     non-streaming key has already ended, so no block mean contains a future key and every non-streaming token
     is covered. The block score is sum_j w[t,j] ReLU(q[t,j] . k_bar_b) with the query's own q and w; the top
     cfg.hi_top_blocks candidates keep their tokens' scores and all other non-forced tokens drop to -inf (a row
@@ -165,14 +165,16 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     returns int32 [B,T,K].
     """
     Bh, K = cfg.hi_block_size, cfg.index_topk
+    # Without SI there is no streaming region: every complete past block competes.
+    init, local = (cfg.index_init_tokens, cfg.index_local_tokens) if cfg.si_enabled else (0, 0)
     k_bar, count = block_keys(k, k_positions, Bh, k_valid)
     nb = k_bar.shape[1]
     start = jnp.arange(nb, dtype=jnp.int32) * Bh  # [NB] first absolute position of each block
     end = start + Bh - 1
     qp = q_positions[:, :, None]  # [B, T, 1]
     candidate = (
-        (start[None, None, :] <= qp - cfg.index_local_tokens)
-        & (end[None, None, :] >= cfg.index_init_tokens)
+        (start[None, None, :] <= qp - local)
+        & (end[None, None, :] >= init)
         & (end[None, None, :] <= qp)
         & (count[:, None, :] > 0)
     )  # [B, T, NB]
@@ -190,7 +192,12 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     in_chosen = jnp.take_along_axis(chosen_ext, tok_block, axis=-1)
     valid = _valid_keys(q_positions, k_positions, k_valid)
     dense_row = valid.sum(axis=-1, keepdims=True) <= K
-    keep = in_chosen | forced_keys(q_positions, k_positions, cfg) | dense_row
+    # Keys of the query's own, still incomplete block have no block mean yet; they compete token by token
+    # (under SI they sit inside the local window anyway).
+    current_block = k_positions[:, None, :] >= (qp // Bh) * Bh
+    keep = in_chosen | current_block | dense_row
+    if cfg.si_enabled:
+        keep = keep | forced_keys(q_positions, k_positions, cfg)
     return select_topk(jnp.where(keep, scores, -jnp.inf), q_positions, k_positions, cfg, k_valid)
 
 

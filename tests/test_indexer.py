@@ -367,3 +367,20 @@ def test_hi_never_uses_future_keys():
     np.testing.assert_array_equal(base[:, : t0 + 1], moved[:, : t0 + 1])
     assert not np.array_equal(base[:, t0 + 1 :], moved[:, t0 + 1 :])
     assert all(int(base[0, t].max()) <= t for t in range(T))
+
+
+def test_hi_without_si():
+    """HI and SI switch independently: with SI off every complete past block competes, the query's own
+    incomplete block competes token by token, and covering all blocks gives the plain DSA top-k."""
+    cfg = Config.tiny(si_enabled=False)
+    T = 64
+    q, k, w, pos = rand_qkw(cfg, 2, T, seed=8)
+    plain = np.asarray(ix.select(q, k, w, pos, pos, cfg.replace(hi_enabled=False)))
+    all_blocks = np.asarray(ix.select(q, k, w, pos, pos, cfg.replace(hi_top_blocks=T // cfg.hi_block_size)))
+    np.testing.assert_array_equal(all_blocks, plain)
+    hi = np.asarray(ix.select(q, k, w, pos, pos, cfg))
+    assert not np.array_equal(hi, plain)
+    for t in range(cfg.index_topk, T):  # the current block's causal keys are always candidates
+        current = set(range((t // cfg.hi_block_size) * cfg.hi_block_size, t + 1))
+        assert hi[0, t].max() <= t
+        assert len(current & set(hi[0, t].tolist())) > 0
