@@ -58,7 +58,7 @@ def test_rms_norm_matches_hf():
     (dict(ngram_n=1), "ngram_n"),
     (dict(index_init_tokens=8, index_local_tokens=8), "dynamic"),
     (dict(hi_block_size=8), "hi_block_size"),
-    (dict(dtype="float12"), ""),
+    (dict(dtype="float12"), "float12"),
 ])
 def test_bad_configs_raise(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
