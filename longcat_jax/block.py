@@ -14,9 +14,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
-from longcat_jax.indexer import Indexer, indices_to_mask, select
+from longcat_jax.indexer import Indexer, indexer_scores, indices_to_mask, select
+from longcat_jax.indexer_loss import attention_recall, indexer_kl
 from longcat_jax.layers import MLP, RMSNorm
 from longcat_jax.mla import MLA, attention_mask
 from longcat_jax.moe import MoE
@@ -26,9 +28,18 @@ from longcat_jax.moe import MoE
 class Context:
     """What every sublayer of one forward call shares."""
 
-    positions: jax.Array  # [B, T] absolute positions of the new tokens
+    positions: jax.Array  # [B, T] RoPE positions of the new tokens (restart at 0 in each packed document)
     inv_freq: jax.Array  # [Hr/2] RoPE frequencies
     cache_len: jax.Array | None = None  # int32 scalar when extending a cache, else None
+    # Packed training rows: positions restart in every document, so "causal by position and same document" is
+    # exactly per-document causality, and the SI sinks and local window are each document's own.
+    segment_ids: jax.Array | None = None  # [B, T] document ids, 0 = padding
+    collect_aux: bool = False  # also return the indexer KL, selection recall and expert statistics
+    dense_attention: bool = False  # indexer warm-up: attend to every causal key, train the indexer densely
+
+    @property
+    def query_mask(self):
+        return None if self.segment_ids is None else self.segment_ids > 0
 
 
 def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg: Config,
@@ -38,15 +49,23 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     x [B,T,D] is the normed input. Without a cache the keys are the new tokens; with a cache (a dict holding this
     sublayer's c_kv [B,S,R], k_rope [B,S,Hr] and, for an owner, index_k [B,S,J]) the new rows are written at
     ctx.cache_len and attention runs in absorbed form over the cache. An owner (indexer given) computes the top-k
-    indices; a reuse sublayer receives its owner's `indices`. Returns (out [B,T,D], new cache dict, indices).
+    indices; a reuse sublayer receives its owner's `indices`. The indexer reads detached inputs: its selection is
+    discrete, and it learns only from its own KL loss (SPEC 3.10).
+
+    Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux holds
+    "probs" (head-mean attention [B,T,S]), "allowed" (causal and same-document keys), "selected" (the LSA mask)
+    and, for an owner, "scores" (indexer logits); otherwise aux is empty.
     """
     B, T, _ = x.shape
     q_nope, q_rope, c_q, c_kv, k_rope = attn.latents(x, ctx.positions, ctx.inv_freq)
     if indexer is not None:
-        q_i, k_i, w_i = indexer.project(x, c_q, ctx.positions)
+        q_i, k_i, w_i = indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), ctx.positions)
     new_cache = None
+    q_pos = ctx.positions
     if cache is None:
-        k_pos, k_valid = ctx.positions, None
+        k_pos, k_valid = q_pos, None
+        if ctx.segment_ids is not None:
+            k_valid = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]  # [B, T, S]
     else:
         start = (0, ctx.cache_len, 0)
         c_kv = jax.lax.dynamic_update_slice(cache["c_kv"], c_kv.astype(cache["c_kv"].dtype), start)
@@ -58,13 +77,33 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
         S = c_kv.shape[1]
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         k_valid = k_pos < ctx.cache_len + T
-    mask = attention_mask(ctx.positions, k_pos, k_valid)
+    allowed = attention_mask(q_pos, k_pos, k_valid if k_valid is None or k_valid.ndim == 2 else None)
+    if k_valid is not None and k_valid.ndim == 3:
+        allowed = allowed & k_valid
+    mask, selected = allowed, None
     if cfg.use_indexer:
         if indexer is not None:
-            indices = select(q_i, k_i, w_i, ctx.positions, k_pos, cfg, k_valid)
-        mask = mask & indices_to_mask(indices, mask.shape[-1])
-    out = attn.attend(q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype), mask, absorbed=cache is not None)
-    return out, new_cache, indices
+            indices = select(q_i, k_i, w_i, q_pos, k_pos, cfg, k_valid)
+        selected = indices_to_mask(indices, allowed.shape[-1]) & allowed
+        if not ctx.dense_attention:
+            mask = selected
+    out, probs = attn.attend(q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype), mask,
+                             absorbed=cache is not None)
+    aux = {}
+    if ctx.collect_aux:
+        aux = {"probs": jax.lax.stop_gradient(probs), "allowed": allowed, "selected": selected}
+        if indexer is not None:
+            aux["scores"] = indexer_scores(q_i, k_i, w_i, q_pos, k_pos, k_valid)
+    return out, new_cache, indices, aux
+
+
+def indexer_aux(owner_aux: dict, served: list[dict], ctx: Context) -> dict:
+    """KL loss of one indexer against the mean attention of the sublayers it serves, plus selection recall."""
+    target = sum(a["probs"] for a in served) / len(served)
+    allowed = owner_aux["allowed"] if ctx.dense_attention else owner_aux["selected"]
+    kl = indexer_kl(owner_aux["scores"], target, allowed, ctx.query_mask)
+    recall = sum(attention_recall(a["probs"], a["selected"], ctx.query_mask) for a in served) / len(served)
+    return {"indexer_kl": kl, "indexer_recall": recall}
 
 
 class DecoderLayer(nnx.Module):
@@ -82,23 +121,33 @@ class DecoderLayer(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, h, ctx: Context, cache: dict | None = None):
-        """h [B,T,D] -> (y [B,T,D], new layer cache or None). `cache` holds this layer's slices (see model.py)."""
+        """h [B,T,D] -> (y [B,T,D], new layer cache or None, aux dict). `cache` holds this layer's slices."""
         cfg = self.cfg
         sub = [None, None] if cache is None else [_sublayer_cache(cache, i, cfg) for i in (0, 1)]
         with jax.named_scope("attn0"):
-            out, c0, idx = attention_sublayer(self.attn0, self.indexer0, self.norm_in0(h), ctx, cfg, sub[0])
-        a = h + out
+            out, c0, idx, aux0 = attention_sublayer(self.attn0, self.indexer0, self.norm_in0(h), ctx, cfg, sub[0])
+        a = h + checkpoint_name(out, "attn_out")
         u = self.norm_post0(a)
         with jax.named_scope("moe"):
-            m = self.moe(u)
-        b = a + self.mlp0(u)
+            m, load, balance = self.moe.forward(u, ctx.query_mask)
+        b = a + checkpoint_name(self.mlp0(u), "mlp_out")
         with jax.named_scope("attn1"):
             reuse = idx if self.indexer1 is None else None
-            out, c1, _ = attention_sublayer(self.attn1, self.indexer1, self.norm_in1(b), ctx, cfg, sub[1], reuse)
-        c = b + out
-        y = c + self.mlp1(self.norm_post1(c)) + m
+            out, c1, _, aux1 = attention_sublayer(self.attn1, self.indexer1, self.norm_in1(b), ctx, cfg, sub[1],
+                                                  reuse)
+        c = b + checkpoint_name(out, "attn_out")
+        y = c + checkpoint_name(self.mlp1(self.norm_post1(c)), "mlp_out") + checkpoint_name(m, "moe_out")
         new_cache = None if cache is None else _merge_sublayer_caches(c0, c1, cfg)
-        return y, new_cache
+        aux = {}
+        if ctx.collect_aux:
+            aux = {"expert_load": load, "balance_loss": balance}
+            if cfg.use_indexer:
+                owners = [indexer_aux(aux0, [aux0, aux1] if self.indexer1 is None else [aux0], ctx)]
+                if self.indexer1 is not None:
+                    owners.append(indexer_aux(aux1, [aux1], ctx))
+                aux["indexer_kl"] = sum(o["indexer_kl"] for o in owners)
+                aux["indexer_recall"] = sum(o["indexer_recall"] for o in owners) / len(owners)
+        return y, new_cache, aux
 
 
 def _sublayer_cache(cache: dict, i: int, cfg: Config) -> dict:

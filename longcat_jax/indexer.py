@@ -78,10 +78,13 @@ def _weighted_relu(q, k, w):
 
 
 def _valid_keys(q_positions, k_positions, k_valid=None):
-    """bool [B,T,S]: key s is causal for query t (k_pos <= q_pos) and, if given, marked valid."""
+    """bool [B,T,S]: key s is causal for query t (k_pos <= q_pos) and, if given, marked valid.
+
+    k_valid is bool [B,S] (unwritten cache rows) or [B,T,S] (per query, e.g. same packed document).
+    """
     valid = k_positions[:, None, :] <= q_positions[:, :, None]
     if k_valid is not None:
-        valid = valid & k_valid[:, None, :]
+        valid = valid & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
     return valid
 
 
@@ -90,7 +93,7 @@ def indexer_scores(q, k, w, q_positions, k_positions, k_valid=None):
     False.
 
     q [B,T,I,J], k [B,S,J], w [B,T,I] from `indexer_project`; q_positions [B,T], k_positions [B,S] (keys may
-    come from a cache, so positions are explicit); k_valid bool [B,S] or None.
+    come from a cache, so positions are explicit); k_valid bool [B,S], [B,T,S] or None.
     """
     scores = _weighted_relu(q, k, w)
     return jnp.where(_valid_keys(q_positions, k_positions, k_valid), scores, -jnp.inf)
@@ -167,7 +170,8 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     Bh, K = cfg.hi_block_size, cfg.index_topk
     # Without SI there is no streaming region: every complete past block competes.
     init, local = (cfg.index_init_tokens, cfg.index_local_tokens) if cfg.si_enabled else (0, 0)
-    k_bar, count = block_keys(k, k_positions, Bh, k_valid)
+    # Block means pool whole rows; a per-query mask (packed documents) is applied to the tokens afterwards.
+    k_bar, count = block_keys(k, k_positions, Bh, k_valid if k_valid is None or k_valid.ndim == 2 else None)
     nb = k_bar.shape[1]
     start = jnp.arange(nb, dtype=jnp.int32) * Bh  # [NB] first absolute position of each block
     end = start + Bh - 1
@@ -210,7 +214,7 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
     """The model's entry point: indices int32 [B,T,K] from the indexer outputs, dispatching dense / SI / HI.
 
     q [B,T,I,J], k [B,S,J], w [B,T,I] (from `Indexer.project`; k may be the indexer-key cache),
-    q_positions [B,T], k_positions [B,S], k_valid bool [B,S] or None. HI (when cfg.hi_enabled and
+    q_positions [B,T], k_positions [B,S], k_valid bool [B,S], [B,T,S] or None. HI (when cfg.hi_enabled and
     S > cfg.hi_min_len) needs key positions in [0, S).
     """
     scores = indexer_scores(q, k, w, q_positions, k_positions, k_valid)

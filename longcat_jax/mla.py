@@ -47,10 +47,14 @@ class MLA(nnx.Module):
         return q_nope, q_rope, c_q, c_kv, k_rope
 
     def attend(self, q_nope, q_rope, c_kv, k_rope, mask, absorbed: bool = False):
-        """Attention over latent keys c_kv [B,S,R], k_rope [B,S,Hr] with a boolean mask [B,T,S]; returns [B,T,D]."""
+        """Attention over latent keys c_kv [B,S,R], k_rope [B,S,Hr] with a boolean mask [B,T,S].
+
+        Returns (out [B,T,D], probs [B,T,S] f32: the attention distribution averaged over heads, the target of the
+        indexer's KL loss; XLA drops it when unused).
+        """
         fn = attend_absorbed if absorbed else attend_naive
-        o = fn(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg)
-        return jnp.einsum("btnh,nhd->btd", o, self.w_o[...].astype(o.dtype))
+        o, probs = fn(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg)
+        return jnp.einsum("btnh,nhd->btd", o, self.w_o[...].astype(o.dtype)), probs
 
 
 def _softmax_f32(scores, mask):
@@ -62,13 +66,13 @@ def _softmax_f32(scores, mask):
 
 
 def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
-    """Per-head keys/values from the latent: o [B,T,N,Hv] = softmax(q.k * s) v."""
+    """Per-head keys/values from the latent: o [B,T,N,Hv] = softmax(q.k * s) v; also the head-mean probs."""
     dt = q_nope.dtype
     kv = jnp.einsum("bsr,rnh->bsnh", c_kv, w_kv_up.astype(dt))
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
     scores = jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
     p = _softmax_f32(scores * cfg.softmax_scale, mask[:, None])
-    return jnp.einsum("bnts,bsnh->btnh", p.astype(dt), v)
+    return jnp.einsum("bnts,bsnh->btnh", p.astype(dt), v), p.mean(axis=1)
 
 
 def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
@@ -80,7 +84,7 @@ def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
     p = _softmax_f32(scores * cfg.softmax_scale, mask[:, None])
     o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(dt), c_kv)
-    return jnp.einsum("btnr,rnh->btnh", o_lat, w_uv)
+    return jnp.einsum("btnr,rnh->btnh", o_lat, w_uv), p.mean(axis=1)
 
 
 def attention_mask(q_positions, k_positions, k_valid=None):

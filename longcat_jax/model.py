@@ -56,9 +56,12 @@ class Output:
     logits: jax.Array  # [B, T, V] f32
     mtp_logits: jax.Array | None  # [S, B, T, V] f32, S = mtp_num_steps
     hidden: jax.Array  # [B, T, D] final hidden state before the final norm
+    # With collect_aux: indexer_kl, indexer_recall (sums / means over layers), expert_load [L, slots],
+    # balance_loss (mean over layers), mtp_indexer_kl, mtp_indexer_recall. Empty otherwise.
+    aux: dict = dataclasses.field(default_factory=dict)
 
 
-jax.tree_util.register_dataclass(Output, data_fields=["logits", "mtp_logits", "hidden"], meta_fields=[])
+jax.tree_util.register_dataclass(Output, data_fields=["logits", "mtp_logits", "hidden", "aux"], meta_fields=[])
 
 
 def embed_tokens(model: LongCat, tokens, history=None):
@@ -70,8 +73,11 @@ def embed_tokens(model: LongCat, tokens, history=None):
     return e
 
 
-def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None):
-    """Scan the stacked layers; returns (h, new per-layer cache dict or None)."""
+def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None, remat=None):
+    """Scan the stacked layers; returns (h, new per-layer cache dict or None, per-layer aux stacked on [L]).
+
+    remat: None (keep every activation) or a jax.checkpoint policy applied to each layer.
+    """
     graphdef, state = nnx.split(model.layers)
     layer_caches = None
     if cache is not None:
@@ -82,31 +88,50 @@ def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None):
     def body(h, xs):
         layer_state, layer_cache = xs
         layer = nnx.merge(graphdef, layer_state)
-        h, new_cache = layer(constrain(h, ("batch", "seq", "embed")), ctx, layer_cache)
-        return h, new_cache
+        h, new_cache, aux = layer(constrain(h, ("batch", "seq", "embed")), ctx, layer_cache)
+        return h, (new_cache, aux)
 
-    return jax.lax.scan(body, h, (state, layer_caches))
+    if remat is not None:
+        body = jax.checkpoint(body, policy=remat, prevent_cse=False)
+    h, (caches, aux) = jax.lax.scan(body, h, (state, layer_caches))
+    return h, caches, aux
 
 
 def _logits(model: LongCat, h):
     return jnp.einsum("btd,dv->btv", model.final_norm(h), model.lm_head[...].astype(h.dtype)).astype(jnp.float32)
 
 
-def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True) -> Output:
-    """Full-sequence forward. tokens int [B, T]; positions default to 0..T-1."""
+def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True, *,
+            segment_ids: jax.Array | None = None, collect_aux: bool = False, dense_attention: bool = False,
+            remat=None) -> Output:
+    """Full-sequence forward.
+
+    tokens int [B, T]; positions default to 0..T-1. segment_ids [B, T] marks packed documents (0 = padding),
+    with positions restarting at 0 in each: attention and selection then stay inside a document. HI block means
+    pool whole rows (HI is training-free and off below hi_min_len). collect_aux returns the training statistics in Output.aux; dense_attention is the
+    indexer warm-up stage (attention ignores the selection); remat is a jax.checkpoint policy for each layer.
+    """
     cfg = model.cfg
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg))
+    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), segment_ids=segment_ids,
+                  collect_aux=collect_aux, dense_attention=dense_attention)
     h = embed_tokens(model, tokens)
-    h, _ = _run_layers(model, h, ctx, None)
+    h, _, layer_aux = _run_layers(model, h, ctx, None, remat)
     logits = _logits(model, h)
-    mtp_logits = None
+    mtp_logits, aux = None, {}
+    if collect_aux:
+        aux = {"expert_load": layer_aux["expert_load"], "balance_loss": layer_aux["balance_loss"].mean()}
+        if cfg.use_indexer:
+            aux["indexer_kl"] = layer_aux["indexer_kl"].sum()
+            aux["indexer_recall"] = layer_aux["indexer_recall"].mean()
     if with_mtp and model.mtp is not None:
         h0 = h if cfg.mtp_hidden_source == "pre_norm" else model.final_norm(h)
-        mtp_logits = model.mtp(h0, tokens, ctx, model.lm_head[...]).astype(jnp.float32)
-    return Output(logits=logits, mtp_logits=mtp_logits, hidden=h)
+        mtp_logits, mtp_aux = model.mtp(h0, tokens, ctx, model.lm_head[...])
+        mtp_logits = mtp_logits.astype(jnp.float32)
+        aux.update({f"mtp_{k}": v for k, v in mtp_aux.items()})
+    return Output(logits=logits, mtp_logits=mtp_logits, hidden=h, aux=aux)
 
 
 def decode_step(model: LongCat, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
@@ -116,7 +141,7 @@ def decode_step(model: LongCat, tokens: jax.Array, cache: Cache) -> tuple[jax.Ar
     positions = cache.length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), cache_len=cache.length)
     h = embed_tokens(model, tokens, cache.ngram_history)
-    h, new = _run_layers(model, h, ctx, cache)
+    h, new, _ = _run_layers(model, h, ctx, cache)
     history = None if cache.ngram_history is None else next_history(cache.ngram_history, tokens, cfg)
     cache = Cache(c_kv=new["c_kv"], k_rope=new["k_rope"], index_k=new.get("index_k"), ngram_history=history,
                   length=cache.length + T)

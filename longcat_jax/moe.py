@@ -190,20 +190,55 @@ class MoE(nnx.Module):
         self.w_up = param(rngs, (E, D, Fe), ("experts", "embed", "expert_mlp"), pd)
         self.w_down = param(rngs, (E, Fe, D), ("experts", "expert_mlp", "embed"), pd)
 
-    def route_tokens(self, u):
-        """Routing of u [B, T, D] as N = B*T tokens: (weights [N, K], indices [N, K], probs [N, slots])."""
-        return route(u.reshape(-1, u.shape[-1]), self.classifier[...], self.bias[...], self.cfg)
+    def route_tokens(self, u, token_mask=None):
+        """Routing of u [B, T, D] as N = B*T tokens: (weights [N, K], indices [N, K], probs [N, slots]).
+
+        token_mask [B, T] (False = padding) sends padding tokens to zero experts with weight 0, so they cost no
+        expert compute and do not count as load.
+        """
+        weights, indices, probs = route(u.reshape(-1, u.shape[-1]), self.classifier[...], self.bias[...], self.cfg)
+        if token_mask is not None:
+            weights, indices = mask_padding(weights, indices, token_mask.reshape(-1), self.cfg)
+        return weights, indices, probs
+
+    def forward(self, u, token_mask=None):
+        """u [B, T, D] -> (out [B, T, D] in u's dtype, expert load [slots] int32, balance loss scalar f32)."""
+        cfg = self.cfg
+        x = u.reshape(-1, u.shape[-1])
+        weights, indices, probs = self.route_tokens(u, token_mask)
+        dispatch = moe_dropless if cfg.capacity_factor is None else moe_capacity
+        out = dispatch(x, weights, indices, self.w_gate[...], self.w_up[...], self.w_down[...], cfg)
+        valid = None if token_mask is None else token_mask.reshape(-1)
+        # Padding goes to slot num_slots, which one_hot maps to an all-zero row: it counts as no load.
+        counted = indices if valid is None else jnp.where(valid[:, None], indices, cfg.num_slots)
+        load = jax.nn.one_hot(counted, cfg.num_slots, dtype=jnp.int32).sum((0, 1))
+        return out.reshape(u.shape), load, balance_loss(probs, indices, cfg, valid)
 
     def __call__(self, u):
         """u [B, T, D] -> [B, T, D] in u's dtype."""
-        x = u.reshape(-1, u.shape[-1])
-        out = moe(
-            x,
-            self.classifier[...],
-            self.bias[...],
-            self.w_gate[...],
-            self.w_up[...],
-            self.w_down[...],
-            self.cfg,
-        )
-        return out.reshape(u.shape)
+        return self.forward(u)[0]
+
+
+def mask_padding(weights, indices, valid, cfg: Config):
+    """Route padding tokens (valid False) to zero experts with weight 0 (their output is exactly 0)."""
+    if cfg.zero_expert_num:
+        pad = cfg.n_routed_experts + jnp.arange(cfg.moe_topk, dtype=indices.dtype) % cfg.zero_expert_num
+        indices = jnp.where(valid[:, None], indices, pad[None, :])
+    return jnp.where(valid[:, None], weights, 0.0), indices
+
+
+def balance_loss(probs, indices, cfg: Config, valid=None):
+    """Load-balance loss with the zero experts as one group (SPEC 3.5, 7.10).
+
+    Groups are the E routed experts plus one group of all zero experts; with f_g the share of top-k assignments
+    and P_g the mean router probability of group g, loss = G * sum_g f_g P_g (1.0 when perfectly balanced).
+    """
+    E, G = cfg.n_routed_experts, cfg.n_routed_experts + (1 if cfg.zero_expert_num else 0)
+    w = jnp.ones(probs.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)
+    group_of = jnp.minimum(jnp.arange(cfg.num_slots), E)  # every zero slot maps to group E
+    p_group = jnp.zeros((probs.shape[0], G), jnp.float32).at[:, group_of].add(probs)
+    hits = jax.nn.one_hot(jnp.minimum(indices, E), G, dtype=jnp.float32).sum(1)  # [N, G]
+    n = jnp.maximum(w.sum(), 1.0)
+    f = jax.lax.stop_gradient((hits * w[:, None]).sum(0) / (n * cfg.moe_topk))
+    p_mean = (p_group * w[:, None]).sum(0) / n
+    return G * jnp.sum(f * p_mean)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longcat_jax.block import Context, attention_sublayer
+from longcat_jax.block import Context, attention_sublayer, indexer_aux
 from longcat_jax.config import Config
 from longcat_jax.indexer import Indexer
 from longcat_jax.layers import MLP, RMSNorm, param
@@ -36,28 +36,33 @@ class MTP(nnx.Module):
         self.cfg = cfg
 
     def step(self, h_prev, next_tokens, ctx: Context, indices=None):
-        """One draft step: h_prev [B,T,D], next_tokens [B,T] -> (h [B,T,D], indices)."""
+        """One draft step: h_prev [B,T,D], next_tokens [B,T] -> (h [B,T,D], indices, attention aux)."""
         dt = h_prev.dtype
         e = self.embed[...].astype(dt)[next_tokens]
         u = jnp.concatenate([self.enorm(e), self.hnorm(h_prev)], axis=-1)
         u = jnp.einsum("btc,cd->btd", u, self.w_eh[...].astype(dt))
         indexer = self.indexer if indices is None else None
-        out, _, indices = attention_sublayer(self.attn, indexer, self.norm_in(u), ctx, self.cfg, None, indices)
+        out, _, indices, aux = attention_sublayer(self.attn, indexer, self.norm_in(u), ctx, self.cfg, None, indices)
         h = u + out
         h = h + self.mlp(self.norm_post(h))
-        return h, indices
+        return h, indices, aux
 
     def __call__(self, h0, tokens, ctx: Context, lm_head):
         """Teacher-forced drafts for every position.
 
         h0 [B,T,D]: the trunk hidden state (pre- or post-final-norm per cfg.mtp_hidden_source); tokens [B,T];
-        lm_head [D,V]. Returns logits [S,B,T,V]; step k at position t predicts token t+k+1, so the last k+1
-        positions of step k have no target (the loss masks them).
+        lm_head [D,V]. Returns (logits [S,B,T,V], aux); step k at position t predicts token t+k+1, so the last
+        k+1 positions of step k have no target (the loss masks them). With ctx.collect_aux, aux holds the MTP
+        indexer's KL against the attention of all steps (they share its indices) and its selection recall.
         """
-        h, indices, logits = h0, None, []
+        h, indices, logits, steps = h0, None, [], []
         for k in range(1, self.cfg.mtp_num_steps + 1):
             shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # x_{t+k}; zeros past the end
             with jax.named_scope(f"mtp_step{k}"):
-                h, indices = self.step(h, shifted, ctx, indices)
+                h, indices, aux = self.step(h, shifted, ctx, indices)
+            steps.append(aux)
             logits.append(jnp.einsum("btd,dv->btv", self.final_norm(h), lm_head.astype(h.dtype)))
-        return jnp.stack(logits)
+        aux = {}
+        if ctx.collect_aux and self.indexer is not None:
+            aux = indexer_aux(steps[0], steps, ctx)
+        return jnp.stack(logits), aux

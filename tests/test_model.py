@@ -118,8 +118,10 @@ def test_absorbed_equals_naive():
     w = jax.random.normal(keys[4], (cfg.kv_lora_rank, N, cfg.qk_nope_head_dim + cfg.v_head_dim)) * 0.3
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     mask = attention_mask(pos, pos)
-    assert rel_err(attend_absorbed(q_nope, q_rope, c_kv, k_rope, w, mask, cfg),
-                   attend_naive(q_nope, q_rope, c_kv, k_rope, w, mask, cfg)) < 1e-5
+    o_abs, p_abs = attend_absorbed(q_nope, q_rope, c_kv, k_rope, w, mask, cfg)
+    o_naive, p_naive = attend_naive(q_nope, q_rope, c_kv, k_rope, w, mask, cfg)
+    assert rel_err(o_abs, o_naive) < 1e-5 and rel_err(p_abs, p_naive) < 1e-5
+    np.testing.assert_allclose(p_naive.sum(-1), 1.0, rtol=1e-5)
 
 
 def test_backward_runs_and_reaches_every_parameter(tiny):

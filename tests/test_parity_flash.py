@@ -63,7 +63,7 @@ def test_mla_sublayer_matches(pair):
     q_nope, q_rope, _, c_kv, k_rope = attn.latents(jnp.asarray(x), jnp.asarray(pos), config_inv_freq(cfg))
     mask = jnp.asarray(pos[:, None, :] <= pos[:, :, None])
     for absorbed in (False, True):
-        got = attn.attend(q_nope, q_rope, c_kv, k_rope, mask, absorbed=absorbed)
+        got, _ = attn.attend(q_nope, q_rope, c_kv, k_rope, mask, absorbed=absorbed)
         assert rel_err(got, expected.numpy()) < 1e-5
 
 
@@ -75,7 +75,7 @@ def test_decoder_layer_matches(pair):
         expected = ref.model.layers[0](torch.tensor(x), attention_mask=causal_mask(x.shape[1]),
                                        position_ids=torch.tensor(pos), position_embeddings=pe)
     ctx = Context(positions=jnp.asarray(pos), inv_freq=config_inv_freq(cfg))
-    got, _ = layer_of(model, 0)(jnp.asarray(x), ctx)
+    got, _, _ = layer_of(model, 0)(jnp.asarray(x), ctx)
     assert rel_err(got, expected.numpy()) < 1e-5
 
 
