@@ -1,110 +1,330 @@
-"""Train a LongCat model end to end on CPU: the model issue's main job.
+"""Train LongCat end to end: jit-compiled, deterministic on request, resumable.
 
-    python train.py                       # Config.tiny() on Python standard-library source, bytes as tokens
-    python train.py --steps 300 --lr 3e-3
+    python train.py                                   # tiny LongCat-2.0, every feature on, stdlib corpus, CPU
+    python train.py --preset small --steps 2000 --mesh dp=2,tp=4 --out runs/small
+    python train.py --resume --out runs/default       # continue exactly where a run stopped
 
-Reads top to bottom: settings, data, model, jitted step, loop. Bytes are the tokens (vocab 256, EOS = byte 2 is
-never produced by UTF-8 text other than control characters, so documents are joined with it). The full trainer
-(BPE tokenizer, grain pipeline, Muon, MTP and indexer losses, checkpoints) is the training issue.
+Reads top to bottom: settings, data, model and mesh, optimizer and state, the jitted step, the loop, the end.
+Writes OUT/metrics.jsonl, OUT/tensorboard/, OUT/events.log, OUT/checkpoints/, OUT/tokenizer.json,
+OUT/loss_curve.png, OUT/sample.txt and OUT/summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import sys
-import sysconfig
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
 import longcat_jax as lj
+from longcat_jax import data
+from longcat_jax.optim import OptimizerSettings, learning_rate_schedule, make_optimizer, zero1_state_shardings
+from longcat_jax.reliability import (
+    fingerprint_mismatch, flip_bit_on_device, init_guard, needs_restore, odd_replicas, parse_fault,
+    replica_fingerprints,
+)
+from longcat_jax.run_checkpoint import RunCheckpointer, install_stop_signals
+from longcat_jax.run_log import RunLog, plot_loss_curve
+from longcat_jax.train_step import LossSettings, TrainState, eval_loss, train_step
+from sharding.mesh import make_mesh, parse_mesh
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "names": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out", "moe_out"),
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out", "mlp_out", "moe_out"],
+        offload_src="device", offload_dst="pinned_host"),
+}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train a LongCat model end to end.")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mtp-weight", type=float, default=0.3)
-    args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len"):
+# --- 1. Settings -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train LongCat (JAX).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=lj.Config.PRESETS)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "wsd"))
+    p.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT")
+    p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. dp=2,tp=2 (axes: dp pp cp ep tp vp)")
+    p.add_argument("--deterministic", action="store_true", help="bit-identical reruns (deterministic XLA ops)")
+    p.add_argument("--data", help="folder of text files or a .jsonl file with a `text` field (default: stdlib)")
+    p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training a tokenizer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mtp-weight", type=float, default=0.3)
+    p.add_argument("--z-loss", type=float, default=1e-4)
+    p.add_argument("--indexer-weight", type=float, default=1.0)
+    p.add_argument("--indexer-warmup-steps", type=int, default=50, help="dense-attention indexer warm-up stage")
+    p.add_argument("--balance-weight", type=float, default=1e-3)
+    p.add_argument("--bias-update-rate", type=float, default=1e-3)
+    p.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
+    p.add_argument("--offload-optimizer", action="store_true", help="keep optimizer state in pinned host memory")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--abft", action="store_true", help="checksum-verify the LM-head matmul every step")
+    p.add_argument("--fingerprint-every", type=int, default=50, help="cross-replica check (meshes with dp > 1)")
+    p.add_argument("--max-bad-steps", type=int, default=3, help="restore the last checkpoint after this many")
+    p.add_argument("--inject-fault", help="nan-grad@STEP or bitflip@STEP (for tests)")
+    p.add_argument("--prompt", default="def fibonacci(n):")
+    p.add_argument("--sample-tokens", type=int, default=48)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "save_every", "keep", "eval_every", "max_bad_steps"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
-        parser.error("--lr must be > 0")
+        p.error("--lr must be > 0")
+    try:
+        args.mesh_sizes = parse_mesh(args.mesh)
+        args.fault = parse_fault(args.inject_fault) if args.inject_fault else None
+    except ValueError as e:
+        p.error(str(e))
+    n_mesh = int(np.prod(list(args.mesh_sizes.values()) or [1]))
+    if args.mesh and n_mesh != jax.device_count():
+        p.error(f"--mesh {args.mesh} needs {n_mesh} devices, this machine has {jax.device_count()}")
+    if args.batch_size % args.mesh_sizes.get("dp", 1):
+        p.error(f"--batch-size {args.batch_size} must divide by dp={args.mesh_sizes['dp']}")
+    for flag, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
+        if path and not os.path.exists(path):
+            p.error(f"{flag} {path}: no such file or folder")
+    if args.fault and args.fault.kind == "bitflip":
+        args.abft = True  # the checksum is what must catch the injected flip
     return args
-
-
-def stdlib_bytes(eos: int, max_bytes: int = 4_000_000) -> np.ndarray:
-    """Python standard-library sources, sorted by path, joined with EOS: a real corpus on every machine."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".py"))
-    chunks, total = [], 0
-    for path in paths:
-        data = open(path, "rb").read() + bytes([eos])
-        chunks.append(data)
-        total += len(data)
-        if total >= max_bytes:
-            break
-    return np.frombuffer(b"".join(chunks), np.uint8).astype(np.int32)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = lj.Config.tiny()
-    corpus = stdlib_bytes(cfg.eos_token_id)
-    split = int(len(corpus) * 0.95)
-    train, held_out = corpus[:split], corpus[split:]
-    rng = np.random.default_rng(args.seed)
+    if args.deterministic:
+        # CPU XLA is already deterministic; these make GPU reductions and scatters deterministic too.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_gpu_deterministic_ops=true --xla_gpu_exclude_nondeterministic_ops=true")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = RunCheckpointer(os.path.join(args.out, "checkpoints"), keep=args.keep, save_every=args.save_every,
+                           log=lambda s: print(s, file=sys.stderr))
+    if ckpt.all_steps() and not args.resume:
+        print(f"error: {args.out} already holds checkpoints {ckpt.all_steps()}; pass --resume to continue it "
+              "or choose another --out", file=sys.stderr)
+        return 2
 
-    def batch(data):
-        starts = rng.integers(0, len(data) - args.seq_len - 1, args.batch_size)
-        return jnp.asarray(np.stack([data[s : s + args.seq_len + 1] for s in starts]))
+    # --- 2. Data ---------------------------------------------------------------------------------------------
+    if args.data:
+        train_texts, eval_texts = data.split_documents(data.load_documents(args.data))
+    else:
+        train_files, eval_files = data.split_by_file(data.stdlib_files())
+        train_texts, eval_texts = data.read_text_files(train_files), data.read_text_files(eval_files)
+    tokenizer = data.load_or_train_tokenizer(args.out, train_texts, args.vocab_size, args.tokenizer)
+    eos = data.eos_id(tokenizer)
+    train_docs, eval_docs = data.tokenize(tokenizer, train_texts), data.tokenize(tokenizer, eval_texts)
+    train_iter = data.make_train_iterator(train_docs, args.seq_len, args.batch_size, args.seed, eos)
+    eval_batches = data.make_eval_batches(eval_docs, args.seq_len, args.batch_size, eos, args.eval_batches)
 
-    model = lj.build_model(cfg, seed=args.seed)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.cosine_decay_schedule(
-        args.lr, args.steps, alpha=0.1), weight_decay=0.01))
+    # --- 3. Model and mesh -----------------------------------------------------------------------------------
+    vocab = -(-tokenizer.get_vocab_size() // 128) * 128
+    cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=eos, bos_token_id=1)
+    mesh = make_mesh(args.mesh_sizes) if args.mesh else None
+    model = lj.build_model(cfg, seed=args.seed, mesh=mesh)
     graphdef, params = nnx.split(model)
-    opt_state = optimizer.init(params)
+    batch_sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
 
-    def loss_fn(params, tokens):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        out = lj.forward(nnx.merge(graphdef, params), inputs)
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, targets).mean()
-        mtp = 0.0
-        if out.mtp_logits is not None:  # step k at position t predicts token t+k+1
-            for k in range(cfg.mtp_num_steps):
-                valid = inputs.shape[1] - k - 1
-                mtp += optax.softmax_cross_entropy_with_integer_labels(
-                    out.mtp_logits[k, :, :valid], targets[:, k + 1 :]).mean() / cfg.mtp_num_steps
-        return ce + args.mtp_weight * mtp, ce
+    def to_device(batch):
+        return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v) for k, v in batch.items()}
 
-    @jax.jit
-    def train_step(params, opt_state, tokens):
-        (_, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, ce
+    # --- 4. Optimizer and train state --------------------------------------------------------------------
+    opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=min(args.warmup_steps, args.steps - 1),
+                                     total_steps=args.steps, schedule=args.schedule,
+                                     use_muon=args.optimizer == "muon")
+    optimizer = make_optimizer(opt_settings, params)
+    schedule = learning_rate_schedule(opt_settings)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    opt_shardings = None
+    if mesh is not None:
+        opt_shardings = zero1_state_shardings(jax.jit(optimizer.init)(params), mesh)
+        if args.offload_optimizer:
+            opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
+    with _mesh_context(mesh):
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32), guard=init_guard())
+    if args.resume:
+        restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), train_iter)
+        if restored is None:
+            print(f"--resume: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
+        else:
+            state = restored[1]
+    # Donation needs every leaf in its own buffer (fresh zeros and the opt-state init may share some).
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+    start_step = int(state.step)
 
-    eval_loss = jax.jit(lambda p, t: loss_fn(p, t)[1])
-    eval_batches = [batch(held_out) for _ in range(4)]
-    before = float(np.mean([eval_loss(params, b) for b in eval_batches]))
-    print(f"tiny LongCat: {cfg.num_layers} layers, every feature on; held-out loss before: {before:.3f}")
-    start = time.time()
-    for step in range(1, args.steps + 1):
-        params, opt_state, ce = train_step(params, opt_state, batch(train))
-        if step % 20 == 0 or step == args.steps:
-            tok_s = step * args.batch_size * args.seq_len / (time.time() - start)
-            print(f"step {step:5d}  loss {float(ce):.3f}  {tok_s:8.0f} tok/s")
-    after = float(np.mean([eval_loss(params, b) for b in eval_batches]))
-    print(f"held-out loss: {before:.3f} -> {after:.3f}")
-    return 0 if after < before else 1
+    # --- 5. The jitted step ----------------------------------------------------------------------------------
+    settings = LossSettings(mtp_weight=args.mtp_weight, z_loss=args.z_loss, indexer_weight=args.indexer_weight,
+                            balance_weight=args.balance_weight, bias_update_rate=args.bias_update_rate,
+                            abft=args.abft)
+    fault = args.fault
+    state_shardings = None
+    if mesh is not None:  # params keep their own layout (the step must not drift them onto dp), ZeRO-1 state
+        replicated = NamedSharding(mesh, P())
+        state_shardings = TrainState(params=jax.tree.map(lambda x: x.sharding, state.params),
+                                     opt_state=opt_shardings, step=replicated,
+                                     guard=jax.tree.map(lambda _: replicated, state.guard))
+    step_fn = jax.jit(functools.partial(
+        train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
+        remat=REMAT_POLICIES[args.remat],
+        nan_fault_step=fault.step if fault and fault.kind == "nan-grad" else -1,
+        flip_fault_step=fault.step if fault and fault.kind == "bitflip" else -1,
+    ), static_argnames="dense_attention", donate_argnums=0,
+        out_shardings=None if mesh is None else (state_shardings, None, None))
+    eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef))
+
+    def held_out_loss(params):
+        losses = [eval_fn(params, batch=to_device(b)) for b in eval_batches]
+        total = sum(float(l) * float(n) for l, n in losses)
+        return total / max(sum(float(n) for _, n in losses), 1.0)
+
+    # --- 6. The loop -----------------------------------------------------------------------------------------
+    log = RunLog(args.out, resume=args.resume)
+    log.event(start_step, f"{args.preset}: {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
+              f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh {args.mesh or '1 device'}")
+    with _mesh_context(mesh):
+        first_eval = held_out_loss(state.params)
+    log.metrics(start_step, {"eval_loss": first_eval})
+    stop = install_stop_signals()
+    tokens_per_step = args.batch_size * args.seq_len
+    bar = tqdm(total=args.steps, initial=start_step, disable=args.no_progress, dynamic_ncols=True)
+    load_sum = None
+    t0, done = time.time(), 0
+    step = start_step
+    with _mesh_context(mesh):
+        while step < args.steps:
+            batch = to_device(next(train_iter))
+            state, metrics, load = step_fn(state, batch, dense_attention=step < args.indexer_warmup_steps)
+            metrics = jax.device_get(metrics)
+            done += 1
+            step += 1
+            tok_s = done * tokens_per_step / (time.time() - t0)
+            metrics.update(lr=float(schedule(step - 1)), tokens_per_sec=tok_s)
+            load_sum = np.asarray(load) if load_sum is None else load_sum + np.asarray(load)
+            if bool(metrics["skipped"]):
+                log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
+                          f"{float(metrics['grad_norm']):.4g}, abft mismatch {bool(metrics['abft_mismatch'])}")
+            if fault and fault.kind == "bitflip" and step == fault.step + 1 and mesh is not None:
+                state = _corrupt_one_replica(state, mesh, log, step)
+            if mesh is not None and args.mesh_sizes.get("dp", 1) > 1 and (
+                    step % args.fingerprint_every == 0 or (fault and step == fault.step + 1)):
+                fps = replica_fingerprints(state.params, mesh)
+                if bool(fingerprint_mismatch(fps)):
+                    log.event(step, f"parameter fingerprint mismatch across dp replicas {odd_replicas(fps)}: "
+                              "restoring the last good checkpoint")
+                    state, step = _restore(ckpt, state, train_iter, log, step)
+            if needs_restore(state.guard, args.max_bad_steps):
+                log.event(step, f"{args.max_bad_steps} bad steps in a row: restoring the last good checkpoint")
+                state, step = _restore(ckpt, state, train_iter, log, step)
+            if step % args.eval_every == 0 or step == args.steps:
+                metrics["eval_loss"] = held_out_loss(state.params)
+                metrics.update(_load_stats(load_sum, cfg))
+                load_sum = None
+            log.metrics(step, metrics)
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{float(metrics['ce']):.3f}", tok_s=f"{tok_s:.0f}")
+            ckpt.maybe_save(step, state, train_iter, force=stop.requested or step == args.steps)
+            if stop.requested:
+                log.event(step, f"{stop.signal_name}: checkpoint saved, stopping")
+                break
+    bar.close()
+    ckpt.wait()
+    stop.uninstall()
+
+    # --- 7. The end ----------------------------------------------------------------------------------------
+    with _mesh_context(mesh):
+        final_eval = held_out_loss(state.params)
+    model = nnx.merge(graphdef, state.params)
+    sample = _sample(model, tokenizer, args.prompt, args.sample_tokens)
+    with open(os.path.join(args.out, "sample.txt"), "w") as f:
+        f.write(sample)
+    curve = plot_loss_curve(args.out)
+    summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
+               "held_out_loss_end": final_eval, "tokens_per_sec": done * tokens_per_step / (time.time() - t0),
+               "seconds": time.time() - t0}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log.event(step, f"held-out loss {first_eval:.3f} -> {final_eval:.3f}; curve {curve}")
+    print(f"--- sample ---\n{sample}\n--------------")
+    log.close()
+    ckpt.close()
+    return 0
+
+
+# --- Helpers -------------------------------------------------------------------------------------------------
+
+
+def _mesh_context(mesh):
+    import contextlib
+
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _restore(ckpt, state, train_iter, log, step):
+    restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), train_iter)
+    if restored is None:
+        log.event(step, "no checkpoint to restore: continuing from the current state")
+        return state.replace(guard=state.guard.replace(consecutive_bad=jnp.zeros((), jnp.int32))), step
+    new_step, new_state = restored
+    log.event(step, f"restored checkpoint of step {new_step}")
+    return new_state, int(new_step)
+
+
+def _corrupt_one_replica(state, mesh, log, step):
+    """The bitflip fault on a mesh: one device's copy of a replicated parameter silently differs."""
+    params = state.params
+    leaves, treedef = jax.tree.flatten(params)
+    replicated = [j for j, x in enumerate(leaves) if x.sharding.is_fully_replicated]
+    i = max(replicated, key=lambda j: leaves[j].size)
+    device = mesh.devices.flat[-1]
+    leaves[i] = flip_bit_on_device(leaves[i], device)
+    log.event(step, f"injected a bit flip into one replica of a parameter on {device}")
+    return state.replace(params=jax.tree.unflatten(treedef, leaves))
+
+
+def _load_stats(load_sum, cfg) -> dict:
+    """Expert-load summary over the interval: real experts per token, zero-expert share, imbalance."""
+    if load_sum is None:
+        return {}
+    load = load_sum.astype(np.float64)
+    per_layer = load.sum(-1, keepdims=True)
+    real = load[:, : cfg.n_routed_experts]
+    share = real / np.maximum(real.sum(-1, keepdims=True), 1.0)
+    return {
+        "real_experts_per_token": float((real.sum(-1) / np.maximum(per_layer[:, 0], 1.0)).mean() * cfg.moe_topk),
+        "zero_expert_share": float(1.0 - real.sum() / max(load.sum(), 1.0)),
+        "expert_load_max_over_mean": float((share.max(-1) * cfg.n_routed_experts).mean()),
+    }
+
+
+def _sample(model, tokenizer, prompt: str, n: int) -> str:
+    from serve import generate
+
+    ids = tokenizer.encode(prompt).ids or [1]
+    out = generate(model, jnp.asarray([ids], jnp.int32), n)
+    return prompt + tokenizer.decode([int(t) for t in out[0]])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""The loss and the jit-compiled training step (SPEC 3.5, 3.10, 3.12, 7.3, 7.8, 7.10).
+
+Loss terms, each reported on its own:
+  ce            next-token cross-entropy over real targets (loss_mask)
+  z_loss        coef * mean(logsumexp(logits)^2), keeps the softmax normaliser near 0
+  mtp           mean over the S draft depths of the CE of token t+k+1 at position t, inside one document
+  indexer_kl    the indexers' KL to the attention they serve (detached inputs: it trains the indexers only)
+  balance       the small load-balance loss with zero experts as one group
+The router correction bias is not trained by gradients: after each step it moves towards the target share of
+real-expert assignments (aux-loss-free balancing, SPEC 7.10); zero-expert biases stay frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from longcat_jax.config import Config
+from longcat_jax.model import forward
+from longcat_jax.reliability import (
+    GuardState, abft_check, flip_bit, guard_check, high_bit, inject_nan, select_tree, weight_checksum,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    mtp_weight: float = 0.3
+    z_loss: float = 1e-4
+    indexer_weight: float = 1.0
+    balance_weight: float = 1e-3
+    bias_update_rate: float = 1e-3  # mu of the aux-loss-free bias update
+    abft: bool = False  # checksum-verify the LM-head matmul; a mismatch skips the step
+    spike_factor: float = 3.0
+    guard_warmup: int = 20
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any  # nnx.State of the model's parameters
+    opt_state: Any
+    step: jax.Array  # int32 scalar: updates applied so far (skipped steps count too)
+    guard: GuardState
+
+
+def _masked_ce(logits, targets, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+def mtp_targets(batch, k: int):
+    """Targets and mask of draft depth k (0-based): position t predicts inputs[t+k+1] = targets[t+k], valid
+    when t+k is inside the row, in the same document, and itself has a real target."""
+    T = batch["targets"].shape[1]
+    tgt = jnp.pad(batch["targets"][:, k:], ((0, 0), (0, k)))
+    seg = batch["segment_ids"]
+    same = jnp.pad(seg[:, k:], ((0, 0), (0, k))) == seg
+    ok = jnp.pad(batch["loss_mask"][:, k:], ((0, 0), (0, k))) * batch["loss_mask"]
+    inside = (jnp.arange(T) < T - k)[None, :]
+    return tgt, ok * same * inside
+
+
+def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *, dense_attention=False,
+                 remat=None, fault_flip=False):
+    """Total loss and its terms for one batch (dict of [B, T] arrays from longcat_jax.data)."""
+    model = nnx.merge(graphdef, params)
+    out = forward(model, batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"], collect_aux=True,
+                  dense_attention=dense_attention, remat=remat)
+    mask = batch["loss_mask"]
+    if settings.abft:
+        # Recompute the LM-head matmul (the forward's own logits are then dead code) and verify it against the
+        # column checksum of w. The fault hook flips a high bit of one logit after the matmul, as a silent data
+        # corruption would, and the checksum must catch it.
+        h = model.final_norm(out.hidden)
+        w = model.lm_head[...].astype(h.dtype)
+        logits = jnp.einsum("btd,dv->btv", h, w)
+        flipped = jax.lax.stop_gradient(flip_bit(logits, 0, high_bit(logits.dtype)))
+        logits = jnp.where(fault_flip, flipped, logits)
+        mismatch = abft_check(h, logits, weight_checksum(w))
+    else:
+        logits, mismatch = out.logits, jnp.array(False)
+    ce = _masked_ce(logits, batch["targets"], mask)
+    z = jnp.sum(jax.nn.logsumexp(logits.astype(jnp.float32), -1) ** 2 * mask) / jnp.maximum(mask.sum(), 1.0)
+    terms = {"ce": ce, "z_loss": z}
+    total = ce + settings.z_loss * z
+    if out.mtp_logits is not None:
+        mtp = 0.0
+        for k in range(cfg.mtp_num_steps):
+            tgt, ok = mtp_targets(batch, k + 1)
+            mtp = mtp + _masked_ce(out.mtp_logits[k], tgt, ok) / cfg.mtp_num_steps
+        terms["mtp"] = mtp
+        total = total + settings.mtp_weight * mtp
+    if cfg.use_indexer:
+        kl = out.aux["indexer_kl"] + out.aux.get("mtp_indexer_kl", 0.0)
+        terms["indexer_kl"] = kl
+        terms["indexer_recall"] = jax.lax.stop_gradient(out.aux["indexer_recall"])
+        total = total + settings.indexer_weight * kl
+    terms["balance"] = out.aux["balance_loss"]
+    total = total + settings.balance_weight * out.aux["balance_loss"]
+    terms["loss"] = total
+    return total, (terms, out.aux["expert_load"], mismatch)
+
+
+def update_router_bias(params, expert_load, cfg: Config, rate: float):
+    """Aux-loss-free balancing: b_i += mu * (target share - actual share) for real experts (SPEC 7.10).
+
+    expert_load [L, slots]: top-k assignments per slot. The target spreads the expected real-expert picks
+    (cfg.expected_real_experts, else the uniform share) evenly over the E experts; zero-expert biases stay.
+    """
+    E, K = cfg.n_routed_experts, cfg.moe_topk
+    k_real = cfg.expected_real_experts or K * E / cfg.num_slots
+    load = expert_load.astype(jnp.float32)
+    share = load[:, :E] / jnp.maximum(load.sum(-1, keepdims=True), 1.0)  # T_i / (K T_all)
+    delta = rate * (k_real / K / E - share)
+
+    def update(path, x):
+        if jax.tree_util.keystr(path).startswith("['layers']['moe']['bias']"):
+            return x.at[:, :E].add(delta.astype(x.dtype))
+        return x
+
+    return jax.tree_util.tree_map_with_path(update, params)
+
+
+def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, settings: LossSettings,
+               dense_attention=False, remat=None, nan_fault_step=-1, flip_fault_step=-1):
+    """One update: gradients, guard (NaN / spike / ABFT), optimizer, router-bias balancing.
+
+    Returns (new state, metrics dict of scalars, expert_load [L, slots]). A bad step keeps the old parameters
+    and optimizer state; the step counter still advances so the data stream stays aligned.
+    """
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    (_, (terms, load, mismatch)), grads = grad_fn(
+        state.params, graphdef, batch, cfg, settings, dense_attention=dense_attention, remat=remat,
+        fault_flip=state.step == flip_fault_step)
+    grads = inject_nan(grads, where=state.step == nan_fault_step)
+    grad_norm = optax.global_norm(grads)
+    loss = jnp.where(mismatch, jnp.nan, terms["loss"])  # an SDC makes the step as untrustworthy as a NaN
+    ok, guard = guard_check(state.guard, loss, grad_norm, settings.spike_factor, settings.guard_warmup)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = update_router_bias(params, load, cfg, settings.bias_update_rate)
+    params, opt_state = select_tree(ok, (params, opt_state), (state.params, state.opt_state))
+    metrics = dict(terms, grad_norm=grad_norm, skipped=~ok, abft_mismatch=mismatch)
+    return TrainState(params=params, opt_state=opt_state, step=state.step + 1, guard=guard), metrics, load
+
+
+def eval_loss(params, graphdef, batch):
+    """Mean next-token CE over real targets (no MTP / auxiliary terms)."""
+    model = nnx.merge(graphdef, params)
+    out = forward(model, batch["inputs"], batch["positions"], with_mtp=False, segment_ids=batch["segment_ids"])
+    return _masked_ce(out.logits, batch["targets"], batch["loss_mask"]), batch["loss_mask"].sum()

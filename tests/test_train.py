@@ -1,0 +1,174 @@
+"""train.py end to end: outputs, determinism, exact resume after SIGKILL, fault guards, flag errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train
+from longcat_jax import data
+from longcat_jax.run_log import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5", "--eval-batches", "2",
+        "--save-every", "4", "--warmup-steps", "2", "--indexer-warmup-steps", "3", "--sample-tokens", "4",
+        "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few real stdlib sources, so tests do not tokenize the whole library."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for path in data.stdlib_files()[:40]:
+        shutil.copy(path, folder / os.path.basename(path))
+    return str(folder)
+
+
+def _run(out, corpus, *extra, steps=10):
+    return train.main(["--out", str(out), "--data", corpus, "--steps", str(steps), *FAST, *extra])
+
+
+def _losses(out):
+    return [(r["step"], r["loss"], r["ce"]) for r in read_metrics(out) if "loss" in r]
+
+
+def _final_params(out):
+    """Every array of the newest checkpoint's state, by file name (orbax's own storage)."""
+    from flax import nnx
+    import orbax.checkpoint as ocp
+
+    steps = sorted(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit())
+    path = os.path.join(out, "checkpoints", str(steps[-1]), "state")
+    tree = ocp.StandardCheckpointer().restore(path)
+    return steps[-1], {k: np.asarray(v) for k, v in _flat(tree).items()}
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in (tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if isinstance(v, (dict, list, tuple)):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_run_writes_everything_and_learns(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert _run(out, corpus, "--abft", steps=12) == 0
+    rows = read_metrics(out)
+    step_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in step_rows] == list(range(1, 13))
+    for key in ("loss", "ce", "z_loss", "mtp", "indexer_kl", "balance", "lr", "grad_norm", "tokens_per_sec",
+                "indexer_recall"):
+        assert key in step_rows[-1], key
+    assert "real_experts_per_token" in step_rows[4] and "eval_loss" in step_rows[4]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["held_out_loss_end"] < summary["held_out_loss_start"] - 0.5
+    for name in ("loss_curve.png", "sample.txt", "tokenizer.json", "events.log"):
+        assert (out / name).exists(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    assert not any(r["skipped"] for r in step_rows)  # ABFT on, no fault: no false alarm
+
+
+def test_existing_run_needs_resume(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert _run(out, corpus, steps=4) == 0
+    assert _run(out, corpus, steps=4) == 2
+
+
+def test_deterministic_reruns_and_sigkill_resume(tmp_path, corpus):
+    """Two identical runs agree bit for bit; a run killed with SIGKILL and resumed reaches the same state."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert _run(a, corpus, "--deterministic", steps=12) == 0
+    assert _run(b, corpus, "--deterministic", steps=12) == 0
+    assert _losses(a) == _losses(b)
+    step_a, params_a = _final_params(a)
+    step_b, params_b = _final_params(b)
+    assert step_a == step_b == 12 and params_a.keys() == params_b.keys()
+    for k in params_a:
+        np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
+
+    cmd = [sys.executable, "train.py", "--out", str(c), "--data", corpus, "--steps", "12", "--deterministic", *FAST]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = c / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r.get("step", 0) >= 9 and "loss" in r for r in read_metrics(c)):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _run(c, corpus, "--deterministic", "--resume", steps=12) == 0
+    step_c, params_c = _final_params(c)
+    assert step_c == 12
+    for k in params_a:
+        np.testing.assert_array_equal(params_a[k], params_c[k], err_msg=k)
+    resumed = {s: (loss, ce) for s, loss, ce in _losses(c)}
+    for s, loss, ce in _losses(a):
+        assert resumed[s] == (loss, ce), s
+
+
+def test_deterministic_on_a_mesh(tmp_path, corpus):
+    mesh = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic"]
+    assert _run(tmp_path / "a", corpus, *mesh, steps=6) == 0
+    assert _run(tmp_path / "b", corpus, *mesh, steps=6) == 0
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    _, pa = _final_params(tmp_path / "a")
+    _, pb = _final_params(tmp_path / "b")
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+@pytest.mark.parametrize("fault", ["nan-grad@5", "bitflip@5"])
+def test_fault_is_caught_and_training_continues(tmp_path, corpus, fault):
+    out = tmp_path / "run"
+    assert _run(out, corpus, "--inject-fault", fault, steps=10) == 0
+    rows = {r["step"]: r for r in read_metrics(out) if "loss" in r}
+    assert rows[6]["skipped"] and not rows[7]["skipped"] and max(rows) == 10
+    if fault.startswith("bitflip"):
+        assert rows[6]["abft_mismatch"]
+    assert "skipped update" in (out / "events.log").read_text()
+    assert np.isfinite(rows[10]["loss"])
+
+
+def test_replica_bitflip_is_detected_on_a_mesh(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert _run(out, corpus, "--mesh", "dp=2,tp=4", "--inject-fault", "bitflip@5", steps=8) == 0
+    events = (out / "events.log").read_text()
+    assert "fingerprint mismatch" in events and "restored checkpoint of step 4" in events
+
+
+def test_repeated_bad_steps_restore_the_last_checkpoint(tmp_path, corpus, monkeypatch):
+    out = tmp_path / "run"
+    # A spike factor below 1 after a 1-step guard warm-up makes every later step "bad".
+    monkeypatch.setattr(train, "LossSettings", lambda **kw: train_step_settings(kw))
+    assert _run(out, corpus, "--max-bad-steps", "2", steps=9) == 0
+    assert "bad steps in a row: restoring" in (out / "events.log").read_text()
+
+
+def train_step_settings(kw):
+    from longcat_jax.train_step import LossSettings
+
+    return LossSettings(**kw, spike_factor=0.5, guard_warmup=1)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mesh", "dp=3"], "needs 3 devices"),
+    (["--mesh", "zz=2"], "unknown mesh axis"),
+    (["--data", "/nonexistent/corpus"], "no such file"),
+    (["--inject-fault", "melt@3"], "bad fault spec"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--batch-size", "3", "--mesh", "dp=2,tp=4"], "must divide"),
+])
+def test_bad_flags(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert message in capsys.readouterr().err
