@@ -85,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--abft", action="store_true", help="checksum-verify the LM-head matmul every step")
     p.add_argument("--fingerprint-every", type=int, default=50, help="cross-replica check (meshes with dp > 1)")
     p.add_argument("--max-bad-steps", type=int, default=3, help="restore the last checkpoint after this many")
+    p.add_argument("--max-restores", type=int, default=3, help="give up after this many restores in one run")
     p.add_argument("--inject-fault", help="nan-grad@STEP or bitflip@STEP (for tests)")
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--sample-tokens", type=int, default=48)
@@ -189,8 +190,6 @@ def main(argv=None) -> int:
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
         remat=REMAT_POLICIES[args.remat],
-        nan_fault_step=fault.step if fault and fault.kind == "nan-grad" else -1,
-        flip_fault_step=fault.step if fault and fault.kind == "bitflip" else -1,
     ), static_argnames="dense_attention", donate_argnums=0,
         out_shardings=None if mesh is None else (state_shardings, None, None))
     eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef))
@@ -211,12 +210,20 @@ def main(argv=None) -> int:
     tokens_per_step = args.batch_size * args.seq_len
     bar = tqdm(total=args.steps, initial=start_step, disable=args.no_progress, dynamic_ncols=True)
     load_sum = None
+    fault_fired = False
+    restores_left = [args.max_restores]
     t0, done = time.time(), 0
     step = start_step
     with _mesh_context(mesh):
         while step < args.steps:
             batch = to_device(next(train_iter))
-            state, metrics, load = step_fn(state, batch, dense_attention=step < args.indexer_warmup_steps)
+            # An injected fault is transient, like a real one: it fires once, not again after a restore.
+            armed = fault is not None and not fault_fired and step == fault.step
+            fault_fired = fault_fired or armed
+            nan_at = jnp.int32(step if armed and fault.kind == "nan-grad" else -1)
+            flip_at = jnp.int32(step if armed and fault.kind == "bitflip" else -1)
+            state, metrics, load = step_fn(state, batch, nan_fault_step=nan_at, flip_fault_step=flip_at,
+                                           dense_attention=step < args.indexer_warmup_steps)
             metrics = jax.device_get(metrics)
             done += 1
             step += 1
@@ -226,18 +233,19 @@ def main(argv=None) -> int:
             if bool(metrics["skipped"]):
                 log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
                           f"{float(metrics['grad_norm']):.4g}, abft mismatch {bool(metrics['abft_mismatch'])}")
-            if fault and fault.kind == "bitflip" and step == fault.step + 1 and mesh is not None:
+            flipped = armed and fault.kind == "bitflip" and mesh is not None
+            if flipped:
                 state = _corrupt_one_replica(state, mesh, log, step)
             if mesh is not None and args.mesh_sizes.get("dp", 1) > 1 and (
-                    step % args.fingerprint_every == 0 or (fault and step == fault.step + 1)):
+                    step % args.fingerprint_every == 0 or flipped):
                 fps = replica_fingerprints(state.params, mesh)
                 if bool(fingerprint_mismatch(fps)):
                     log.event(step, f"parameter fingerprint mismatch across dp replicas {odd_replicas(fps)}: "
                               "restoring the last good checkpoint")
-                    state, step = _restore(ckpt, state, train_iter, log, step)
+                    state, step = _restore(ckpt, state, train_iter, log, step, restores_left)
             if needs_restore(state.guard, args.max_bad_steps):
                 log.event(step, f"{args.max_bad_steps} bad steps in a row: restoring the last good checkpoint")
-                state, step = _restore(ckpt, state, train_iter, log, step)
+                state, step = _restore(ckpt, state, train_iter, log, step, restores_left)
             if step % args.eval_every == 0 or step == args.steps:
                 metrics["eval_loss"] = held_out_loss(state.params)
                 metrics.update(_load_stats(load_sum, cfg))
@@ -282,7 +290,14 @@ def _mesh_context(mesh):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def _restore(ckpt, state, train_iter, log, step):
+class TooManyRestores(RuntimeError):
+    pass
+
+
+def _restore(ckpt, state, train_iter, log, step, budget: list):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise TooManyRestores(f"more than the allowed restores at step {step}: the failure is not transient")
     restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), train_iter)
     if restored is None:
         log.event(step, "no checkpoint to restore: continuing from the current state")
@@ -327,5 +342,14 @@ def _sample(model, tokenizer, prompt: str, n: int) -> str:
     return prompt + tokenizer.decode([int(t) for t in out[0]])
 
 
+def run(argv=None) -> int:
+    """main() with a non-transient failure (restores exhausted) reported as exit status 3."""
+    try:
+        return main(argv)
+    except TooManyRestores as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
