@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-restores", type=int, default=3, help="give up after this many restores in one run")
     p.add_argument("--inject-fault", help="nan-grad@STEP or bitflip@STEP (for tests)")
     p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--sample-tokens", type=int, default=48)
+    p.add_argument("--sample-tokens", type=int, default=48, help="0 skips the closing sample")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "save_every", "keep", "eval_every", "max_bad_steps"):
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         if restored is None:
             print(f"--resume: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
         else:
-            state = restored[1]
+            state = _like(restored[1], state)
     # Donation needs every leaf in its own buffer (fresh zeros and the opt-state init may share some).
     state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
     start_step = int(state.step)
@@ -233,6 +233,13 @@ def main(argv=None) -> int:
             if bool(metrics["skipped"]):
                 log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
                           f"{float(metrics['grad_norm']):.4g}, abft mismatch {bool(metrics['abft_mismatch'])}")
+            if step % args.eval_every == 0 or step == args.steps:
+                metrics["eval_loss"] = held_out_loss(state.params)
+                metrics.update(_load_stats(load_sum, cfg))
+                load_sum = None
+            log.metrics(step, metrics)
+            bar.update(max(step - bar.n, 0))
+            bar.set_postfix(loss=f"{float(metrics['ce']):.3f}", tok_s=f"{tok_s:.0f}")
             flipped = armed and fault.kind == "bitflip" and mesh is not None
             if flipped:
                 state = _corrupt_one_replica(state, mesh, log, step)
@@ -243,16 +250,11 @@ def main(argv=None) -> int:
                     log.event(step, f"parameter fingerprint mismatch across dp replicas {odd_replicas(fps)}: "
                               "restoring the last good checkpoint")
                     state, step = _restore(ckpt, state, train_iter, log, step, restores_left)
+                    continue
             if needs_restore(state.guard, args.max_bad_steps):
                 log.event(step, f"{args.max_bad_steps} bad steps in a row: restoring the last good checkpoint")
                 state, step = _restore(ckpt, state, train_iter, log, step, restores_left)
-            if step % args.eval_every == 0 or step == args.steps:
-                metrics["eval_loss"] = held_out_loss(state.params)
-                metrics.update(_load_stats(load_sum, cfg))
-                load_sum = None
-            log.metrics(step, metrics)
-            bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{float(metrics['ce']):.3f}", tok_s=f"{tok_s:.0f}")
+                continue
             ckpt.maybe_save(step, state, train_iter, force=stop.requested or step == args.steps)
             if stop.requested:
                 log.event(step, f"{stop.signal_name}: checkpoint saved, stopping")
@@ -264,10 +266,11 @@ def main(argv=None) -> int:
     # --- 7. The end ----------------------------------------------------------------------------------------
     with _mesh_context(mesh):
         final_eval = held_out_loss(state.params)
-    model = nnx.merge(graphdef, state.params)
-    sample = _sample(model, tokenizer, args.prompt, args.sample_tokens)
-    with open(os.path.join(args.out, "sample.txt"), "w") as f:
-        f.write(sample)
+    sample = ""
+    if args.sample_tokens:
+        sample = _sample(nnx.merge(graphdef, state.params), tokenizer, args.prompt, args.sample_tokens)
+        with open(os.path.join(args.out, "sample.txt"), "w") as f:
+            f.write(sample)
     curve = plot_loss_curve(args.out)
     summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
                "held_out_loss_end": final_eval, "tokens_per_sec": done * tokens_per_step / (time.time() - t0),
@@ -275,7 +278,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     log.event(step, f"held-out loss {first_eval:.3f} -> {final_eval:.3f}; curve {curve}")
-    print(f"--- sample ---\n{sample}\n--------------")
+    if sample:
+        print(f"--- sample ---\n{sample}\n--------------")
     log.close()
     ckpt.close()
     return 0
@@ -304,7 +308,12 @@ def _restore(ckpt, state, train_iter, log, step, budget: list):
         return state.replace(guard=state.guard.replace(consecutive_bad=jnp.zeros((), jnp.int32))), step
     new_step, new_state = restored
     log.event(step, f"restored checkpoint of step {new_step}")
-    return new_state, int(new_step)
+    return _like(new_state, state), int(new_step)
+
+
+def _like(restored, live):
+    """Place restored arrays exactly as the live ones (same shardings), so the same executable runs on them."""
+    return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, live))
 
 
 def _corrupt_one_replica(state, mesh, log, step):

@@ -108,7 +108,9 @@ def _combine(y_sorted, order, x, weights, indices, n_experts):
 
 
 def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
-    """Dropless expert FFN: sort by expert, grouped matmul with jax.lax.ragged_dot, fixed-order combine.
+    """Dropless expert FFN: sort by expert, grouped matmul, fixed-order combine.
+
+    The grouped matmul is jax.lax.ragged_dot on GPU/TPU and `tiled_expert_ffn` elsewhere (same result).
 
     Args:
       x: [N, D] tokens; weights [N, K] f32; indices [N, K] int32 slots (>= E are identity experts).
@@ -125,12 +127,45 @@ def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
     # the result (and its gradient to x) independent of what a backend leaves there.
     is_routed = (sorted_e < n_experts)[:, None]
     xs = jnp.where(is_routed, _replicate_sorted(x.astype(dt), order, k), 0)  # [N*K, D]
-    g = jax.lax.ragged_dot(xs, w_gate.astype(dt), group_sizes)
-    u = jax.lax.ragged_dot(xs, w_up.astype(dt), group_sizes)
-    h = jax.nn.silu(g) * u  # [N*K, Fe]
-    y = jax.lax.ragged_dot(h, w_down.astype(dt), group_sizes)  # [N*K, D]
+    w_gate, w_up, w_down = w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt)
+    if jax.default_backend() in ("gpu", "tpu"):
+        g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
+        u = jax.lax.ragged_dot(xs, w_up, group_sizes)
+        y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [N*K, D]
+    else:
+        # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work); tiles are exact.
+        y = tiled_expert_ffn(xs, starts, w_gate, w_up, w_down)
     y = jnp.where(is_routed, y, 0)
     return _combine(y, order, x, weights, indices, n_experts)
+
+
+def tiled_expert_ffn(xs, starts, w_gate, w_up, w_down, tile: int = 64):
+    """Grouped SwiGLU over expert-sorted rows without dropping any: each expert's rows are padded to a multiple
+    of `tile`, every tile belongs to one expert, and one batched einsum per projection runs all tiles.
+
+    xs [M, D] rows sorted by expert; starts [E+1] first row of each expert (rows past starts[E] are not routed).
+    Returns [M, D] (zero rows past starts[E]).
+    """
+    m = xs.shape[0]
+    n_experts = w_gate.shape[0]
+    sizes = starts[1:] - starts[:-1]
+    padded_start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(-(-sizes // tile) * tile)[:-1]])
+    n_tiles = m // tile + n_experts  # static bound: padding adds less than one tile per expert
+    r = jnp.arange(n_tiles * tile, dtype=jnp.int32)
+    expert = jnp.clip(jnp.searchsorted(padded_start, r, side="right") - 1, 0, n_experts - 1)
+    rank = r - padded_start[expert]
+    valid = rank < sizes[expert]
+    xt = jnp.where(valid[:, None], xs[jnp.where(valid, starts[expert] + rank, 0)], 0)
+    xt = xt.reshape(n_tiles, tile, -1)
+    tile_expert = expert.reshape(n_tiles, tile)[:, 0]
+    g = jnp.einsum("tmd,tdf->tmf", xt, w_gate[tile_expert])
+    u = jnp.einsum("tmd,tdf->tmf", xt, w_up[tile_expert])
+    yt = jnp.einsum("tmf,tfd->tmd", jax.nn.silu(g) * u, w_down[tile_expert]).reshape(n_tiles * tile, -1)
+    # Sorted row i of expert e sits at padded row padded_start[e] + (i - starts[e]).
+    i = jnp.arange(m, dtype=jnp.int32)
+    e_of_row = jnp.clip(jnp.searchsorted(starts, i, side="right") - 1, 0, n_experts - 1)
+    routed = i < starts[n_experts]
+    return jnp.where(routed[:, None], yt[jnp.where(routed, padded_start[e_of_row] + i - starts[e_of_row], 0)], 0)
 
 
 def capacity(cfg: Config, n_tokens: int, n_experts: int) -> int:

@@ -121,7 +121,7 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
 
 
 def test_deterministic_on_a_mesh(tmp_path, corpus):
-    mesh = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic"]
+    mesh = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic", "--sample-tokens", "0"]
     assert _run(tmp_path / "a", corpus, *mesh, steps=4) == 0
     assert _run(tmp_path / "b", corpus, *mesh, steps=4) == 0
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
@@ -135,7 +135,8 @@ def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, 
     """nan-grad@5: the guard skips the update; with --max-bad-steps 1 the last good checkpoint (step 4) is
     restored, the transient fault does not recur, and the run finishes."""
     out = tmp_path / "run"
-    assert _run(out, corpus, "--inject-fault", "nan-grad@5", "--max-bad-steps", "1", steps=7) == 0
+    assert _run(out, corpus, "--inject-fault", "nan-grad@5", "--max-bad-steps", "1", "--sample-tokens", "0",
+                steps=7) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5, 6, 7]  # steps 5-6 replayed after the restore
     assert rows[5]["skipped"] and not any(r["skipped"] for r in rows[6:])
@@ -148,7 +149,8 @@ def test_bitflips_are_caught_on_a_mesh(tmp_path, corpus):
     """bitflip@5 on a dp=2 mesh: the ABFT checksum catches the flipped LM-head output (update skipped), and the
     cross-replica fingerprint catches the flipped parameter copy (last good checkpoint restored)."""
     out = tmp_path / "run"
-    assert _run(out, corpus, "--mesh", "dp=2,tp=4", "--inject-fault", "bitflip@5", steps=6) == 0
+    assert _run(out, corpus, "--mesh", "dp=2,tp=4", "--inject-fault", "bitflip@5", "--sample-tokens", "0",
+                steps=6) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert rows[5]["step"] == 6 and rows[5]["skipped"] and rows[5]["abft_mismatch"]
     assert not any(r["skipped"] for r in rows[6:]) and rows[-1]["step"] == 6

@@ -11,6 +11,9 @@ from longcat_jax.indexer_loss import indexer_kl
 from tests.hf_reference import rel_err
 
 
+FORWARD = jax.jit(lj.forward, static_argnames=("with_mtp", "collect_aux", "dense_attention", "remat"))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = lj.Config.tiny(hi_enabled=False)
@@ -31,9 +34,9 @@ def test_packed_documents_equal_separate_forwards(tiny):
     row = jnp.asarray(np.concatenate([a, b])[None])
     seg = jnp.asarray(np.r_[np.ones(21), 2 * np.ones(27)].astype(np.int32)[None])
     pos = jnp.asarray(np.r_[np.arange(21), np.arange(27)].astype(np.int32)[None])
-    packed = lj.forward(model, row, pos, segment_ids=seg)
-    alone_a = lj.forward(model, jnp.asarray(a[None]))
-    alone_b = lj.forward(model, jnp.asarray(b[None]))
+    packed = FORWARD(model, row, pos, segment_ids=seg)
+    alone_a = FORWARD(model, jnp.asarray(a[None]))
+    alone_b = FORWARD(model, jnp.asarray(b[None]))
     assert rel_err(packed.logits[:, :21], alone_a.logits) < 1e-5
     assert rel_err(packed.logits[:, 21:], alone_b.logits) < 1e-5
     assert rel_err(packed.mtp_logits[:, :, 21:-3], alone_b.mtp_logits[:, :, :-3]) < 1e-5
@@ -42,22 +45,22 @@ def test_packed_documents_equal_separate_forwards(tiny):
 def test_aux_statistics(tiny):
     cfg, model = tiny
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 40)))
-    out = lj.forward(model, tokens, collect_aux=True)
+    out = FORWARD(model, tokens, collect_aux=True)
     aux = out.aux
     assert aux["expert_load"].shape == (cfg.num_layers, cfg.num_slots)
     np.testing.assert_array_equal(aux["expert_load"].sum(-1), 2 * 40 * cfg.moe_topk)
     assert float(aux["indexer_kl"]) > 0 and float(aux["mtp_indexer_kl"]) > 0
     assert 0.5 < float(aux["indexer_recall"]) <= 1.0 and float(aux["balance_loss"]) > 0
-    dense = lj.forward(model, tokens, collect_aux=True, dense_attention=True)
+    dense = FORWARD(model, tokens, collect_aux=True, dense_attention=True)
     assert not np.allclose(dense.logits, out.logits)  # warm-up attends to every key
-    np.testing.assert_allclose(lj.forward(model, tokens).logits, out.logits, atol=1e-6)
+    np.testing.assert_allclose(FORWARD(model, tokens).logits, out.logits, atol=1e-6)
 
 
 def test_padding_is_routed_to_zero_experts(tiny):
     cfg, model = tiny
     tokens = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (1, 12)))
     seg = jnp.asarray([[1] * 8 + [0] * 4], jnp.int32)
-    out = lj.forward(model, tokens, segment_ids=seg, collect_aux=True)
+    out = FORWARD(model, tokens, segment_ids=seg, collect_aux=True)
     np.testing.assert_array_equal(out.aux["expert_load"].sum(-1), 8 * cfg.moe_topk)
 
 
@@ -67,7 +70,7 @@ def test_indexer_learns_only_from_its_loss(tiny):
     graphdef, params = nnx.split(model)
 
     def losses(params):
-        out = lj.forward(nnx.merge(graphdef, params), tokens, collect_aux=True)
+        out = FORWARD(nnx.merge(graphdef, params), tokens, collect_aux=True)
         return out.logits.mean() + out.mtp_logits.mean(), out.aux["indexer_kl"] + out.aux["mtp_indexer_kl"]
 
     g_main = jax.grad(lambda p: losses(p)[0])(params)
@@ -102,7 +105,7 @@ def test_remat_policy_gives_same_gradients(tiny):
     graphdef, params = nnx.split(model)
 
     def loss(params, remat):
-        return lj.forward(nnx.merge(graphdef, params), tokens, remat=remat).logits.std()
+        return FORWARD(nnx.merge(graphdef, params), tokens, remat=remat).logits.std()
 
     plain = jax.grad(loss)(params, None)
     saved = jax.grad(loss)(params, jax.checkpoint_policies.save_only_these_names("attn_out", "moe_out"))
