@@ -77,7 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--balance-weight", type=float, default=1e-3)
     p.add_argument("--bias-update-rate", type=float, default=1e-3)
     p.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
-    p.add_argument("--offload-optimizer", action="store_true", help="keep optimizer state in pinned host memory")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=100)
@@ -161,8 +160,6 @@ def main(argv=None) -> int:
     opt_shardings = None
     if mesh is not None:
         opt_shardings = zero1_state_shardings(jax.jit(optimizer.init)(params), mesh)
-        if args.offload_optimizer:
-            opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     with _mesh_context(mesh):
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32), guard=init_guard())
