@@ -350,7 +350,7 @@ def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shar
 
     tensors = itertools.chain.from_iterable(_hf_tensors(entry, p, state[p], cfg) for p, entry in mapping.items())
     if arch == FLASH:
-        tensors = itertools.chain(tensors, _zero_expert_placeholders(cfg, state))
+        tensors = itertools.chain(tensors, _unused_zero_expert_tensors(cfg, state))
     for name, tensor in tensors:
         pending[name] = tensor
         size += tensor.nbytes
@@ -370,7 +370,7 @@ def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shar
         json.dump(hf, f, indent=2)
 
 
-def _zero_expert_placeholders(cfg: Config, state: dict):
+def _unused_zero_expert_tensors(cfg: Config, state: dict):
     """transformers' LongcatFlashExperts sizes gate_up with the zero experts included and refuses a checkpoint
     without those rows; no forward pass reads them, so they are written as zeros (see `ignored`)."""
     dtype = state[("layers", "moe", "w_gate")].dtype

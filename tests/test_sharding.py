@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from longcat_jax import Config, abstract_model
-from sharding import RULES, constrain, logical_to_spec, make_mesh, parse_mesh
+from sharding import constrain, logical_to_spec, make_mesh, parse_mesh
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sharding_tiny.json")
 

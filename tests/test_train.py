@@ -40,7 +40,6 @@ def _losses(out):
 
 def _final_params(out):
     """Every array of the newest checkpoint's state, by file name (orbax's own storage)."""
-    from flax import nnx
     import orbax.checkpoint as ocp
 
     steps = sorted(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit())
