@@ -12,6 +12,7 @@ OUT/loss_curve.png, OUT/sample.txt and OUT/summary.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -156,7 +157,6 @@ def main(argv=None) -> int:
                                      use_muon=args.optimizer == "muon")
     optimizer = make_optimizer(opt_settings, params)
     schedule = learning_rate_schedule(opt_settings)
-    opt_state = jax.eval_shape(optimizer.init, params)
     opt_shardings = None
     if mesh is not None:
         opt_shardings = zero1_state_shardings(jax.jit(optimizer.init)(params), mesh)
@@ -286,8 +286,6 @@ def main(argv=None) -> int:
 
 
 def _mesh_context(mesh):
-    import contextlib
-
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 

@@ -77,9 +77,7 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
         S = c_kv.shape[1]
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         k_valid = k_pos < ctx.cache_len + T
-    allowed = attention_mask(q_pos, k_pos, k_valid if k_valid is None or k_valid.ndim == 2 else None)
-    if k_valid is not None and k_valid.ndim == 3:
-        allowed = allowed & k_valid
+    allowed = attention_mask(q_pos, k_pos, k_valid)
     mask, selected = allowed, None
     if cfg.use_indexer:
         if indexer is not None:

@@ -27,6 +27,7 @@ from longcat_jax.config import Config
 from longcat_jax.hf_config import FLASH, LITE, LONGCAT2, architecture_of, config_from_hf, config_to_hf
 from longcat_jax.model import LongCat, abstract_model
 from longcat_jax.ngram import table_offsets
+from sharding.rules import logical_to_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -315,8 +316,6 @@ def _unflat(flat: dict) -> dict:
 
 
 def _partition_specs(abs_state) -> dict:
-    from sharding.rules import logical_to_spec
-
     out = {}
     for path, var in nnx.to_flat_state(abs_state):
         names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from longcat_jax.config import Config
 from longcat_jax.layers import apply_rope, config_inv_freq, param, rms_norm
+from longcat_jax.mla import attention_mask
 
 
 class Indexer(nnx.Module):
@@ -77,17 +78,6 @@ def _weighted_relu(q, k, w):
     return jnp.einsum("bti,btis->bts", w.astype(jnp.float32), jax.nn.relu(logits))
 
 
-def _valid_keys(q_positions, k_positions, k_valid=None):
-    """bool [B,T,S]: key s is causal for query t (k_pos <= q_pos) and, if given, marked valid.
-
-    k_valid is bool [B,S] (unwritten cache rows) or [B,T,S] (per query, e.g. same packed document).
-    """
-    valid = k_positions[:, None, :] <= q_positions[:, :, None]
-    if k_valid is not None:
-        valid = valid & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
-    return valid
-
-
 def indexer_scores(q, k, w, q_positions, k_positions, k_valid=None):
     """Index scores I [B,T,S] float32 (SPEC 3.8); -inf at future keys (k_pos > q_pos) and where k_valid is
     False.
@@ -96,7 +86,7 @@ def indexer_scores(q, k, w, q_positions, k_positions, k_valid=None):
     come from a cache, so positions are explicit); k_valid bool [B,S], [B,T,S] or None.
     """
     scores = _weighted_relu(q, k, w)
-    return jnp.where(_valid_keys(q_positions, k_positions, k_valid), scores, -jnp.inf)
+    return jnp.where(attention_mask(q_positions, k_positions, k_valid), scores, -jnp.inf)
 
 
 def forced_keys(q_positions, k_positions, cfg: Config):
@@ -129,7 +119,7 @@ def select_topk(scores, q_positions, k_positions, cfg: Config, k_valid=None):
     scores; with SI off this is the plain DSA top-k. Validity is recomputed from the positions, so `scores`
     may be unmasked.
     """
-    valid = _valid_keys(q_positions, k_positions, k_valid)
+    valid = attention_mask(q_positions, k_positions, k_valid)
     if cfg.si_enabled:
         scores = jnp.where(forced_keys(q_positions, k_positions, cfg), jnp.inf, scores)
     # The dense rule needs no branch: valid scores are finite, so top-K takes them all when there are <= K.
@@ -194,7 +184,7 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     chosen_ext = jnp.concatenate([chosen, jnp.zeros_like(chosen[..., :1])], axis=-1)
     tok_block = jnp.broadcast_to(tok_block[:, None, :], scores.shape)  # [B, T, S]
     in_chosen = jnp.take_along_axis(chosen_ext, tok_block, axis=-1)
-    valid = _valid_keys(q_positions, k_positions, k_valid)
+    valid = attention_mask(q_positions, k_positions, k_valid)
     dense_row = valid.sum(axis=-1, keepdims=True) <= K
     # Keys of the query's own, still incomplete block have no block mean yet; they compete token by token
     # (under SI they sit inside the local window anyway).

@@ -88,8 +88,11 @@ def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
 
 
 def attention_mask(q_positions, k_positions, k_valid=None):
-    """Causal mask [B,T,S] from absolute positions; k_valid [B,S] removes unwritten cache rows."""
+    """Causal mask [B,T,S] from absolute positions (k_pos <= q_pos).
+
+    k_valid is bool [B,S] (e.g. unwritten cache rows) or [B,T,S] (per query, e.g. the same packed document).
+    """
     mask = k_positions[:, None, :] <= q_positions[:, :, None]
     if k_valid is not None:
-        mask = mask & k_valid[:, None, :]
+        mask = mask & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
     return mask
