@@ -1,4 +1,5 @@
-"""Pallas kernels (sparse indexer, sparse MLA attention, N-gram lookup), each beside its pure-JAX reference.
+"""Pallas kernels (sparse indexer, sparse MLA attention, N-gram lookup), each beside its plain-JAX path.
 
-Empty until the kernels issue: the references live in longcat_jax/indexer.py, mla.py and ngram.py.
+Every entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`); the dense references they are tested
+against live in longcat_jax/indexer.py, mla.py and ngram.py.
 """
