@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 from tqdm import tqdm
 
 import longcat_jax as lj
@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--balance-weight", type=float, default=1e-3)
     p.add_argument("--bias-update-rate", type=float, default=1e-3)
     p.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
+    p.add_argument("--offload-optimizer", action="store_true",
+                   help="keep the optimizer state in pinned host memory between steps")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--eval-every", type=int, default=100)
@@ -160,6 +162,9 @@ def main(argv=None) -> int:
     opt_shardings = None
     if mesh is not None:
         opt_shardings = zero1_state_shardings(jax.jit(optimizer.init)(params), mesh)
+    if args.offload_optimizer:
+        opt_shardings = _in_host_memory(opt_shardings or jax.tree.map(lambda x: x.sharding,
+                                                                       jax.jit(optimizer.init)(params)))
     with _mesh_context(mesh):
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32), guard=init_guard())
@@ -169,26 +174,27 @@ def main(argv=None) -> int:
             print(f"--resume: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
         else:
             state = _like(restored[1], state)
-    # Donation needs every leaf in its own buffer (fresh zeros and the opt-state init may share some).
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-    start_step = int(state.step)
 
     # --- 5. The jitted step ----------------------------------------------------------------------------------
     settings = LossSettings(mtp_weight=args.mtp_weight, z_loss=args.z_loss, indexer_weight=args.indexer_weight,
                             balance_weight=args.balance_weight, bias_update_rate=args.bias_update_rate,
                             abft=args.abft)
     fault = args.fault
-    state_shardings = None
-    if mesh is not None:  # params keep their own layout (the step must not drift them onto dp), ZeRO-1 state
-        replicated = NamedSharding(mesh, P())
-        state_shardings = TrainState(params=jax.tree.map(lambda x: x.sharding, state.params),
-                                     opt_state=opt_shardings, step=replicated,
-                                     guard=jax.tree.map(lambda _: replicated, state.guard))
+    # Params keep their own layout (the step must not drift them onto dp); the optimizer state is ZeRO-1 sharded
+    # on a mesh and waits in host memory with --offload-optimizer.
+    replicated = NamedSharding(mesh, P()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+    state_shardings = TrainState(params=jax.tree.map(lambda x: x.sharding, state.params),
+                                 opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state), step=replicated,
+                                 guard=jax.tree.map(lambda _: replicated, state.guard))
+    # Donation needs every leaf in its own buffer (fresh zeros and the opt-state init may share some); a jitted
+    # copy writes each output to its own buffer, on its final sharding.
+    state = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_shardings)(state)
+    start_step = int(state.step)
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
-        remat=REMAT_POLICIES[args.remat],
+        remat=REMAT_POLICIES[args.remat], host_opt_shardings=opt_shardings if args.offload_optimizer else None,
     ), static_argnames="dense_attention", donate_argnums=0,
-        out_shardings=None if mesh is None else (state_shardings, None, None))
+        out_shardings=(state_shardings, None, None))
     eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef))
 
     def held_out_loss(params):
@@ -304,6 +310,11 @@ def _restore(ckpt, state, train_iter, log, step, budget: list):
     new_step, new_state = restored
     log.event(step, f"restored checkpoint of step {new_step}")
     return _like(new_state, state), int(new_step)
+
+
+def _in_host_memory(shardings):
+    """The same layouts in pinned host memory: the optimizer state waits there between steps."""
+    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings)
 
 
 def _like(restored, live):

@@ -127,8 +127,11 @@ def update_router_bias(params, expert_load, cfg: Config, rate: float):
 
 
 def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, settings: LossSettings,
-               dense_attention=False, remat=None, nan_fault_step=-1, flip_fault_step=-1):
+               dense_attention=False, remat=None, nan_fault_step=-1, flip_fault_step=-1, host_opt_shardings=None):
     """One update: gradients, guard (NaN / spike / ABFT), optimizer, router-bias balancing.
+
+    host_opt_shardings: the optimizer state lives in host memory (these are its shardings); it is copied to
+    device memory for the update and the new state is written back to the host (optimizer-state offload).
 
     Returns (new state, metrics dict of scalars, expert_load [L, slots]). A bad step keeps the old parameters
     and optimizer state; the step counter still advances so the data stream stays aligned.
@@ -141,10 +144,16 @@ def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, se
     grad_norm = optax.global_norm(grads)
     loss = jnp.where(mismatch, jnp.nan, terms["loss"])  # an SDC makes the step as untrustworthy as a NaN
     ok, guard = guard_check(state.guard, loss, grad_norm, settings.spike_factor, settings.guard_warmup)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    old_opt_state = state.opt_state
+    if host_opt_shardings is not None:
+        old_opt_state = jax.device_put(old_opt_state, jax.tree.map(lambda s: s.with_memory_kind("device"),
+                                                                   host_opt_shardings))
+    updates, opt_state = optimizer.update(grads, old_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params = update_router_bias(params, load, cfg, settings.bias_update_rate)
-    params, opt_state = select_tree(ok, (params, opt_state), (state.params, state.opt_state))
+    params, opt_state = select_tree(ok, (params, opt_state), (state.params, old_opt_state))
+    if host_opt_shardings is not None:
+        opt_state = jax.device_put(opt_state, host_opt_shardings)
     metrics = dict(terms, grad_norm=grad_norm, skipped=~ok, abft_mismatch=mismatch)
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1, guard=guard), metrics, load
 
