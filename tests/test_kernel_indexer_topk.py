@@ -1,0 +1,225 @@
+"""Fused indexer scoring + streaming top-k (pallas_kernels/indexer_topk.py) vs longcat_jax.indexer.select.
+
+Both paths ("xla" chunked over query blocks, "pallas" in interpret mode) must give the reference's exact
+int32 indices, slot order included, across SI/HI on and off, dense short rows, ragged key validity, packed
+documents, keys from a cache, unordered key positions, a fully forced window, exact ties and bf16 inputs.
+Blocks are small (block_k below K), so every call streams several key tiles through the running top-K merge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longcat_jax import indexer as ix
+from longcat_jax.config import Config
+from pallas_kernels import indexer_topk as kt
+
+IMPLS = ["xla", "pallas"]
+# K = 16, init 2, local 4, HI blocks of 4 (top 3) once S > hi_min_len.
+CFG = Config.tiny(hi_min_len=20)
+
+
+def inputs(seed, B, T, S, I=2, J=16, dtype=jnp.float32):
+    """Random q, k, w made with numpy (eager jax.random would compile a kernel per shape)."""
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+                 for shape in ((B, T, I, J), (B, S, J), (B, T, I)))
+
+
+def arange_positions(B, n, offset=0):
+    return jnp.asarray(np.reshape(offset, (-1, 1)) + np.broadcast_to(np.arange(n), (B, n)), jnp.int32)
+
+
+def reference(q, k, w, qp, kp, cfg, k_valid=None, q_seg=None, k_seg=None):
+    full = k_valid
+    if q_seg is not None:
+        same_doc = q_seg[:, :, None] == k_seg[:, None, :]
+        full = same_doc if k_valid is None else k_valid[:, None, :] & same_doc
+    return np.asarray(_reference_select(q, k, w, qp, kp, cfg, full))
+
+
+# Jitted: one compile per shape instead of one per eager op.
+_reference_select = jax.jit(ix.select, static_argnums=5)
+
+
+def check(impl, q, k, w, qp, kp, cfg, k_valid=None, q_seg=None, k_seg=None, block_q=16, block_k=8):
+    """Asserts the kernel equals the reference exactly; returns the reference indices."""
+    ref = reference(q, k, w, qp, kp, cfg, k_valid, q_seg, k_seg)
+    out = kt.select(q, k, w, qp, kp, cfg, k_valid=k_valid, q_segment_ids=q_seg, k_segment_ids=k_seg,
+                    impl=impl, block_q=block_q, block_k=block_k)
+    assert out.dtype == jnp.int32 and out.shape == ref.shape
+    np.testing.assert_array_equal(np.asarray(out), ref)
+    return ref
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("si", [True, False])
+@pytest.mark.parametrize("hi", [True, False])
+def test_matches_reference(impl, si, hi):
+    """T = S = 37, a multiple of neither block_q = 16 nor block_k = 8: 3 query blocks, up to 5 key tiles."""
+    cfg = dataclasses.replace(CFG, si_enabled=si, hi_enabled=hi)
+    B, T = 2, 37
+    q, k, w = inputs(0, B, T, T)
+    pos = arange_positions(B, T)
+    ref = check(impl, q, k, w, pos, pos, cfg)
+    # Each switch changes the selection here, so the equality above covers its rule.
+    for flipped in (dict(hi_enabled=not hi), dict(si_enabled=not si)):
+        assert (reference(q, k, w, pos, pos, dataclasses.replace(cfg, **flipped)) != ref).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [10, 16])
+def test_short_rows_are_dense(impl, T):
+    """T < K and T == K: every row holds at most K causal keys, so each takes all of them (HI active)."""
+    cfg = dataclasses.replace(CFG, hi_min_len=8)
+    assert ix.use_hierarchical(cfg, T)
+    q, k, w = inputs(1, 2, T, T)
+    pos = arange_positions(2, T)
+    ref = check(impl, q, k, w, pos, pos, cfg, block_q=8)
+    for t in range(T):
+        row = ref[0, t]
+        assert sorted(row[row >= 0].tolist()) == list(range(t + 1)) and (row[t + 1 :] == -1).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ragged_k_valid(impl):
+    """Per-row key lengths via k_valid [B,S]; invalid keys are never picked and HI pools only valid keys."""
+    B, T = 3, 36
+    q, k, w = inputs(2, B, T, T)
+    pos = arange_positions(B, T)
+    k_valid = jnp.asarray(np.arange(T)[None, :] < np.array([36, 20, 7])[:, None])
+    ref = check(impl, q, k, w, pos, pos, CFG, k_valid=k_valid)
+    assert (ref[2] < 7).all() and (ref[2] == -1).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_documents(impl):
+    """Packed rows: segment ids 1, 2, ..., positions restarting per document, 0 = padding at the end
+    (also invalid in k_valid). With segments the reference mask is [B,T,S]: HI pools means over all keys."""
+    B, T = 2, 48
+    q, k, w = inputs(3, B, T, T)
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :20], seg[0, 20:44] = 1, 2
+    seg[1, :5], seg[1, 5:35], seg[1, 35:] = 1, 2, 3
+    new_piece = np.diff(seg, axis=1, prepend=-1) != 0
+    starts = np.maximum.accumulate(np.where(new_piece, np.arange(T), 0), axis=1)
+    pos = jnp.asarray(np.arange(T) - starts, jnp.int32)
+    seg, k_valid = jnp.asarray(seg), jnp.asarray(seg > 0)
+    ref = check(impl, q, k, w, pos, pos, CFG, k_valid=k_valid, q_seg=seg, k_seg=seg)
+    # No query of document 2 in row 0 picks a key of document 1.
+    picks = ref[0, 20:44]
+    assert ((picks == -1) | (picks >= 20)).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", [1, 8])
+def test_keys_from_cache(impl, T):
+    """Decode / chunked prefill: 64 cache slots, queries at cache_len + arange(T), unwritten slots invalid."""
+    B, S = 2, 64
+    cache_len = np.array([40, 56 - T], np.int32)
+    q, k, w = inputs(4, B, T, S)
+    qp = arange_positions(B, T, cache_len)
+    kp = arange_positions(B, S)
+    k_valid = jnp.asarray(np.arange(S)[None, :] < (cache_len + T)[:, None])
+    select = jax.jit(kt.select, static_argnames=("cfg", "impl", "block_q", "block_k"))
+    ref = reference(q, k, w, qp, kp, CFG, k_valid)
+    out = select(q, k, w, qp, kp, CFG, k_valid=k_valid, impl=impl, block_q=8, block_k=16)
+    np.testing.assert_array_equal(np.asarray(out), ref)
+    assert ((ref >= 0).sum(-1) >= 8).all() and (ref < (cache_len + T)[:, None, None]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unordered_key_positions(impl):
+    """Cache slots in ring-buffer order (slot != position): the causal key-block bound must stay exact."""
+    B, S, T = 2, 40, 12
+    q, k, w = inputs(5, B, T, S)
+    kp = jnp.asarray(np.stack([(np.arange(S) + 13) % S, (np.arange(S) * 7) % S]), jnp.int32)
+    qp = arange_positions(B, T, [24, 30])
+    check(impl, q, k, w, qp, kp, CFG, block_q=4, block_k=8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_keys_forced(impl):
+    """A local window wider than S forces every causal key (+inf), so rows are 0..t in index order."""
+    cfg = dataclasses.replace(CFG, index_topk=64, index_local_tokens=60)
+    T = 48
+    q, k, w = inputs(6, 1, T, T)
+    pos = arange_positions(1, T)
+    ref = check(impl, q, k, w, pos, pos, cfg)
+    expected = np.where(np.arange(64)[None, :] <= np.arange(T)[:, None], np.arange(64)[None, :], -1)
+    np.testing.assert_array_equal(ref[0], expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("si, hi", [(True, True), (False, False)])
+def test_exact_ties(impl, si, hi):
+    """Small-integer q, k, w and only 3 distinct keys: scores are exact and tie massively, so both the K
+    boundary and the slot order depend on the lower-index-first rule (inside a tile and across tiles)."""
+    cfg = dataclasses.replace(CFG, si_enabled=si, hi_enabled=hi)
+    B, T, I, J = 2, 40, 2, 16
+    rng = np.random.default_rng(7)
+    q = rng.integers(-2, 3, (B, T, I, J)).astype(np.float32)
+    w = rng.integers(-1, 3, (B, T, I)).astype(np.float32)
+    distinct = rng.integers(-2, 3, (B, 3, J)).astype(np.float32)
+    k = distinct[:, rng.integers(0, 3, T)]
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))
+    ref = check(impl, *map(jnp.asarray, (q, k, w, pos, pos)), cfg)
+    # Ties really decide the slot order: some row holds equal scores in consecutive dynamic slots. Integer
+    # inputs make numpy's scores exact.
+    scores = np.einsum("bti,btis->bts", w, np.maximum(np.einsum("btij,bsj->btis", q, k), 0))
+    kp, qp = pos[:, None, :], pos[:, :, None]
+    forced = (kp < cfg.index_init_tokens) | (kp > qp - cfg.index_local_tokens)
+    picked = np.take_along_axis(scores, np.maximum(ref, 0), axis=-1)
+    dynamic = (ref >= 0) & ~np.take_along_axis(forced & si, np.maximum(ref, 0), axis=-1)
+    assert ((picked[..., 1:] == picked[..., :-1]) & dynamic[..., 1:] & dynamic[..., :-1]).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_inputs(impl):
+    q, k, w = inputs(8, 2, 33, 33, dtype=jnp.bfloat16)
+    pos = arange_positions(2, 33)
+    check(impl, q, k, w, pos, pos, CFG)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inside_grad(impl):
+    """Selection is a constant for autodiff: grad flows only through the caller's own use of q."""
+    q, k, w = inputs(9, 1, 8, 8)
+    pos = arange_positions(1, 8)
+
+    def loss(q):
+        idx = kt.select(q, k, w, pos, pos, CFG, impl=impl, block_q=8, block_k=8)
+        has_4_keys = (idx[..., 3:4] >= 0).astype(jnp.float32)[..., None]  # [B,T,1,1]
+        return jnp.sum(q**2 * has_4_keys)
+
+    idx = np.asarray(kt.select(q, k, w, pos, pos, CFG, impl=impl, block_q=8, block_k=8))
+    expected = 2 * np.asarray(q) * (idx[..., 3:4] >= 0)[..., None]
+    assert 0 < (idx[..., 3] >= 0).sum() < 8
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.grad(loss))(q)), expected)
+
+
+def test_bad_inputs():
+    q, k, w = (np.asarray(x) for x in inputs(0, 1, 8, 8))
+    pos = np.asarray(arange_positions(1, 8))
+    cases = [
+        (dict(impl="cuda"), "impl must be one of"),
+        (dict(q=q[0]), "q must be"),
+        (dict(k=k[..., :4]), "k must be"),
+        (dict(w=w[..., :1]), "w must be"),
+        (dict(kp=pos[:, :4]), "k_positions must be"),
+        (dict(qp=pos.astype(np.float32)), "q_positions must be integer"),
+        (dict(k_valid=np.ones((1, 8, 8), bool)), "k_valid must be"),
+        (dict(q_segment_ids=pos), "both q_segment_ids and k_segment_ids"),
+        (dict(block_k=12), "block_k must be a power of two"),
+    ]
+    for change, message in cases:
+        a = dict(q=q, k=k, w=w, qp=pos, kp=pos, impl="xla")
+        a.update(change)
+        extra = {n: a.pop(n) for n in ("k_valid", "q_segment_ids", "block_k") if n in a}
+        with pytest.raises(ValueError, match=message):
+            kt.select(a["q"], a["k"], a["w"], a["qp"], a["kp"], CFG, impl=a["impl"], **extra)
