@@ -22,6 +22,9 @@ from longcat_jax.indexer_loss import attention_recall, indexer_kl
 from longcat_jax.layers import MLP, RMSNorm
 from longcat_jax.mla import MLA, attention_mask
 from longcat_jax.moe import MoE
+from pallas_kernels import indexer_topk
+from pallas_kernels.indexer_kl import sparse_indexer_kl
+from pallas_kernels.sparse_mla import sparse_mla
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +67,6 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     q_pos = ctx.positions
     if cache is None:
         k_pos, k_valid = q_pos, None
-        if ctx.segment_ids is not None:
-            k_valid = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]  # [B, T, S]
     else:
         start = (0, ctx.cache_len, 0)
         c_kv = jax.lax.dynamic_update_slice(cache["c_kv"], c_kv.astype(cache["c_kv"].dtype), start)
@@ -77,6 +78,21 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
         S = c_kv.shape[1]
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         k_valid = k_pos < ctx.cache_len + T
+    if cfg.use_indexer and cfg.kernel_impl != "reference" and not ctx.dense_attention:
+        seg = ctx.segment_ids if cache is None else None
+        if indexer is not None:
+            indices = indexer_topk.select(q_i, k_i, w_i, q_pos, k_pos, cfg, k_valid=k_valid, q_segment_ids=seg,
+                                          k_segment_ids=seg, impl=cfg.kernel_impl)
+        out, slot_probs = attend_selected(attn, q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype),
+                                          indices, ctx.collect_aux)
+        aux = {}
+        if ctx.collect_aux:
+            aux = {"slot_probs": jax.lax.stop_gradient(slot_probs), "indices": indices}
+            if indexer is not None:
+                aux["index_qkw"] = (q_i, k_i, w_i)
+        return out, new_cache, indices, aux
+    if cache is None and ctx.segment_ids is not None:
+        k_valid = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]  # [B, T, S]
     allowed = attention_mask(q_pos, k_pos, k_valid)
     mask, selected = allowed, None
     if cfg.use_indexer:
@@ -95,8 +111,32 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     return out, new_cache, indices, aux
 
 
-def indexer_aux(owner_aux: dict, served: list[dict], ctx: Context) -> dict:
-    """KL loss of one indexer against the mean attention of the sublayers it serves, plus selection recall."""
+def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_probs: bool):
+    """Absorbed MLA over the selected latent rows only (pallas_kernels.sparse_mla, cfg.kernel_impl): never a
+    [T, S] tensor. Returns (out [B,T,D], head-mean probs [B,T,K] of each slot or None)."""
+    cfg = attn.cfg
+    dt = q_nope.dtype
+    w_kv_up = attn.w_kv_up[...].astype(dt)
+    q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_kv_up[..., : cfg.qk_nope_head_dim])
+    out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, impl=cfg.kernel_impl,
+                     return_probs=return_probs)
+    o_lat, probs = out if return_probs else (out, None)
+    o = jnp.einsum("btnr,rnh->btnh", o_lat, w_kv_up[..., cfg.qk_nope_head_dim :])
+    return jnp.einsum("btnh,nhd->btd", o, attn.w_o[...].astype(dt)), probs
+
+
+def indexer_aux(owner_aux: dict, served: list[dict], ctx: Context, cfg: Config) -> dict:
+    """KL loss of one indexer against the mean attention of the sublayers it serves, plus selection recall.
+
+    On the kernel path (cfg.kernel_impl) the served sublayers report their attention at the owner's K slots only,
+    so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl); the recall needs the full
+    attention and is not reported there.
+    """
+    if "slot_probs" in owner_aux:
+        target = sum(a["slot_probs"] for a in served) / len(served)
+        q_i, k_i, w_i = owner_aux["index_qkw"]
+        kl = sparse_indexer_kl(q_i, k_i, w_i, owner_aux["indices"], target, ctx.query_mask, impl=cfg.kernel_impl)
+        return {"indexer_kl": kl}
     target = sum(a["probs"] for a in served) / len(served)
     allowed = owner_aux["allowed"] if ctx.dense_attention else owner_aux["selected"]
     kl = indexer_kl(owner_aux["scores"], target, allowed, ctx.query_mask)
@@ -140,11 +180,12 @@ class DecoderLayer(nnx.Module):
         if ctx.collect_aux:
             aux = {"expert_load": load, "balance_loss": balance}
             if cfg.use_indexer:
-                owners = [indexer_aux(aux0, [aux0, aux1] if self.indexer1 is None else [aux0], ctx)]
+                owners = [indexer_aux(aux0, [aux0, aux1] if self.indexer1 is None else [aux0], ctx, cfg)]
                 if self.indexer1 is not None:
-                    owners.append(indexer_aux(aux1, [aux1], ctx))
+                    owners.append(indexer_aux(aux1, [aux1], ctx, cfg))
                 aux["indexer_kl"] = sum(o["indexer_kl"] for o in owners)
-                aux["indexer_recall"] = sum(o["indexer_recall"] for o in owners) / len(owners)
+                if "indexer_recall" in owners[0]:
+                    aux["indexer_recall"] = sum(o["indexer_recall"] for o in owners) / len(owners)
         return y, new_cache, aux
 
 

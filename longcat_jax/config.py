@@ -95,6 +95,11 @@ class Config:
     param_dtype: str = "float32"
     dtype: str = "float32"
 
+    # --- Implementation of LSA and the N-gram lookup (same numbers, different memory) ----------------------
+    # "reference" materialises [T, S] scores and masks (the parity path); "xla" | "pallas" | "auto" run the
+    # memory-bounded paths of pallas_kernels/ (auto = Pallas on GPU/TPU, XLA elsewhere).
+    kernel_impl: Literal["reference", "auto", "xla", "pallas"] = "reference"
+
     def __post_init__(self):
         def need(ok: bool, msg: str):
             if not ok:
@@ -124,6 +129,8 @@ class Config:
                 )
         need(self.mtp_num_steps >= 0, "mtp_num_steps must be >= 0")
         need(self.mtp_hidden_source in ("pre_norm", "post_norm"), "mtp_hidden_source: pre_norm | post_norm")
+        need(self.kernel_impl in ("reference", "auto", "xla", "pallas"),
+             f"kernel_impl must be reference | auto | xla | pallas, got {self.kernel_impl!r}")
         for name in ("param_dtype", "dtype"):
             jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
 

@@ -20,6 +20,7 @@ from longcat_jax.config import Config
 from longcat_jax.layers import RMSNorm, config_inv_freq, param
 from longcat_jax.mtp import MTP
 from longcat_jax.ngram import NgramEmbedding, next_history
+from pallas_kernels.ngram_lookup import ngram_lookup
 from sharding.constrain import constrain
 from sharding.rules import RULES
 
@@ -69,7 +70,12 @@ def embed_tokens(model: LongCat, tokens, history=None):
     cfg = model.cfg
     e = model.embed[...].astype(cfg.jnp_dtype)[tokens]
     if model.ngram is not None:
-        e = (e + model.ngram(tokens, history)) / jnp.asarray(1 + cfg.ngram_branches, e.dtype)
+        if cfg.kernel_impl == "reference":
+            ngram = model.ngram(tokens, history)
+        else:  # hash + gather + project + sum in one pass; row-sharded tables stay on their vp shards
+            ngram = ngram_lookup(model.ngram.tables[...], model.ngram.proj[...], tokens, cfg, history,
+                                 impl=cfg.kernel_impl)
+        e = (e + ngram) / jnp.asarray(1 + cfg.ngram_branches, e.dtype)
     return e
 
 
@@ -125,7 +131,8 @@ def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = Non
         aux = {"expert_load": layer_aux["expert_load"], "balance_loss": layer_aux["balance_loss"].mean()}
         if cfg.use_indexer:
             aux["indexer_kl"] = layer_aux["indexer_kl"].sum()
-            aux["indexer_recall"] = layer_aux["indexer_recall"].mean()
+            if "indexer_recall" in layer_aux:  # not on the kernel path (see block.indexer_aux)
+                aux["indexer_recall"] = layer_aux["indexer_recall"].mean()
     if with_mtp and model.mtp is not None:
         h0 = h if cfg.mtp_hidden_source == "pre_norm" else model.final_norm(h)
         mtp_logits, mtp_aux = model.mtp(h0, tokens, ctx, model.lm_head[...])

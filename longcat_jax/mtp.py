@@ -64,5 +64,5 @@ class MTP(nnx.Module):
             logits.append(jnp.einsum("btd,dv->btv", self.final_norm(h), lm_head.astype(h.dtype)))
         aux = {}
         if ctx.collect_aux and self.indexer is not None:
-            aux = indexer_aux(steps[0], steps, ctx)
+            aux = indexer_aux(steps[0], steps, ctx, self.cfg)
         return jnp.stack(logits), aux

@@ -98,7 +98,8 @@ def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *
     if cfg.use_indexer:
         kl = out.aux["indexer_kl"] + out.aux.get("mtp_indexer_kl", 0.0)
         terms["indexer_kl"] = kl
-        terms["indexer_recall"] = jax.lax.stop_gradient(out.aux["indexer_recall"])
+        if "indexer_recall" in out.aux:
+            terms["indexer_recall"] = jax.lax.stop_gradient(out.aux["indexer_recall"])
         total = total + settings.indexer_weight * kl
     terms["balance"] = out.aux["balance_loss"]
     total = total + settings.balance_weight * out.aux["balance_loss"]
