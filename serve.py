@@ -50,13 +50,15 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-ids", type=parse_ids, required=True)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernel-impl", default="reference", choices=("reference", "auto", "xla", "pallas"),
+                        help="LSA and N-gram implementation (see pallas_kernels/)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if args.hf:
-        cfg, model = lj.load_hf(args.hf)
+        cfg, model = lj.load_hf(args.hf, kernel_impl=args.kernel_impl)
     else:
-        cfg = lj.Config.preset(args.preset)
+        cfg = lj.Config.preset(args.preset, kernel_impl=args.kernel_impl)
         model = lj.build_model(cfg, seed=args.seed)
     bad = [i for i in args.prompt_ids if not 0 <= i < cfg.vocab_size]
     if bad:

@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--balance-weight", type=float, default=1e-3)
     p.add_argument("--bias-update-rate", type=float, default=1e-3)
     p.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
+    p.add_argument("--kernel-impl", default="reference", choices=("reference", "auto", "xla", "pallas"),
+                   help="LSA and N-gram implementation after the dense warm-up (see pallas_kernels/)")
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep the optimizer state in pinned host memory between steps")
     p.add_argument("--save-every", type=int, default=100)
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
 
     # --- 3. Model and mesh -----------------------------------------------------------------------------------
     vocab = -(-tokenizer.get_vocab_size() // 128) * 128
-    cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=eos, bos_token_id=1)
+    cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=eos, bos_token_id=1,
+                           kernel_impl=args.kernel_impl)
     mesh = make_mesh(args.mesh_sizes) if args.mesh else None
     model = lj.build_model(cfg, seed=args.seed, mesh=mesh)
     graphdef, params = nnx.split(model)

@@ -24,3 +24,14 @@ def test_serve_cli(capsys):
     with pytest.raises(SystemExit):
         serve.main(["--preset", "tiny", "--prompt-ids", "1,999"])
     assert "outside the vocabulary" in capsys.readouterr().err
+
+
+def test_serve_cli_kernel_path_matches_reference(capsys):
+    """A prompt longer than the top-k, so LSA selects: the kernel path generates the same tokens."""
+    prompt = ",".join(str(i) for i in np.random.RandomState(0).randint(3, 256, 24))
+    outs = []
+    for impl in ("reference", "xla"):
+        assert serve.main(["--preset", "tiny", "--prompt-ids", prompt, "--max-new-tokens", "4",
+                           "--kernel-impl", impl]) == 0
+        outs.append(capsys.readouterr().out.strip())
+    assert outs[0] == outs[1]

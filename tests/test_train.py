@@ -135,7 +135,8 @@ def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, 
     restored, the transient fault does not recur, and the run finishes."""
     out = tmp_path / "run"
     assert _run(out, corpus, "--inject-fault", "nan-grad@5", "--max-bad-steps", "1", "--sample-tokens", "0",
-                "--remat", "offload", "--offload-optimizer", steps=7) == 0  # and host offload, with restore
+                "--remat", "offload", "--offload-optimizer", "--kernel-impl", "xla",
+                steps=7) == 0  # also activation and optimizer offload and the LSA kernel path, through a restore
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5, 6, 7]  # steps 5-6 replayed after the restore
     assert rows[5]["skipped"] and not any(r["skipped"] for r in rows[6:])
