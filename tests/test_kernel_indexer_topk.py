@@ -4,6 +4,8 @@ Both paths ("xla" chunked over query blocks, "pallas" in interpret mode) must gi
 int32 indices, slot order included, across SI/HI on and off, dense short rows, ragged key validity, packed
 documents, keys from a cache, unordered key positions, a fully forced window, exact ties and bf16 inputs.
 Blocks are small (block_k below K), so every call streams several key tiles through the running top-K merge.
+The HI tests at S = 256 cover the xla gather path (and its full-row fallback), the pallas tile plan and the
+linear-memory block pooling; one checks from the jaxpr that the gather path never builds a [bq, S] array.
 """
 
 from __future__ import annotations
@@ -223,3 +225,162 @@ def test_bad_inputs():
         extra = {n: a.pop(n) for n in ("k_valid", "q_segment_ids", "block_k") if n in a}
         with pytest.raises(ValueError, match=message):
             kt.select(a["q"], a["k"], a["w"], a["qp"], a["kp"], CFG, impl=a["impl"], **extra)
+
+
+# --- HI gather path -----------------------------------------------------------------------------------------
+# Big enough that the gather path really differs from scoring every key: 32 blocks of 8 keys, 3 chosen, so a
+# row at p >= K = 32 scores at most 24 keys of up to 255 and places its 18 forced keys unscored.
+HI_CFG = Config.tiny(index_topk=32, index_local_tokens=16, index_init_tokens=2, hi_block_size=8,
+                     hi_top_blocks=3, hi_min_len=64)
+
+
+def packed_rows(T, pieces):
+    """Segment ids (1, 2, ... per piece length in `pieces`, 0 = padding after) and positions restarting per
+    piece, as longcat_jax.data packs training rows."""
+    seg = np.zeros((len(pieces), T), np.int32)
+    for row, lengths in enumerate(pieces):
+        seg[row, : sum(lengths)] = np.repeat(np.arange(1, len(lengths) + 1), lengths)
+    new_piece = np.diff(seg, axis=1, prepend=-1) != 0
+    starts = np.maximum.accumulate(np.where(new_piece, np.arange(T), 0), axis=1)
+    return jnp.asarray(seg), jnp.asarray(np.where(seg > 0, np.arange(T) - starts, 0), jnp.int32)
+
+
+def row_plan(qp, kp, cfg, k_valid=None, q_seg=None, k_seg=None):
+    """needs_full [B, T] of the HI row plan: rows the gather path cannot take."""
+    k_ok = jnp.ones(kp.shape, bool) if k_valid is None else k_valid
+    q_seg = jnp.zeros(qp.shape, jnp.int32) if q_seg is None else q_seg
+    k_seg = jnp.zeros(kp.shape, jnp.int32) if k_seg is None else k_seg
+    return np.asarray(kt._row_plan(kt._key_index(kp, k_ok, k_seg), qp, q_seg, cfg)[2])
+
+
+def test_block_keys_matches_reference():
+    """Scatter-add pooling equals the one-hot reference: exactly on dyadic inputs (every sum exact, so the
+    order cannot matter), to rounding on random ones; invalid keys and positions outside the blocks drop."""
+    rng = np.random.default_rng(10)
+    B, S, J = 2, 45, 8
+    # Unordered positions; negative ones and a short last block.
+    kp = jnp.asarray(np.stack([rng.permutation(S), np.arange(S) - 3]), jnp.int32)
+    k_valid = jnp.asarray(rng.random((B, S)) < 0.8)
+    dyadic = jnp.asarray(rng.integers(-64, 64, (B, S, J)) / 8, jnp.float32)
+    for valid in (None, k_valid):
+        bar, count = kt.block_keys(dyadic, kp, 4, valid)
+        ref_bar, ref_count = ix.block_keys(dyadic, kp, 4, valid)
+        np.testing.assert_array_equal(np.asarray(count), np.asarray(ref_count))
+        np.testing.assert_array_equal(np.asarray(bar), np.asarray(ref_bar))
+    assert (np.asarray(count) == 0).any() and (np.asarray(count) > 1).any()
+    k = inputs(11, B, 4, S, J=J)[1]
+    np.testing.assert_allclose(np.asarray(kt.block_keys(k, kp, 4)[0]),
+                               np.asarray(ix.block_keys(k, kp, 4)[0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("si", [True, False])
+def test_hi_gather_matches_reference(impl, si):
+    """S = T = 256: every query block past K takes the gather path (no full-row fallback), and HI changes
+    the selection, so the equality covers the gathered runs, the unscored forced set and the prefix rows."""
+    cfg = dataclasses.replace(HI_CFG, si_enabled=si)
+    B, T = 2, 256
+    q, k, w = inputs(12, B, T, T)
+    pos = arange_positions(B, T)
+    assert not row_plan(pos, pos, cfg).any()
+    ref = check(impl, q, k, w, pos, pos, cfg, block_q=32, block_k=32)
+    assert (reference(q, k, w, pos, pos, dataclasses.replace(cfg, hi_enabled=False)) != ref).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("with_k_valid", [True, False])
+def test_hi_packed_documents(impl, with_k_valid):
+    """Packed training rows at S = 256 (positions restart per document). Without k_valid, as the model calls
+    it, the padding repeats position 0 in segment 0: those rows take the full-row path, the others gather."""
+    T = 256
+    seg, pos = packed_rows(T, [[100, 130], [40, 216], [256]])
+    q, k, w = inputs(13, 3, T, T)
+    k_valid = seg > 0 if with_k_valid else None
+    needs_full = row_plan(pos, pos, HI_CFG, k_valid, seg, seg)
+    np.testing.assert_array_equal(needs_full, ~with_k_valid & (np.asarray(seg) == 0))
+    ref = check(impl, q, k, w, pos, pos, HI_CFG, k_valid=k_valid, q_seg=seg, k_seg=seg, block_q=32,
+                block_k=32)
+    picks = ref[1, 40:]
+    assert ((picks == -1) | (picks >= 40)).all()  # document 2 never reaches into document 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hi_keys_from_cache(impl):
+    """Chunked prefill against a 256-slot cache: queries at cache_len + arange(16), unwritten slots
+    invalid."""
+    B, S, T = 2, 256, 16
+    cache_len = np.array([200, 121], np.int32)
+    q, k, w = inputs(14, B, T, S)
+    qp, kp = arange_positions(B, T, cache_len), arange_positions(B, S)
+    k_valid = jnp.asarray(np.arange(S)[None, :] < (cache_len + T)[:, None])
+    assert not row_plan(qp, kp, HI_CFG, k_valid).any()
+    check(impl, q, k, w, qp, kp, HI_CFG, k_valid=k_valid, block_q=8, block_k=32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hi_rows_needing_the_full_row(impl):
+    """Holes in k_valid: rows at p >= K with at most K valid keys (dense) or an invalid key in their window
+    take the full-row path; the other rows gather, and all match."""
+    B, T = 2, 256
+    q, k, w = inputs(15, B, T, T)
+    pos = arange_positions(B, T)
+    holes = np.ones((B, T), bool)
+    holes[0, 20:230] = False  # rows 32..241 hold at most 32 valid keys, rows up to 244 see the hole
+    holes[1, 100] = False  # in the window of rows 100..115
+    needs_full = row_plan(pos, pos, HI_CFG, jnp.asarray(holes))
+    assert needs_full[0, 32:245].all() and not needs_full[0, 245:].any()
+    assert needs_full[1, 100:116].all() and not needs_full[1, 116:].any()
+    check(impl, q, k, w, pos, pos, HI_CFG, k_valid=jnp.asarray(holes), block_q=32, block_k=32)
+
+
+def test_hi_pallas_skips_tiles():
+    """Scores grow with the key position, so every row chooses its latest candidate blocks: a query block
+    past K needs only the tile of the sinks and the few tiles around its rows, and the kernel (which visits
+    only the planned tiles) still matches the reference."""
+    B, T, bq, bk, J = 1, 256, 8, 16, 16
+    rng = np.random.default_rng(17)
+    direction = np.abs(rng.standard_normal(J)).astype(np.float32)
+    k = (np.arange(T)[:, None] / T + 0.1) * direction + 0.01 * rng.standard_normal((T, J))
+    q = np.abs(rng.standard_normal((B, T, 2, J))).astype(np.float32)
+    q, k, w = jnp.asarray(q), jnp.asarray(k[None], jnp.float32), jnp.ones((B, T, 2), jnp.float32)
+    pos = arange_positions(B, T)
+    ones, zeros = jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32)
+    index = kt._key_index(pos, ones, zeros)
+    k_bar, count = kt.block_keys(k, pos, HI_CFG.hi_block_size)
+    hier = kt._Hier(k_bar, count, index, *kt._row_plan(index, pos, zeros, HI_CFG))
+    dense = hier.n_valid <= HI_CFG.index_topk
+    _, need = kt._hi_tile_plan(q, w, pos, ones, dense, pos, ones, hier, HI_CFG, bq, bk)
+    need = np.asarray(need[0, 8:])  # query blocks 8.. (every row at p >= K = 32), 5..16 reachable tiles
+    reachable = np.arange(T // bk)[None, :] * bk <= (np.arange(8, T // bq) * bq + bq - 1)[:, None]
+    assert need[:, 0].all() and not (need & ~reachable).any()
+    assert need.sum(-1).max() <= 5 and reachable.sum(-1).max() == T // bk  # sinks, chosen blocks, window
+    check("pallas", q, k, w, pos, pos, HI_CFG, block_q=bq, block_k=bk)
+
+
+def test_hi_xla_scores_no_full_rows():
+    """The gather branch of the HI xla path holds no [.., bq, .., S] array: its work does not grow with S.
+    The full-row branch (its fallback) does, which shows the check can fail."""
+    B, T, bq = 1, 256, 16
+    q, k, w = inputs(16, B, T, T, J=8)
+    pos = arange_positions(B, T)
+    jaxpr = jax.make_jaxpr(lambda q, k, w, p: kt.select(q, k, w, p, p, HI_CFG, impl="xla", block_q=bq))(
+        q, k, w, pos)
+
+    def has_rows_by_keys(jaxpr):
+        shapes = (v.aval.shape for e in _all_eqns(jaxpr) for v in e.outvars if hasattr(v.aval, "shape"))
+        return any(bq in shape and T in shape for shape in shapes)
+
+    conds = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "cond"]
+    assert len(conds) == 1
+    assert sorted(has_rows_by_keys(branch.jaxpr) for branch in conds[0].params["branches"]) == [False, True]
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (map, cond branches, loops)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _all_eqns(sub)
