@@ -21,6 +21,7 @@ import pytest
 from longcat_jax import indexer as ix
 from longcat_jax.config import Config
 from pallas_kernels import indexer_blocks as ib
+from tests.jaxpr_sizes import largest_intermediate
 
 IMPLS = ["xla", "pallas"]
 CFG = Config.tiny(index_n_heads=4)  # K = 16, sinks 2, local window 4, I = 4, J = 16
@@ -151,20 +152,6 @@ def test_selection_properties():
     assert (np.asarray(other) != out).any()
 
 
-def _largest_intermediate(jaxpr) -> int:
-    """Element count of the largest value any equation (nested jaxprs included) produces."""
-    best = 0
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else [p]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    best = max(best, _largest_intermediate(inner))
-    return best
-
-
 def test_memory_is_bounded():
     """No path but the reference builds anything as large as [B, T, S] (T = 64, S = 96, 16-query blocks)."""
     B, T, S = 1, 64, 96
@@ -172,7 +159,7 @@ def test_memory_is_bounded():
     qp, kp = slots(B, T) + 32, slots(B, S)
 
     def largest(fn):
-        return _largest_intermediate(jax.make_jaxpr(fn)(q, k, w, qp, kp).jaxpr)
+        return largest_intermediate(jax.make_jaxpr(fn)(q, k, w, qp, kp).jaxpr)
 
     assert largest(lambda *a: ib.select_blocks_reference(*a, CFG, block_size=4)) >= B * T * S
     for impl in IMPLS:

@@ -23,6 +23,7 @@ from longcat_jax.indexer_loss import indexer_kl
 from longcat_jax.mla import attention_mask
 from pallas_kernels.indexer_blocks import select_blocks_reference
 from pallas_kernels.indexer_kl import sparse_indexer_kl
+from tests.jaxpr_sizes import largest_intermediate
 
 IMPLS = ["xla", "pallas"]
 CFG = Config.tiny(index_n_heads=4)  # K = 16, sinks 2, local window 4, I = 4, J = 16
@@ -166,20 +167,6 @@ def test_pallas_backward_is_deterministic():
     assert float(jnp.abs(first[1]).max()) > 0.0
 
 
-def _largest_intermediate(jaxpr) -> int:
-    """Element count of the largest value any equation (nested jaxprs included) produces."""
-    best = 0
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else [p]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    best = max(best, _largest_intermediate(inner))
-    return best
-
-
 def test_memory_is_bounded():
     """Loss and gradients never build [B, T, S] (T = 64, S = 96) nor the gathered rows [B, T, K, J]."""
     B, T, S, I, J, K = 1, 64, 96, 2, 16, 16
@@ -192,7 +179,7 @@ def test_memory_is_bounded():
     bound = B * T * S
 
     def largest(fn):
-        return _largest_intermediate(jax.make_jaxpr(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, w).jaxpr)
+        return largest_intermediate(jax.make_jaxpr(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, w).jaxpr)
 
     assert bound < B * T * K * J
     assert largest(lambda *a: dense_kl(*a, qp, kp, None, idx, target, None)) >= bound
