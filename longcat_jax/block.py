@@ -55,6 +55,9 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     indices; a reuse sublayer receives its owner's `indices`. The indexer reads detached inputs: its selection is
     discrete, and it learns only from its own KL loss (SPEC 3.10).
 
+    With cfg.kernel_impl set (not "reference") and past the dense warm-up, selection and attention run through
+    the memory-bounded pallas_kernels paths (no [T, S] tensor); aux then holds the slot probabilities instead.
+
     Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux holds
     "probs" (head-mean attention [B,T,S]), "allowed" (causal and same-document keys), "selected" (the LSA mask)
     and, for an owner, "scores" (indexer logits); otherwise aux is empty.
