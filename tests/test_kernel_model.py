@@ -29,6 +29,17 @@ def reference():
     return _model("reference")
 
 
+@pytest.fixture(scope="module")
+def reference_results(reference):
+    """The reference side of every comparison, computed once for both kernel impls."""
+    return {"forward": FORWARD(reference, _tokens(1, 40)), "training": _loss_and_grads(reference),
+            "decode": _generate(reference)}
+
+
+def _tokens(seed, T):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, CFG.vocab_size, (2, T)))
+
+
 def _packed_batch(T=40):
     rng = np.random.RandomState(0)
     ids = rng.randint(3, CFG.vocab_size, (2, T + 1)).astype(np.int32)
@@ -40,29 +51,39 @@ def _packed_batch(T=40):
             "segment_ids": jnp.asarray(seg), "loss_mask": jnp.ones((2, T), jnp.float32)}
 
 
+def _loss_and_grads(model):
+    graphdef, params = nnx.split(model)
+    fn = jax.jit(jax.value_and_grad(compute_loss, has_aux=True), static_argnums=(1, 3, 4))
+    (_, (terms, _, _)), grads = fn(params, graphdef, _packed_batch(), model.cfg, LossSettings())
+    return terms, grads
+
+
+def _generate(model):
+    """Prefill 30 tokens into a 40-row cache, then decode 6 more one at a time; all logits."""
+    tokens = _tokens(2, 36)
+    logits, cache = jax.jit(lj.prefill, static_argnums=2)(model, tokens[:, :30], 40)
+    outs = [logits]
+    step = jax.jit(lj.decode_step)
+    for t in range(30, 36):
+        logits, cache = step(model, tokens[:, t:t + 1], cache)
+        outs.append(logits)
+    return jnp.concatenate(outs, axis=1)
+
+
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_forward_equals_reference(reference, impl):
-    tokens = jnp.asarray(np.random.RandomState(1).randint(0, CFG.vocab_size, (2, 40)))
-    want = FORWARD(reference, tokens)
-    got = FORWARD(_model(impl), tokens)
+def test_forward_equals_reference(reference_results, impl):
+    want = reference_results["forward"]
+    got = FORWARD(_model(impl), _tokens(1, 40))
     assert rel_err(got.logits, want.logits) < 1e-5
     assert rel_err(got.mtp_logits, want.mtp_logits) < 1e-5
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_training_loss_and_gradients_equal_reference(reference, impl):
+def test_training_loss_and_gradients_equal_reference(reference_results, impl):
     """Sparse stage on packed documents: every loss term (the indexer KL over the selected keys included) and
     every gradient match; the kernel path reports no recall (it never forms the full attention)."""
-    batch = _packed_batch()
-
-    def loss_and_grads(model):
-        graphdef, params = nnx.split(model)
-        fn = jax.jit(jax.value_and_grad(compute_loss, has_aux=True), static_argnums=(1, 3, 4))
-        (loss, (terms, _, _)), grads = fn(params, graphdef, batch, model.cfg, LossSettings())
-        return terms, grads
-
-    want_terms, want_grads = loss_and_grads(reference)
-    got_terms, got_grads = loss_and_grads(_model(impl))
+    want_terms, want_grads = reference_results["training"]
+    got_terms, got_grads = _loss_and_grads(_model(impl))
     assert "indexer_recall" in want_terms and "indexer_recall" not in got_terms
     for k, v in got_terms.items():
         np.testing.assert_allclose(float(v), float(want_terms[k]), rtol=1e-5, atol=1e-6, err_msg=k)
@@ -72,16 +93,5 @@ def test_training_loss_and_gradients_equal_reference(reference, impl):
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_prefill_and_decode_equal_reference(reference, impl):
-    tokens = jnp.asarray(np.random.RandomState(2).randint(0, CFG.vocab_size, (2, 36)))
-
-    def run(model):
-        logits, cache = jax.jit(lj.prefill, static_argnums=2)(model, tokens[:, :30], 40)
-        outs = [logits]
-        step = jax.jit(lj.decode_step)
-        for t in range(30, 36):
-            logits, cache = step(model, tokens[:, t:t + 1], cache)
-            outs.append(logits)
-        return jnp.concatenate(outs, axis=1)
-
-    assert rel_err(run(_model(impl)), run(reference)) < 1e-5
+def test_prefill_and_decode_equal_reference(reference_results, impl):
+    assert rel_err(_generate(_model(impl)), reference_results["decode"]) < 1e-5

@@ -120,7 +120,8 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
 
 
 def test_deterministic_on_a_mesh(tmp_path, corpus):
-    mesh = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic", "--sample-tokens", "0"]
+    # One training program (no dense indexer warm-up) keeps the two 8-device compiles affordable.
+    mesh = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic", "--sample-tokens", "0", "--indexer-warmup-steps", "0"]
     assert _run(tmp_path / "a", corpus, *mesh, steps=4) == 0
     assert _run(tmp_path / "b", corpus, *mesh, steps=4) == 0
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
@@ -150,7 +151,7 @@ def test_bitflips_are_caught_on_a_mesh(tmp_path, corpus):
     cross-replica fingerprint catches the flipped parameter copy (last good checkpoint restored)."""
     out = tmp_path / "run"
     assert _run(out, corpus, "--mesh", "dp=2,tp=4", "--inject-fault", "bitflip@5", "--sample-tokens", "0",
-                steps=6) == 0
+                "--indexer-warmup-steps", "0", steps=6) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert rows[5]["step"] == 6 and rows[5]["skipped"] and rows[5]["abft_mismatch"]
     assert not any(r["skipped"] for r in rows[6:]) and rows[-1]["step"] == 6
