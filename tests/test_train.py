@@ -87,16 +87,10 @@ def test_existing_run_needs_resume(reference_run, corpus):
 
 
 def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus):
-    """An identical rerun agrees bit for bit; a run killed with SIGKILL and resumed reaches the same state."""
-    a, b, c = reference_run, tmp_path / "b", tmp_path / "c"
-    assert _run(b, corpus, "--deterministic", "--abft", steps=12) == 0
-    assert _losses(a) == _losses(b)
+    """A rerun killed with SIGKILL after step 9 and resumed reaches the reference run's state bit for bit: its
+    losses before the kill show the rerun agrees, those after it that the resume does."""
+    a, c = reference_run, tmp_path / "c"
     step_a, params_a = _final_params(a)
-    step_b, params_b = _final_params(b)
-    assert step_a == step_b == 12 and params_a.keys() == params_b.keys()
-    for k in params_a:
-        np.testing.assert_array_equal(params_a[k], params_b[k], err_msg=k)
-
     cmd = [sys.executable, "train.py", "--out", str(c), "--data", corpus, "--steps", "12", "--deterministic",
            "--abft", *FAST]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,7 +105,7 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
     proc.wait()
     assert _run(c, corpus, "--deterministic", "--abft", "--resume", steps=12) == 0
     step_c, params_c = _final_params(c)
-    assert step_c == 12
+    assert step_a == step_c == 12 and params_a.keys() == params_c.keys()
     for k in params_a:
         np.testing.assert_array_equal(params_a[k], params_c[k], err_msg=k)
     resumed = {s: (loss, ce) for s, loss, ce in _losses(c)}
