@@ -141,6 +141,16 @@ def attention_fn(cfg: Config, name: str, impl: str):
     return run
 
 
+def prefill_fn(cfg: Config, name: str, impl: str):
+    """The variant's whole prefill (selection, then attention), for the memory analysis."""
+    select, attend = indexer_fn(cfg, impl), attention_fn(cfg, name, impl)
+
+    def run(sub, idx_inputs, positions):
+        return attend(sub, positions, None if name == "dense" else select(idx_inputs, positions))
+
+    return run
+
+
 def quadratic_reference(cfg: Config):
     """What the model computes without the kernels: [T, S] indexer scores and dense masked attention."""
 
@@ -200,11 +210,7 @@ def bench_prefill(T: int, args) -> dict:
             entry["attention_s"], _ = timed(att, sub, positions, indices, repeats=args.repeats)
             entry["total_s"] = entry.get("indexer_s", 0.0) + entry["attention_s"]
 
-        def prefill(sub, idx_inputs, positions, _ind=indexer_fn(cfg, args.impl), _att=attention_fn(cfg, name,
-                                                                                                      args.impl)):
-            return _att(sub, positions, None if name == "dense" else _ind(idx_inputs, positions))
-
-        entry["peak_bytes"] = peak_bytes(prefill, sub, idx_inputs, positions)
+        entry["peak_bytes"] = peak_bytes(prefill_fn(cfg, name, args.impl), sub, idx_inputs, positions)
         if name == "lsa":
             entry["quadratic_reference_peak_bytes"] = peak_bytes(quadratic_reference(cfg), sub, idx_inputs,
                                                                  positions)
