@@ -162,14 +162,14 @@ def main(argv=None) -> int:
                                      use_muon=args.optimizer == "muon")
     optimizer = make_optimizer(opt_settings, params)
     schedule = learning_rate_schedule(opt_settings)
-    opt_shardings = None
-    if mesh is not None:
-        opt_shardings = zero1_state_shardings(jax.jit(optimizer.init)(params), mesh)
-    if args.offload_optimizer:
-        opt_shardings = _in_host_memory(opt_shardings or jax.tree.map(lambda x: x.sharding,
-                                                                       jax.jit(optimizer.init)(params)))
     with _mesh_context(mesh):
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+        opt_state = jax.jit(optimizer.init)(params)  # initialised once, then placed
+    if mesh is not None:  # ZeRO-1: the state is sharded over dp
+        opt_state = jax.device_put(opt_state, zero1_state_shardings(opt_state, mesh))
+    host_opt_shardings = None
+    if args.offload_optimizer:
+        host_opt_shardings = _in_host_memory(jax.tree.map(lambda x: x.sharding, opt_state))
+        opt_state = jax.device_put(opt_state, host_opt_shardings)
     state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32), guard=init_guard())
     if args.resume:
         restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), train_iter)
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     start_step = int(state.step)
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
-        remat=REMAT_POLICIES[args.remat], host_opt_shardings=opt_shardings if args.offload_optimizer else None,
+        remat=REMAT_POLICIES[args.remat], host_opt_shardings=host_opt_shardings,
     ), static_argnames="dense_attention", donate_argnums=0,
         out_shardings=(state_shardings, None, None))
     eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef))
