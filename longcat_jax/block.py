@@ -22,7 +22,7 @@ from longcat_jax.indexer_loss import attention_recall, indexer_kl
 from longcat_jax.layers import MLP, RMSNorm
 from longcat_jax.mla import MLA, attention_mask
 from longcat_jax.moe import MoE
-from pallas_kernels import indexer_topk
+from pallas_kernels import indexer_topk, si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from pallas_kernels.sparse_mla import sparse_mla
 
@@ -83,11 +83,19 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
         k_valid = k_pos < ctx.cache_len + T
     if cfg.use_indexer and cfg.kernel_impl != "reference" and not ctx.dense_attention:
         seg = ctx.segment_ids if cache is None else None
+        q_offset = 0 if cache is None else ctx.cache_len
+        window = cfg.index_local_tokens if cfg.si_enabled else 0
         if indexer is not None:
+            # Under SI the local window is read as a contiguous band (pallas_kernels.si_window), so it leads
+            # the index set by offset and the indexer ranks only the other K - window slots.
             indices = indexer_topk.select(q_i, k_i, w_i, q_pos, k_pos, cfg, k_valid=k_valid, q_segment_ids=seg,
-                                          k_segment_ids=seg, impl=cfg.kernel_impl)
+                                          k_segment_ids=seg, window_apart=bool(window), impl=cfg.kernel_impl)
+            if window:
+                in_window = si_window.window_indices(q_pos, k_pos, window, q_offset, k_valid=k_valid,
+                                                     q_segment_ids=seg, k_segment_ids=seg)
+                indices = jnp.concatenate([in_window, indices], axis=-1)
         out, slot_probs = attend_selected(attn, q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype),
-                                          indices, ctx.collect_aux)
+                                          indices, ctx.collect_aux, window, q_offset)
         aux = {}
         if ctx.collect_aux:
             aux = {"slot_probs": jax.lax.stop_gradient(slot_probs), "indices": indices}
@@ -114,15 +122,17 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     return out, new_cache, indices, aux
 
 
-def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_probs: bool):
+def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_probs: bool, window: int = 0,
+                    q_offset=0):
     """Absorbed MLA over the selected latent rows only (pallas_kernels.sparse_mla, cfg.kernel_impl): never a
-    [T, S] tensor. Returns (out [B,T,D], head-mean probs [B,T,K] of each slot or None)."""
+    [T, S] tensor; with `window`, indices lead with the SI window by offset. Returns (out [B,T,D], head-mean
+    probs [B,T,K] of each slot or None)."""
     cfg = attn.cfg
     dt = q_nope.dtype
     w_kv_up = attn.w_kv_up[...].astype(dt)
     q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_kv_up[..., : cfg.qk_nope_head_dim])
-    out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, impl=cfg.kernel_impl,
-                     return_probs=return_probs)
+    out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window, q_offset=q_offset,
+                     impl=cfg.kernel_impl, return_probs=return_probs)
     o_lat, probs = out if return_probs else (out, None)
     o = jnp.einsum("btnr,rnh->btnh", o_lat, w_kv_up[..., cfg.qk_nope_head_dim :])
     return jnp.einsum("btnh,nhd->btd", o, attn.w_o[...].astype(dt)), probs

@@ -155,14 +155,15 @@ def _read_runs(table, first, width: int):
     return jax.vmap(one_row)(table, first.reshape(B, -1)).reshape(*first.shape, width, table.shape[-1])
 
 
-def _hi_sparse_rows(qb, wb, qpb, qsb, startb, k_sorted, table, hier: _Hier, cfg: Config):
+def _hi_sparse_rows(qb, wb, qpb, qsb, startb, k_sorted, table, hier: _Hier, cfg: Config, apart: bool):
     """One HI query block from gathered runs of the sorted keys (rows needing the full row excluded).
 
     The scored ("dynamic") keys are G runs of Bh sorted keys per row: at p >= K its chosen blocks in
     ascending order, clipped off the sinks and the window, and without SI its own block; at p < K (at most K
     valid keys) its whole unforced prefix. Under SI the forced keys come first in key order (+inf, ties to the
     lower index), read from the sinks and window runs without scoring, then the top K - init - local dynamic
-    keys. Runs hold keys in key order (no `bad` pairs), so lax.top_k's tie rule is the reference's.
+    keys; with `apart` the window run is left out (K - local slots). Runs hold keys in key order (no `bad`
+    pairs), so lax.top_k's tie rule is the reference's.
     table int32 [B, S_pad, 4] = (valid, segment, position, slot) and k_sorted [B, S_pad, J] follow the index.
     """
     B, bq = qpb.shape
@@ -201,18 +202,19 @@ def _hi_sparse_rows(qb, wb, qpb, qsb, startb, k_sorted, table, hier: _Hier, cfg:
     # dynamic keys all fit in D slots, so the output is [valid sinks, valid window, dynamic][:K].
     forced = []
     for run_first, limit, width in ((startb, jnp.minimum(init, window) - 1, init),
-                                    (_search(hier.index, qsb, window[..., 0]), p, local)):
+                                    (_search(hier.index, qsb, window[..., 0]), p, 0 if apart else local)):
         if width:
             run = _read_runs(table, run_first, width)  # [B, bq, width, 4]
             ok = (run[..., 0] != 0) & (run[..., 1] == seg) & (run[..., 2] <= limit)
             forced.append((run[..., 3], ok.sum(-1, keepdims=True)))
-    pool = jnp.concatenate([slots for slots, _ in forced] + [dynamic], axis=-1)  # [B, bq, K]
-    j = jnp.arange(K)
+    pool = jnp.concatenate([slots for slots, _ in forced] + [dynamic], axis=-1)  # [B, bq, K or K - local]
+    width = pool.shape[-1]
+    j = jnp.arange(width)
     src, taken = j, jnp.zeros_like(p)
     for slots, n in forced:  # output slot j >= taken reads past the invalid tail of this run
         src = jnp.where(j >= taken + n, src + slots.shape[-1] - n, src)
         taken = taken + n
-    return jnp.where(src < K, jnp.take_along_axis(pool, jnp.minimum(src, K - 1), axis=-1), -1)
+    return jnp.where(src < width, jnp.take_along_axis(pool, jnp.minimum(src, width - 1), axis=-1), -1)
 
 
 # --- Pallas path: HI tile plan ------------------------------------------------------------------------------

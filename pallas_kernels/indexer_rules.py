@@ -65,17 +65,25 @@ def _hi_keep(chosen, dense_row, qp, kp, num_blocks: int, cfg: Config):
     return in_chosen | current_block | dense_row[..., :, None]
 
 
-def _values(scores, valid, keep, qp, kp, cfg: Config):
+def _values(scores, valid, keep, qp, kp, cfg: Config, apart: bool = False):
     """Top-k key values (see `indexer_topk`'s docstring): -inf invalid, +inf forced, -inf outside the HI
-    keep set. qp [..., T] and kp [..., S] broadcast against scores [..., T, S]."""
+    keep set; with `apart` the local window is -inf (left to the caller). qp [..., T] and kp [..., S]
+    broadcast against scores [..., T, S]."""
     if keep is not None:
         scores = jnp.where(keep, scores, -jnp.inf)
     if cfg.si_enabled:
         # SI forced set, as `indexer.forced_keys`: sinks and the local window (which holds the query itself).
         kp, qp = kp[..., None, :], qp[..., :, None]
-        forced = (kp < cfg.index_init_tokens) | (kp > qp - cfg.index_local_tokens)
-        scores = jnp.where(forced, jnp.inf, scores)
+        window = kp > qp - cfg.index_local_tokens
+        scores = jnp.where((kp < cfg.index_init_tokens) | window, jnp.inf, scores)
+        if apart:
+            scores = jnp.where(window, -jnp.inf, scores)
     return jnp.where(valid, scores, -jnp.inf)
+
+
+def _width(cfg: Config, apart: bool) -> int:
+    """Slots of a selection: K, or K - local when the local window is kept apart."""
+    return cfg.index_topk - cfg.index_local_tokens if apart else cfg.index_topk
 
 
 # --- Scores and top-k ---------------------------------------------------------------------------------------

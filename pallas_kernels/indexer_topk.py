@@ -51,12 +51,13 @@ from pallas_kernels.indexer_hi import (  # block_keys is re-exported: part of th
 )
 from pallas_kernels.indexer_rules import (
     _INT_MAX, _hi_keep, _next_pow2, _pad_to, _streaming, _top_k_indices, _valid_keys, _values,
-    _weighted_relu,
+    _weighted_relu, _width,
 )
 
 
 def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_segment_ids=None,
-           k_segment_ids=None, impl: str = "auto", block_q: int = 64, block_k: int = 128):
+           k_segment_ids=None, window_apart: bool = False, impl: str = "auto", block_q: int = 64,
+           block_k: int = 128):
     """LSA key indices without a [T, S] score tensor; identical to `longcat_jax.indexer.select`.
 
     Args:
@@ -66,6 +67,10 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
       k_valid: bool [B,S] or None (unwritten cache rows, padding).
       q_segment_ids, k_segment_ids: int [B,T] and [B,S], both or neither (packed documents: a key counts for a
         query only when the ids are equal).
+      window_apart: SI only. Leave the local window (keys at positions p - local + 1 .. p of the query's
+        document) out of the selection, for `sparse_mla(..., window=local)` to read as a contiguous band:
+        K - local slots, the full selection with its window slots removed (order kept). The top-k then
+        ranks K - local instead of K.
       impl: "auto" | "xla" | "pallas". block_q, block_k: powers of two; clamped to the problem size.
     Returns:
       int32 [B,T,K] key indices (into the key axis), best first, ties to the lower index, -1 in empty slots.
@@ -73,14 +78,18 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
     """
     impl = resolve(impl)
     _validate(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids, block_q, block_k)
+    if window_apart and not cfg.si_enabled:
+        raise ValueError("indexer_topk.select: window_apart needs SI (cfg.si_enabled); without it no window "
+                         "is forced in")
     bq = min(block_q, _next_pow2(q.shape[1]))
     bk = min(block_k, _next_pow2(k.shape[1]))
     return _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids,
-                   cfg=cfg, impl=impl, bq=bq, bk=bk)
+                   cfg=cfg, impl=impl, bq=bq, bk=bk, apart=window_apart)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "bq", "bk"))
-def _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids, *, cfg, impl, bq, bk):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "bq", "bk", "apart"))
+def _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids, *, cfg, impl, bq, bk,
+            apart):
     """Normalises the masks (absent ones become all-true), prepares HI and picks the path."""
     B, T, _, _ = q.shape
     S = k.shape[1]
@@ -100,7 +109,7 @@ def _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment
         index = _key_index(k_positions, k_ok, k_seg)
         hier = _Hier(k_bar, count, index, *_row_plan(index, q_positions, q_seg, cfg))
 
-    args = (q, k, w, q_positions, k_positions, k_ok, q_seg, k_seg, cfg, hier, bq)
+    args = (q, k, w, q_positions, k_positions, k_ok, q_seg, k_seg, cfg, apart, hier, bq)
     if impl == "xla":
         return _select_xla(*args)
     return _select_pallas(*args, bk)
@@ -135,18 +144,18 @@ def _validate(q, k, w, q_positions, k_positions, k_valid, q_seg, k_seg, block_q,
 # --- XLA path -----------------------------------------------------------------------------------------------
 
 
-def _full_rows(qb, wb, qpb, qsb, k, kp, k_ok, k_seg, hier, cfg: Config):
+def _full_rows(qb, wb, qpb, qsb, k, kp, k_ok, k_seg, hier, cfg: Config, apart: bool):
     """One query block from [B, bq, S] scores: every rule on every key (the non-HI path and HI's fallback)."""
     valid = _valid_keys(qpb, kp, k_ok, qsb, k_seg)  # [B, bq, S]
     keep = None
     if hier is not None:
         chosen = _block_stage(qb, wb, qpb, hier.k_bar, hier.count, cfg)
         keep = _hi_keep(chosen, valid.sum(-1) <= cfg.index_topk, qpb, kp, hier.k_bar.shape[1], cfg)
-    values = _values(_weighted_relu(qb, k, wb), valid, keep, qpb, kp, cfg)
-    return _top_k_indices(values, cfg.index_topk)
+    values = _values(_weighted_relu(qb, k, wb), valid, keep, qpb, kp, cfg, apart)
+    return _top_k_indices(values, _width(cfg, apart))
 
 
-def _select_xla(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, hier, bq):
+def _select_xla(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq):
     """lax.map over query blocks of bq rows: full rows without HI; with HI the gather path, or the full rows
     for a block holding a row the gather path cannot take."""
     B, T = q.shape[:2]
@@ -166,18 +175,19 @@ def _select_xla(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, hier, bq):
 
     def one_block(xs):
         qb, wb, qpb, qsb = xs[:4]
-        full = functools.partial(_full_rows, qb, wb, qpb, qsb, k, kp, k_ok, k_seg, hier, cfg)
+        full = functools.partial(_full_rows, qb, wb, qpb, qsb, k, kp, k_ok, k_seg, hier, cfg, apart)
         if not sparse:
             return full()
         startb, needs_full = xs[4:]
-        gathered = functools.partial(_hi_sparse_rows, qb, wb, qpb, qsb, startb, k_sorted, table, hier, cfg)
+        gathered = functools.partial(_hi_sparse_rows, qb, wb, qpb, qsb, startb, k_sorted, table, hier, cfg,
+                                     apart)
         return jax.lax.cond(jnp.any(needs_full), full, gathered)
 
     xs = [blocks(q, 0), blocks(w, 0), blocks(qp, -1), blocks(q_seg, 0)]
     if sparse:
         xs += [blocks(hier.start, 0), blocks(hier.needs_full, False)]
     out = jax.lax.map(one_block, tuple(xs))
-    return jnp.moveaxis(out, 0, 1).reshape(B, T_pad, cfg.index_topk)[:, :T]
+    return jnp.moveaxis(out, 0, 1).reshape(B, T_pad, _width(cfg, apart))[:, :T]
 
 
 # --- Pallas path --------------------------------------------------------------------------------------------
@@ -207,9 +217,9 @@ def _merge_topk(run_vals, run_idx, tile_vals, tile_idx, K: int):
 
 
 def _kernel(n_tiles_ref, tiles_ref, q_ref, w_ref, qp_ref, qseg_ref, k_ref, kp_ref, kok_ref, kseg_ref, *rest,
-            cfg: Config, bk: int, num_blocks: int):
+            cfg: Config, apart: bool, bk: int, num_blocks: int):
     out_ref = rest[-1]
-    K = cfg.index_topk
+    K = _width(cfg, apart)
     q = q_ref[...].astype(jnp.float32)  # [bq, I, J]
     w = w_ref[...].astype(jnp.float32)  # [bq, I]
     qp, q_seg = qp_ref[...], qseg_ref[...]  # [bq]
@@ -226,7 +236,7 @@ def _kernel(n_tiles_ref, tiles_ref, q_ref, w_ref, qp_ref, qseg_ref, k_ref, kp_re
         valid = _valid_keys(qp, kp, kok_ref[keys] != 0, q_seg, kseg_ref[keys])  # [bq, bk]
         scores = _tile_scores(q, k_ref[keys, :].astype(jnp.float32), w)
         keep = keep_rule(kp) if keep_rule is not None else None
-        values = _values(scores, valid, keep, qp, kp, cfg)
+        values = _values(scores, valid, keep, qp, kp, cfg, apart)
         tile_idx = jnp.broadcast_to(kb * bk + jnp.arange(bk, dtype=jnp.int32), (bq, bk))
         return _merge_topk(*carry, values, tile_idx, K)
 
@@ -235,7 +245,7 @@ def _kernel(n_tiles_ref, tiles_ref, q_ref, w_ref, qp_ref, qseg_ref, k_ref, kp_re
     out_ref[...] = jnp.where(vals == -jnp.inf, -1, idx)
 
 
-def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, hier, bq, bk):
+def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq, bk):
     """Pads T to bq and S to bk (padded keys invalid, padded rows dropped); grid (batch, query block)."""
     B, T, I, J = q.shape
     S = k.shape[1]
@@ -281,11 +291,11 @@ def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, hier, bq, bk):
         in_specs += [per_query(), per_query(extra_inputs[1].shape[-1])]
 
     out = pl.pallas_call(
-        functools.partial(_kernel, cfg=cfg, bk=bk, num_blocks=num_blocks),
-        out_shape=jax.ShapeDtypeStruct((B, T_pad, K), jnp.int32),
+        functools.partial(_kernel, cfg=cfg, apart=apart, bk=bk, num_blocks=num_blocks),
+        out_shape=jax.ShapeDtypeStruct((B, T_pad, _width(cfg, apart)), jnp.int32),
         grid=(B, nqb),
         in_specs=in_specs,
-        out_specs=per_query(K),
+        out_specs=per_query(_width(cfg, apart)),
         interpret=interpret(),
     )(*inputs, *extra_inputs)
     return out[:, :T]

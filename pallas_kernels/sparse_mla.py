@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 
 from longcat_jax.indexer import indices_to_mask
 from longcat_jax.mla import _softmax_f32
+from pallas_kernels import si_window
 from pallas_kernels.impl import interpret, resolve
 
 # A finite "minus infinity": a chunk with no valid slot keeps the running max finite (no inf - inf = nan).
@@ -47,6 +48,7 @@ class _Opts(NamedTuple):
     block_q: int
     block_k: int
     return_probs: bool
+    window: int  # > 0: indices[..., :window] is the SI window by offset, read as a band (si_window)
 
 
 # ---------------------------------------------------------------- math shared by the kernels and the XLA path
@@ -254,12 +256,40 @@ def _attend_rows(q_lat, q_rope, valid, rows_c, rows_r, scale):
     return o, lse, p.mean(-2)
 
 
-def _xla_forward(q_lat, q_rope, c_kv, k_rope, indices, scale, opts):
-    def one_chunk(xs):
-        q_l, q_r, idx = xs
-        return _attend_rows(q_l, q_r, *_gather_rows(c_kv, k_rope, idx), scale)
+def _attend_band_and_rows(q_lat, q_rope, band_c, band_r, band_ok, valid, rows_c, rows_r, scale, window):
+    """`_attend_rows` over a chunk's contiguous band (rows [B, W+bq, .] shared by its queries, one matmul)
+    plus each query's gathered rows, in one softmax; head-mean p per window slot, then per gathered slot."""
+    s_band = _mm("btnr,bjr->btnj", q_lat, band_c) + _mm("btnh,bjh->btnj", q_rope, band_r)
+    s_band = jnp.where(band_ok[:, :, None, :], s_band * scale, _NEG)
+    s_rows = _scores(q_lat, q_rope, rows_c, rows_r, valid, scale)
+    m = jnp.maximum(s_band.max(-1), s_rows.max(-1))[..., None]
+    e_band = jnp.where(band_ok[:, :, None, :], jnp.exp(s_band - m), 0.0)
+    e_rows = jnp.where(valid[..., None, :], jnp.exp(s_rows - m), 0.0)
+    l = e_band.sum(-1) + e_rows.sum(-1)
+    acc = _mm("btnj,bjr->btnr", e_band, band_c) + _mm("...nk,...kr->...nr", e_rows, rows_c)
+    o, lse = _normalise(acc, m[..., 0], l)
+    norm = jnp.where(l > 0, l, 1.0)[..., None]
+    p_window = si_window.from_band((e_band / norm).mean(-2), q_lat.shape[1], window)
+    return o, lse, jnp.concatenate([p_window, (e_rows / norm).mean(-2)], axis=-1)
 
-    o, lse, probs = jax.lax.map(one_chunk, [_to_chunks(x, opts.block_q) for x in (q_lat, q_rope, indices)])
+
+def _xla_forward(q_lat, q_rope, c_kv, k_rope, indices, q_offset, scale, opts):
+    W, bq = opts.window, opts.block_q
+    if W:  # W rows in front, so the band of query 0 starts at row 0; bq at the back for padded queries
+        c_pad, r_pad = (_pad(jnp.pad(x, ((0, 0), (W, 0), (0, 0))), 1, bq) for x in (c_kv, k_rope))
+
+    def one_chunk(xs):
+        q_l, q_r, idx, c = xs
+        if not W:
+            return _attend_rows(q_l, q_r, *_gather_rows(c_kv, k_rope, idx), scale)
+        qc = q_offset + c * bq  # key index of the chunk's first query = its band's first row in c_pad
+        band_c, band_r = (jax.lax.dynamic_slice_in_dim(x, qc, W + bq, axis=1) for x in (c_pad, r_pad))
+        band_ok = si_window.band_valid(idx[..., :W], bq)
+        gathered = _gather_rows(c_kv, k_rope, idx[..., W:])
+        return _attend_band_and_rows(q_l, q_r, band_c, band_r, band_ok, *gathered, scale, W)
+
+    chunks = [_to_chunks(x, bq) for x in (q_lat, q_rope, indices)]
+    o, lse, probs = jax.lax.map(one_chunk, (*chunks, jnp.arange(q_lat.shape[1] // bq)))
     return _from_chunks(o), _from_chunks(lse), _from_chunks(probs) if opts.return_probs else None
 
 
@@ -302,23 +332,24 @@ def _scatter_add_slots(acc, idx, slot_grads):
 # ---------------------------------------------------------------- custom VJP around either forward
 
 
-def _forward(q_lat, q_rope, c_kv, k_rope, indices, scale, opts):
-    fwd = _pallas_forward if opts.impl == "pallas" else _xla_forward
-    return fwd(q_lat, q_rope, c_kv, k_rope, indices, scale, opts)
+def _forward(q_lat, q_rope, c_kv, k_rope, indices, q_offset, scale, opts):
+    if opts.impl == "pallas":  # the kernel reads the window slots like any other (consecutive rows)
+        return _pallas_forward(q_lat, q_rope, c_kv, k_rope, indices, scale, opts)
+    return _xla_forward(q_lat, q_rope, c_kv, k_rope, indices, q_offset, scale, opts)
 
 
 def _outputs(o32, probs, dtype, opts):
     return (o32.astype(dtype), probs) if opts.return_probs else (o32.astype(dtype),)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _sparse_mla_core(q_lat, q_rope, c_kv, k_rope, indices, scale, opts):
-    o32, _, probs = _forward(q_lat, q_rope, c_kv, k_rope, indices, scale, opts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _sparse_mla_core(q_lat, q_rope, c_kv, k_rope, indices, q_offset, scale, opts):
+    o32, _, probs = _forward(q_lat, q_rope, c_kv, k_rope, indices, q_offset, scale, opts)
     return _outputs(o32, probs, q_lat.dtype, opts)
 
 
-def _core_fwd(q_lat, q_rope, c_kv, k_rope, indices, scale, opts):
-    o32, lse, probs = _forward(q_lat, q_rope, c_kv, k_rope, indices, scale, opts)
+def _core_fwd(q_lat, q_rope, c_kv, k_rope, indices, q_offset, scale, opts):
+    o32, lse, probs = _forward(q_lat, q_rope, c_kv, k_rope, indices, q_offset, scale, opts)
     return _outputs(o32, probs, q_lat.dtype, opts), (q_lat, q_rope, c_kv, k_rope, indices, o32, lse)
 
 
@@ -344,6 +375,7 @@ def _core_bwd(scale, opts, residuals, cotangents):
         _from_chunks(dqr).astype(q_rope.dtype),
         acc[..., :R].astype(c_kv.dtype),
         acc[..., R:].astype(k_rope.dtype),
+        None,
         None,
     )
 
@@ -425,7 +457,8 @@ def _slot_block(block_k, K):
 
 
 def sparse_mla(
-    q_lat, q_rope, c_kv, k_rope, indices, scale, *, impl="auto", return_probs=False, block_q=16, block_k=64
+    q_lat, q_rope, c_kv, k_rope, indices, scale, *, window=0, q_offset=0, impl="auto", return_probs=False,
+    block_q=16, block_k=64,
 ):
     """Absorbed MLA attention over the top-k selected latent rows, differentiable in all four float inputs.
 
@@ -434,11 +467,17 @@ def sparse_mla(
       indices int [B, T, K]: selected key rows per query, -1 = empty slot; no duplicates within a row (a
         duplicate would count twice here but once in the mask reference).
       scale: the softmax scale (a Python float).
+      window: 0, or SI's local window W (0 < W < K): indices[..., :W] are the window slots by offset
+        (`si_window.window_indices`: slot r of query t is key q_offset + t - W + 1 + r, or -1), which the
+        XLA path reads as one contiguous band per query chunk instead of gathering them. Same result as
+        window=0 with the same indices, up to rounding.
+      q_offset: key row of query 0 (int or int scalar array): 0 when the keys are the queries' own tokens,
+        the cache length with a cache. Used only with a window.
       block_q: queries per chunk of the XLA path and of the backward (bounds the [B, block_q, K, R+Hr]
         temporaries).
       block_k: slots per step of the kernel (a power of two; capped at K rounded up to a power of two).
     Returns o_lat [B, T, N, R] in q_lat's dtype (f32 accumulation), and with return_probs also
-    probs [B, T, K] f32: the head-mean attention probability of each slot (0 at empty slots).
+    probs [B, T, K] f32: the head-mean attention probability of each slot of `indices` (0 at empty slots).
     """
     impl = resolve(impl)
     B, T, _, R = q_lat.shape if q_lat.ndim == 4 else (None,) * 4
@@ -452,11 +491,14 @@ def sparse_mla(
     if block_q < 1:
         raise ValueError(f"block_q must be positive, got {block_q}")
     K = indices.shape[-1]
-    opts = _Opts(impl, min(block_q, T), _slot_block(block_k, K), return_probs)
+    if not 0 <= window < K:
+        raise ValueError(f"window must be in [0, K={K}), got {window}")
+    opts = _Opts(impl, min(block_q, T), _slot_block(block_k, K), return_probs, window)
     pad_t, pad_k = -T % opts.block_q, -K % opts.block_k if impl == "pallas" else 0  # -1 pads select nothing
     indices = _pad(_pad(indices.astype(jnp.int32), 1, pad_t, -1), 2, pad_k, -1)
     q_lat, q_rope = _pad(q_lat, 1, pad_t), _pad(q_rope, 1, pad_t)
-    outs = _sparse_mla_core(q_lat, q_rope, c_kv, k_rope, indices, float(scale), opts)
+    q_offset = jnp.asarray(q_offset, jnp.int32)
+    outs = _sparse_mla_core(q_lat, q_rope, c_kv, k_rope, indices, q_offset, float(scale), opts)
     return (outs[0][:, :T], outs[1][:, :T, :K]) if return_probs else outs[0][:, :T]
 
 

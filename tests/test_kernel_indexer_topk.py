@@ -384,3 +384,41 @@ def _all_eqns(jaxpr):
                 sub = getattr(sub, "jaxpr", sub)
                 if isinstance(sub, jax.extend.core.Jaxpr):
                     yield from _all_eqns(sub)
+
+
+def without_window(ref, qp, kp, q_seg, k_seg, local):
+    """The full selection with each row's local-window keys removed (order kept), -1 padded to K - local."""
+    K = ref.shape[-1]
+    out = np.full(ref.shape[:-1] + (K - local,), -1, np.int32)
+    for b, t in np.ndindex(*ref.shape[:2]):
+        row = ref[b, t][ref[b, t] >= 0]
+        keep = [s for s in row if not (kp[b, s] > qp[b, t] - local and k_seg[b, s] == q_seg[b, t])]
+        out[b, t, : len(keep)] = keep
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_window_apart_is_the_selection_without_its_window(impl):
+    """window_apart=True gives exactly the full selection minus the SI window slots, order kept: HI off and
+    on (gather path), packed documents, keys from a cache."""
+    T = 256
+    seg, pos = packed_rows(T, [[100, 130], [40, 216]])
+    q_c, k_c, w_c = inputs(17, 2, 16, 64)
+    cache_qp, cache_kp = arange_positions(2, 16, [40, 30]), arange_positions(2, 64)
+    cache_valid = jnp.asarray(np.arange(64)[None] < np.array([[56], [46]]))
+    cases = [  # (cfg, q, k, w, qp, kp, k_valid, segments)
+        (CFG, *inputs(16, 2, 37, 37), arange_positions(2, 37), arange_positions(2, 37), None, None),
+        (HI_CFG, *inputs(13, 2, T, T), pos, pos, seg > 0, seg),
+        (CFG, q_c, k_c, w_c, cache_qp, cache_kp, cache_valid, None),
+    ]
+    for cfg, q, k, w, qp, kp, k_valid, seg_ids in cases:
+        full = reference(q, k, w, qp, kp, cfg, k_valid, seg_ids, seg_ids)
+        out = kt.select(q, k, w, qp, kp, cfg, k_valid=k_valid, q_segment_ids=seg_ids, k_segment_ids=seg_ids,
+                        window_apart=True, impl=impl, block_q=16, block_k=32)
+        zeros_q, zeros_k = np.zeros(qp.shape, np.int32), np.zeros(kp.shape, np.int32)
+        segs = (zeros_q, zeros_k) if seg_ids is None else (np.asarray(seg_ids),) * 2
+        expected = without_window(full, np.asarray(qp), np.asarray(kp), *segs, cfg.index_local_tokens)
+        np.testing.assert_array_equal(np.asarray(out), expected)
+        assert (expected >= 0).sum() < (full >= 0).sum()  # windows really were removed
+    with pytest.raises(ValueError, match="window_apart needs SI"):
+        kt.select(q, k, w, qp, kp, dataclasses.replace(CFG, si_enabled=False), window_apart=True)

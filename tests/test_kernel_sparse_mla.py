@@ -15,6 +15,7 @@ import pytest
 from longcat_jax.config import Config
 from longcat_jax.indexer import indices_to_mask
 from longcat_jax.mla import attend_absorbed, attention_mask
+from pallas_kernels.si_window import window_indices
 from pallas_kernels.sparse_mla import (
     _scatter_add_slots,
     sparse_mla,
@@ -180,6 +181,48 @@ def all_shapes(jaxpr):
     for sub in jex_core.subjaxprs(jaxpr):
         shapes |= all_shapes(sub)
     return shapes
+
+
+def si_indices(rng, B, T, S, W, K, doc_start):
+    """[window slots by offset | the rest]: each query's SI window (`si_window.window_indices`, documents
+    starting at keys 0 and doc_start) then K - W - 1 random earlier keys of its document in random order, -1
+    padded; query t sits at key S - T + t."""
+    kp = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S))
+    seg = (kp >= doc_start).astype(np.int32) + 1
+    kp = np.where(kp >= doc_start, kp - doc_start, kp)
+    qp, q_seg = kp[:, S - T :], seg[:, S - T :]
+    qp, kp, q_seg, seg = map(jnp.asarray, (qp, kp, q_seg, seg))
+    win = np.asarray(window_indices(qp, kp, W, S - T, q_segment_ids=q_seg, k_segment_ids=seg))
+    rest = np.full((B, T, K - W), -1, np.int32)
+    for b, t in np.ndindex(B, T):
+        q = S - T + t
+        first = doc_start if q >= doc_start else 0
+        earlier = rng.permutation(np.arange(first, max(first, q - W + 1)))[: K - W - 1]
+        rest[b, t, : len(earlier)] = earlier
+    return np.concatenate([win, rest], axis=-1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T,S,doc_start", [(12, 12, 7), (8, 20, 0)], ids=["self_packed", "cache_offset"])
+def test_window_band_equals_gathered_slots(impl, T, S, doc_start):
+    """window=W (the SI window's W leading slots read as a contiguous band) gives the same outputs, per-slot
+    probs and gradients as the reference, with a document boundary and with a cache offset."""
+    B, K, W = 2, 8, 4
+    args = inputs(3, B, T, S, CFG.num_heads, CFG.kv_lora_rank, CFG.qk_rope_head_dim)
+    idx = si_indices(np.random.default_rng(4), B, T, S, W, K, doc_start)
+    assert (idx[..., W:] >= 0).any() and (idx[..., :W] == -1).any() == (doc_start > 0)  # doc start: holes
+    idx = jnp.asarray(idx)
+    scale = CFG.softmax_scale
+
+    def band(*a):
+        return sparse_mla(*a, idx, scale, window=W, q_offset=S - T, impl=impl, **BLOCKS)
+
+    (o, probs), grads = outputs_and_grads(band, args)
+    (o_ref, probs_ref), grads_ref = outputs_and_grads(lambda *a: sparse_mla_reference(*a, idx, scale), args)
+    assert_close(o, o_ref, 1e-5)
+    assert_close(probs, probs_ref, 1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close(g, g_ref, 1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
