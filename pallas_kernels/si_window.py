@@ -25,12 +25,14 @@ def window_indices(q_positions, k_positions, window: int, q_offset=0, *, k_valid
     that row is not a valid window key (before the sequence, another document, k_valid False, or a
     position outside p - W + 1 .. p).
 
-    q_positions int [B,T], k_positions int [B,S]; q_offset: key row of query 0 (0 for self-attention, the
-    cache length with a cache); k_valid bool [B,S]; segment ids int [B,T] / [B,S], both or neither.
+    q_positions int [B,T], k_positions int [B,S]; q_offset: key row of query 0, an int or int [B] (0 for
+    self-attention, the cache length with a cache); k_valid bool [B,S]; segment ids int [B,T] / [B,S], both or
+    neither.
     """
     B, T = q_positions.shape
     S, W = k_positions.shape[1], window
-    rows = q_offset + jnp.arange(T, dtype=jnp.int32)[:, None] - (W - 1) + jnp.arange(W, dtype=jnp.int32)
+    first = jnp.reshape(jnp.asarray(q_offset, jnp.int32), (-1, 1, 1)) - (W - 1)
+    rows = first + jnp.arange(T, dtype=jnp.int32)[:, None] + jnp.arange(W, dtype=jnp.int32)
     rows = jnp.broadcast_to(rows, (B, T, W))
     safe = jnp.clip(rows, 0, S - 1).reshape(B, T * W)
 

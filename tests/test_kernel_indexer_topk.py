@@ -20,6 +20,7 @@ import pytest
 from longcat_jax import indexer as ix
 from longcat_jax.config import Config
 from pallas_kernels import indexer_topk as kt
+from pallas_kernels.si_window import window_indices
 
 IMPLS = ["xla", "pallas"]
 # K = 16, init 2, local 4, HI blocks of 4 (top 3) once S > hi_min_len.
@@ -420,5 +421,12 @@ def test_window_apart_is_the_selection_without_its_window(impl):
         expected = without_window(full, np.asarray(qp), np.asarray(kp), *segs, cfg.index_local_tokens)
         np.testing.assert_array_equal(np.asarray(out), expected)
         assert (expected >= 0).sum() < (full >= 0).sum()  # windows really were removed
+        # si_window.window_indices supplies exactly the removed keys: together they are the full selection.
+        q_offset = np.asarray(qp)[:, 0]  # positions are key rows in every case here
+        window = window_indices(qp, kp, cfg.index_local_tokens, q_offset, k_valid=k_valid, q_segment_ids=seg_ids,
+                                k_segment_ids=seg_ids)
+        both = np.concatenate([np.asarray(window), expected], axis=-1)
+        np.testing.assert_array_equal(np.sort(np.where(both < 0, 1 << 30, both))[..., : full.shape[-1]],
+                                      np.sort(np.where(full < 0, 1 << 30, full)))
     with pytest.raises(ValueError, match="window_apart needs SI"):
         kt.select(q, k, w, qp, kp, dataclasses.replace(CFG, si_enabled=False), window_apart=True)
