@@ -58,11 +58,17 @@ def _flat(tree, prefix=""):
     return out
 
 
+# Every single-device run below uses these flags and 12 steps, so they compile one set of programs (a fault
+# step is a runtime input). Past the 3 dense warm-up steps the LSA kernel path runs, with activation and
+# optimizer-state offload, so the resume and restore tests also cover those.
+REFERENCE = ["--deterministic", "--abft", "--kernel-impl", "xla", "--remat", "offload", "--offload-optimizer"]
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, corpus):
-    """One deterministic 12-step run with ABFT on, shared by the tests below (each run costs a compile)."""
+    """One deterministic 12-step run, shared by the tests below."""
     out = tmp_path_factory.mktemp("reference")
-    assert _run(out, corpus, "--deterministic", "--abft", steps=12) == 0
+    assert _run(out, corpus, *REFERENCE, steps=12) == 0
     return out
 
 
@@ -70,9 +76,9 @@ def test_run_writes_everything_and_learns(reference_run):
     out = reference_run
     step_rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in step_rows] == list(range(1, 13))
-    for key in ("loss", "ce", "z_loss", "mtp", "indexer_kl", "balance", "lr", "grad_norm", "tokens_per_sec",
-                "indexer_recall"):
+    for key in ("loss", "ce", "z_loss", "mtp", "indexer_kl", "balance", "lr", "grad_norm", "tokens_per_sec"):
         assert key in step_rows[-1], key
+    assert "indexer_recall" in step_rows[0]  # dense warm-up; the kernel path has no full attention to compare
     assert "real_experts_per_token" in step_rows[4] and "eval_loss" in step_rows[4]
     summary = json.load(open(out / "summary.json"))
     assert summary["held_out_loss_end"] < summary["held_out_loss_start"] - 0.5
@@ -91,8 +97,7 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
     losses before the kill show the rerun agrees, those after it that the resume does."""
     a, c = reference_run, tmp_path / "c"
     step_a, params_a = _final_params(a)
-    cmd = [sys.executable, "train.py", "--out", str(c), "--data", corpus, "--steps", "12", "--deterministic",
-           "--abft", *FAST]
+    cmd = [sys.executable, "train.py", "--out", str(c), "--data", corpus, "--steps", "12", *REFERENCE, *FAST]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = c / "metrics.jsonl"
     deadline = time.time() + 600
@@ -103,7 +108,9 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _run(c, corpus, "--deterministic", "--abft", "--resume", steps=12) == 0
+    assert _run(c, corpus, *REFERENCE, "--resume", steps=12) == 0
+    # Repeated runs in one process add the deterministic XLA flags once (they key the compilation cache).
+    assert os.environ["XLA_FLAGS"].split().count(train.DETERMINISTIC_XLA_FLAGS[0]) == 1
     step_c, params_c = _final_params(c)
     assert step_a == step_c == 12 and params_a.keys() == params_c.keys()
     for k in params_a:
@@ -113,11 +120,15 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
         assert resumed[s] == (loss, ce), s
 
 
+# The mesh runs share flags and step count, so they compile one set of 8-device programs: one training program
+# (no dense indexer warm-up), ABFT on because the bitflip run needs it.
+MESH_RUN = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic", "--abft", "--sample-tokens", "0",
+            "--indexer-warmup-steps", "0"]
+
+
 def test_deterministic_on_a_mesh(tmp_path, corpus):
-    # One training program (no dense indexer warm-up) keeps the two 8-device compiles affordable.
-    mesh = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic", "--sample-tokens", "0", "--indexer-warmup-steps", "0"]
-    assert _run(tmp_path / "a", corpus, *mesh, steps=4) == 0
-    assert _run(tmp_path / "b", corpus, *mesh, steps=4) == 0
+    assert _run(tmp_path / "a", corpus, *MESH_RUN, steps=6) == 0
+    assert _run(tmp_path / "b", corpus, *MESH_RUN, steps=6) == 0
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     _, pa = _final_params(tmp_path / "a")
     _, pb = _final_params(tmp_path / "b")
@@ -127,13 +138,11 @@ def test_deterministic_on_a_mesh(tmp_path, corpus):
 
 def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, corpus):
     """nan-grad@5: the guard skips the update; with --max-bad-steps 1 the last good checkpoint (step 4) is
-    restored, the transient fault does not recur, and the run finishes."""
+    restored (offloaded optimizer state included), the transient fault does not recur, and the run finishes."""
     out = tmp_path / "run"
-    assert _run(out, corpus, "--inject-fault", "nan-grad@5", "--max-bad-steps", "1", "--sample-tokens", "0",
-                "--remat", "offload", "--offload-optimizer", "--kernel-impl", "xla",
-                steps=7) == 0  # also activation and optimizer offload and the LSA kernel path, through a restore
+    assert _run(out, corpus, *REFERENCE, "--inject-fault", "nan-grad@5", "--max-bad-steps", "1", steps=12) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5, 6, 7]  # steps 5-6 replayed after the restore
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, *range(5, 13)]  # steps 5-6 replayed after the restore
     assert rows[5]["skipped"] and not any(r["skipped"] for r in rows[6:])
     events = (out / "events.log").read_text()
     assert "skipped update" in events and "restored checkpoint of step 4" in events
@@ -144,8 +153,7 @@ def test_bitflips_are_caught_on_a_mesh(tmp_path, corpus):
     """bitflip@5 on a dp=2 mesh: the ABFT checksum catches the flipped LM-head output (update skipped), and the
     cross-replica fingerprint catches the flipped parameter copy (last good checkpoint restored)."""
     out = tmp_path / "run"
-    assert _run(out, corpus, "--mesh", "dp=2,tp=4", "--inject-fault", "bitflip@5", "--sample-tokens", "0",
-                "--indexer-warmup-steps", "0", steps=6) == 0
+    assert _run(out, corpus, *MESH_RUN, "--inject-fault", "bitflip@5", steps=6) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert rows[5]["step"] == 6 and rows[5]["skipped"] and rows[5]["abft_mismatch"]
     assert not any(r["skipped"] for r in rows[6:]) and rows[-1]["step"] == 6
