@@ -138,11 +138,11 @@ def test_deterministic_on_a_mesh(tmp_path, corpus):
 
 def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, corpus):
     """nan-grad@5: the guard skips the update; with --max-bad-steps 1 the last good checkpoint (step 4) is
-    restored (offloaded optimizer state included), the transient fault does not recur, and the run finishes."""
+    restored (offloaded optimizer state included), the transient fault does not recur, the run finishes."""
     out = tmp_path / "run"
     assert _run(out, corpus, *REFERENCE, "--inject-fault", "nan-grad@5", "--max-bad-steps", "1", steps=12) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, *range(5, 13)]  # steps 5-6 replayed after the restore
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, *range(5, 13)]  # 5-6 replayed after the restore
     assert rows[5]["skipped"] and not any(r["skipped"] for r in rows[6:])
     events = (out / "events.log").read_text()
     assert "skipped update" in events and "restored checkpoint of step 4" in events
@@ -150,8 +150,8 @@ def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, 
 
 
 def test_bitflips_are_caught_on_a_mesh(tmp_path, corpus):
-    """bitflip@5 on a dp=2 mesh: the ABFT checksum catches the flipped LM-head output (update skipped), and the
-    cross-replica fingerprint catches the flipped parameter copy (last good checkpoint restored)."""
+    """bitflip@5 on a dp=2 mesh: the ABFT checksum catches the flipped LM-head output (update skipped), and
+    the cross-replica fingerprint catches the flipped parameter copy (last good checkpoint restored)."""
     out = tmp_path / "run"
     assert _run(out, corpus, *MESH_RUN, "--inject-fault", "bitflip@5", steps=6) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
