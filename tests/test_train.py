@@ -16,9 +16,9 @@ from longcat_jax import data
 from longcat_jax.run_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5", "--eval-batches", "2",
-        "--save-every", "4", "--warmup-steps", "2", "--indexer-warmup-steps", "3", "--sample-tokens", "4",
-        "--no-progress"]
+FAST = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5",
+        "--eval-batches", "2", "--save-every", "4", "--warmup-steps", "2", "--indexer-warmup-steps", "3",
+        "--sample-tokens", "4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,8 @@ def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, 
     """nan-grad@5: the guard skips the update; with --max-bad-steps 1 the last good checkpoint (step 4) is
     restored (offloaded optimizer state included), the transient fault does not recur, the run finishes."""
     out = tmp_path / "run"
-    assert _run(out, corpus, *REFERENCE, "--inject-fault", "nan-grad@5", "--max-bad-steps", "1", steps=12) == 0
+    fault = ["--inject-fault", "nan-grad@5", "--max-bad-steps", "1"]
+    assert _run(out, corpus, *REFERENCE, *fault, steps=12) == 0
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, *range(5, 13)]  # 5-6 replayed after the restore
     assert rows[5]["skipped"] and not any(r["skipped"] for r in rows[6:])
