@@ -17,6 +17,10 @@ writers to one row (GPU scatter-add with colliding indices uses atomics whose or
 chunks are added in scan order. `probs` (the head-mean probability per slot, the sparse-stage KL target of the
 indexer loss) is differentiable too.
 
+With `window=W` (SI, `si_window`) the first W slots are each query's local window by offset: the XLA path
+reads a query chunk's windows as one contiguous band of W + block_q rows (a matmul shared by the chunk) and
+gathers only the other slots, in the same softmax; the kernel and the backward treat them as ordinary slots.
+
 `sparse_mla_decode_paged` is the one-query-per-sequence form over a paged latent cache; it reads only the
 selected rows through the page table (inference only, no gradient).
 
