@@ -6,5 +6,15 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Reruns of the same program (determinism and resume tests, subprocesses included) reuse compiled executables.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "longcat-jax-test-xla-cache"))
+# jax reads these when it is imported, so they come before the import below.
+_CACHE = os.path.join(tempfile.gettempdir(), "longcat-jax-test-xla-cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# `train.py --deterministic` adds these flags when a run starts; XLA reads them when the backend starts, into
+# the compile options that key the compilation cache. Starting every test process with them makes this process
+# and the train.py subprocesses compile with the same options, so each reuses the other's programs.
+from train import DETERMINISTIC_XLA_FLAGS  # noqa: E402  (importing jax does not start a backend)
+
+_FLAGS = os.environ["XLA_FLAGS"].split() + list(DETERMINISTIC_XLA_FLAGS)
+os.environ["XLA_FLAGS"] = " ".join(dict.fromkeys(_FLAGS))
