@@ -21,8 +21,7 @@ With `window=W` (SI, `si_window`) the first W slots are each query's local windo
 reads a query chunk's windows as one contiguous band of W + block_q rows (a matmul shared by the chunk) and
 gathers only the other slots, in the same softmax; the kernel and the backward treat them as ordinary slots.
 
-`sparse_mla_decode_paged` is the one-query-per-sequence form over a paged latent cache; it reads only the
-selected rows through the page table (inference only, no gradient).
+`sparse_mla_decode.sparse_mla_decode_paged` is the one-query-per-sequence form over a paged latent cache.
 
 The Pallas kernels use the generic pallas_call + grid + BlockSpec API with power-of-two tiles and f32 accumulation
 so that they could lower with Triton; on CPU they run in interpret mode.
@@ -387,64 +386,6 @@ def _core_bwd(scale, opts, residuals, cotangents):
 _sparse_mla_core.defvjp(_core_fwd, _core_bwd)
 
 
-# ---------------------------------------------------------------- paged decode (one query per sequence)
-
-
-def _decode_kernel(idx_ref, ql_ref, qr_ref, table_ref, kv_ref, o_ref, *, scale, block_k, page_size):
-    R, Hr = ql_ref.shape[-1], qr_ref.shape[-1]
-
-    def load_chunk(c):
-        pos = idx_ref[pl.ds(c * block_k, block_k)]
-        valid = _valid(pos, table_ref.shape[0] * page_size)
-        pos = jnp.where(valid, pos, 0)
-        rows = table_ref[pos // page_size] * page_size + pos % page_size
-        return valid, kv_ref[rows, pl.ds(0, R)], kv_ref[rows, pl.ds(R, Hr)]
-
-    o_ref[...], _ = _online_softmax(load_chunk, ql_ref[...], qr_ref[...], idx_ref.shape[0] // block_k, scale)
-
-
-def sparse_mla_decode_paged(q_lat, q_rope, kv_pages, page_table, indices, scale, *, impl="auto", block_k=64):
-    """One decode step of sparse MLA over a paged latent cache (inference; not differentiable).
-
-    Args:
-      q_lat [B, N, R], q_rope [B, N, Hr]: the absorbed query of the new token.
-      kv_pages [P, page_size, R + Hr]: latent rows c_kv | k_rope; logical position p of sequence b lives in
-        page page_table[b, p // page_size], row p % page_size.
-      page_table int [B, pages_per_seq]; indices int [B, K]: selected logical positions, -1 = empty slot.
-      scale: the softmax scale (a Python float).
-    Returns o_lat [B, N, R] in q_lat's dtype (zeros for a sequence with no valid slot).
-    """
-    impl = resolve(impl)
-    B, N, R = q_lat.shape if q_lat.ndim == 3 else (None,) * 3
-    Hr, D = q_rope.shape[-1], kv_pages.shape[-1]
-    if B is None or q_rope.shape[:2] != (B, N) or kv_pages.ndim != 3 or D != R + Hr:
-        raise ValueError(
-            f"want q_lat [B,N,R], q_rope [B,N,Hr], kv_pages [P,page,R+Hr]: got {q_lat.shape}, "
-            f"{q_rope.shape}, {kv_pages.shape}"
-        )
-    if page_table.ndim != 2 or page_table.shape[0] != B or indices.ndim != 2 or indices.shape[0] != B:
-        raise ValueError(
-            f"want page_table [B={B},pages], indices [B={B},K]: got {page_table.shape}, {indices.shape}"
-        )
-    page_size = kv_pages.shape[1]
-    kv_rows = kv_pages.reshape(-1, D)  # contiguous: a free view, no copy of the cache
-    page_table, indices, scale = page_table.astype(jnp.int32), indices.astype(jnp.int32), float(scale)
-    if impl == "xla":
-        valid = _valid(indices, page_table.shape[1] * page_size)
-        pos = jnp.where(valid, indices, 0)
-        selected = kv_rows[jnp.take_along_axis(page_table, pos // page_size, 1) * page_size + pos % page_size]
-        o = _attend_rows(q_lat, q_rope, valid, selected[..., :R], selected[..., R:], scale)[0]
-        return o.astype(q_lat.dtype)
-    block_k = _slot_block(block_k, indices.shape[-1])
-    indices = _pad(indices, 1, -indices.shape[-1] % block_k, -1)
-    (o,) = _query_grid_call(
-        functools.partial(_decode_kernel, scale=scale, block_k=block_k, page_size=page_size),
-        [(indices[:, None], 2), (q_lat[:, None], 2), (q_rope[:, None], 2), (page_table, 1), (kv_rows, 0)],
-        [(B, 1, N, R)],
-    )
-    return o[:, 0].astype(q_lat.dtype)
-
-
 # ---------------------------------------------------------------- public entry point and dense reference
 
 
@@ -516,4 +457,4 @@ def sparse_mla_reference(q_lat, q_rope, c_kv, k_rope, indices, scale):
     return o_lat, jnp.where(_valid(indices, c_kv.shape[1]), at_slots, 0.0)
 
 
-__all__ = ["sparse_mla", "sparse_mla_decode_paged", "sparse_mla_reference"]
+__all__ = ["sparse_mla", "sparse_mla_reference"]

@@ -16,12 +16,8 @@ from longcat_jax.config import Config
 from longcat_jax.indexer import indices_to_mask
 from longcat_jax.mla import attend_absorbed, attention_mask
 from pallas_kernels.si_window import window_indices
-from pallas_kernels.sparse_mla import (
-    _scatter_add_slots,
-    sparse_mla,
-    sparse_mla_decode_paged,
-    sparse_mla_reference,
-)
+from pallas_kernels.sparse_mla import _scatter_add_slots, sparse_mla, sparse_mla_reference
+from pallas_kernels.sparse_mla_decode import sparse_mla_decode_paged
 
 IMPLS = ("xla", "pallas")
 BLOCKS = {"return_probs": True, "block_q": 4, "block_k": 4}  # several query and slot chunks per call

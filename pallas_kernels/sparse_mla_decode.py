@@ -1,0 +1,76 @@
+"""Sparse MLA decode over a paged latent cache (SPEC 3.9.4, 7.12): one new query per sequence.
+
+The one-query form of `sparse_mla.sparse_mla`: it reads only the selected latent rows, through the page table,
+with the same online softmax (inference only, no gradient). The XLA path gathers the rows and attends at once;
+the Pallas kernel streams them block_k slots at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.impl import resolve
+from pallas_kernels.sparse_mla import (
+    _attend_rows, _online_softmax, _pad, _query_grid_call, _slot_block, _valid,
+)
+
+
+def _decode_kernel(idx_ref, ql_ref, qr_ref, table_ref, kv_ref, o_ref, *, scale, block_k, page_size):
+    R, Hr = ql_ref.shape[-1], qr_ref.shape[-1]
+
+    def load_chunk(c):
+        pos = idx_ref[pl.ds(c * block_k, block_k)]
+        valid = _valid(pos, table_ref.shape[0] * page_size)
+        pos = jnp.where(valid, pos, 0)
+        rows = table_ref[pos // page_size] * page_size + pos % page_size
+        return valid, kv_ref[rows, pl.ds(0, R)], kv_ref[rows, pl.ds(R, Hr)]
+
+    o_ref[...], _ = _online_softmax(load_chunk, ql_ref[...], qr_ref[...], idx_ref.shape[0] // block_k, scale)
+
+
+def sparse_mla_decode_paged(q_lat, q_rope, kv_pages, page_table, indices, scale, *, impl="auto", block_k=64):
+    """One decode step of sparse MLA over a paged latent cache (inference; not differentiable).
+
+    Args:
+      q_lat [B, N, R], q_rope [B, N, Hr]: the absorbed query of the new token.
+      kv_pages [P, page_size, R + Hr]: latent rows c_kv | k_rope; logical position p of sequence b lives in
+        page page_table[b, p // page_size], row p % page_size.
+      page_table int [B, pages_per_seq]; indices int [B, K]: selected logical positions, -1 = empty slot.
+      scale: the softmax scale (a Python float).
+    Returns o_lat [B, N, R] in q_lat's dtype (zeros for a sequence with no valid slot).
+    """
+    impl = resolve(impl)
+    B, N, R = q_lat.shape if q_lat.ndim == 3 else (None,) * 3
+    Hr, D = q_rope.shape[-1], kv_pages.shape[-1]
+    if B is None or q_rope.shape[:2] != (B, N) or kv_pages.ndim != 3 or D != R + Hr:
+        raise ValueError(
+            f"want q_lat [B,N,R], q_rope [B,N,Hr], kv_pages [P,page,R+Hr]: got {q_lat.shape}, "
+            f"{q_rope.shape}, {kv_pages.shape}"
+        )
+    if page_table.ndim != 2 or page_table.shape[0] != B or indices.ndim != 2 or indices.shape[0] != B:
+        raise ValueError(
+            f"want page_table [B={B},pages], indices [B={B},K]: got {page_table.shape}, {indices.shape}"
+        )
+    page_size = kv_pages.shape[1]
+    kv_rows = kv_pages.reshape(-1, D)  # contiguous: a free view, no copy of the cache
+    page_table, indices, scale = page_table.astype(jnp.int32), indices.astype(jnp.int32), float(scale)
+    if impl == "xla":
+        valid = _valid(indices, page_table.shape[1] * page_size)
+        pos = jnp.where(valid, indices, 0)
+        selected = kv_rows[jnp.take_along_axis(page_table, pos // page_size, 1) * page_size + pos % page_size]
+        o = _attend_rows(q_lat, q_rope, valid, selected[..., :R], selected[..., R:], scale)[0]
+        return o.astype(q_lat.dtype)
+    block_k = _slot_block(block_k, indices.shape[-1])
+    indices = _pad(indices, 1, -indices.shape[-1] % block_k, -1)
+    (o,) = _query_grid_call(
+        functools.partial(_decode_kernel, scale=scale, block_k=block_k, page_size=page_size),
+        [(indices[:, None], 2), (q_lat[:, None], 2), (q_rope[:, None], 2), (page_table, 1), (kv_rows, 0)],
+        [(B, 1, N, R)],
+    )
+    return o[:, 0].astype(q_lat.dtype)
+
+
+__all__ = ["sparse_mla_decode_paged"]
