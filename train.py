@@ -124,9 +124,9 @@ DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclud
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.deterministic:
-        # CPU XLA is already deterministic; these make GPU reductions and scatters deterministic too (read when
-        # the backend starts). Added once: XLA_FLAGS is part of the compilation-cache key, so appending them again
-        # on every in-process call would make each later run recompile everything.
+        # CPU XLA is already deterministic; these make GPU reductions and scatters deterministic too (read
+        # when the backend starts). Added once: XLA_FLAGS is part of the compilation-cache key, so appending
+        # them again on every in-process call would make each later run recompile everything.
         flags = os.environ.get("XLA_FLAGS", "").split()
         flags += [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags]
         os.environ["XLA_FLAGS"] = " ".join(flags)

@@ -118,7 +118,7 @@ def window(cfg: Config) -> int:
 
 
 def select(d, q_positions, k_positions, cfg: Config, impl: str, q_offset=0):
-    """One owner's selection as the model's kernel path makes it: under SI [window by offset | other slots]."""
+    """One owner's selection as the model's kernel path makes it; under SI [window by offset | the rest]."""
     W = window(cfg)
     sel = indexer_topk.select(d["q"], d["k"], d["w"], q_positions, k_positions, cfg, window_apart=bool(W),
                               impl=impl)
@@ -208,7 +208,8 @@ def recall(hi, exact) -> float:
 def bench_prefill(T: int, args) -> dict:
     row = {"T": T}
     results = {}
-    sub, idx_inputs, positions = make_inputs(Config.small(), T, args.key_correlation)  # same for every variant
+    # The same inputs for every variant.
+    sub, idx_inputs, positions = make_inputs(Config.small(), T, args.key_correlation)
     for name in VARIANTS:
         cfg = variant_config(name, T)
         ind = indexer_fn(cfg, args.impl) if name != "dense" else None
@@ -279,7 +280,8 @@ def summarize(rows: list[dict], decode: dict) -> dict:
         if "total_s" in r["dense"]:
             out["lsa_vs_dense_at_32k"] = r["dense"]["total_s"] / r["lsa"]["total_s"]
         out["lsa_vs_dsa_at_32k"] = r["dsa"]["total_s"] / r["lsa"]["total_s"]
-        out["indexer_time_dsa_over_lsa_at_32k"] = r["dsa"]["indexer_s"] / r["lsa"]["indexer_s"]  # CLI + SI apart
+        # CLI (one indexer per layer) and SI's window apart (a smaller top-k) together.
+        out["indexer_time_dsa_over_lsa_at_32k"] = r["dsa"]["indexer_s"] / r["lsa"]["indexer_s"]
     big = max(by_t)
     r = by_t[big]
     out["largest_T"] = big

@@ -131,8 +131,8 @@ def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_pro
     dt = q_nope.dtype
     w_kv_up = attn.w_kv_up[...].astype(dt)
     q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_kv_up[..., : cfg.qk_nope_head_dim])
-    out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window, q_offset=q_offset,
-                     impl=cfg.kernel_impl, return_probs=return_probs)
+    out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window,
+                     q_offset=q_offset, impl=cfg.kernel_impl, return_probs=return_probs)
     o_lat, probs = out if return_probs else (out, None)
     o = jnp.einsum("btnr,rnh->btnh", o_lat, w_kv_up[..., cfg.qk_nope_head_dim :])
     return jnp.einsum("btnh,nhd->btd", o, attn.w_o[...].astype(dt)), probs

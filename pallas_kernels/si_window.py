@@ -51,8 +51,9 @@ def window_indices(q_positions, k_positions, window: int, q_offset=0, *, k_valid
 def band_valid(window_slots, block_q: int):
     """bool [B, bq, W + bq]: which rows of a query chunk's band each query attends.
 
-    The band of a chunk whose first query sits at key index qc holds keys qc - W .. qc + bq - 1; query t of the
-    chunk reads band row j = t + 1 + r for its window slot r. window_slots int [B, bq, W] (-1 = not selected).
+    The band of a chunk whose first query sits at key index qc holds keys qc - W .. qc + bq - 1; query t of
+    the chunk reads band row j = t + 1 + r for its window slot r. window_slots int [B, bq, W] (-1 = not
+    selected).
     """
     W = window_slots.shape[-1]
     t = jnp.arange(block_q)[:, None]

@@ -423,8 +423,8 @@ def test_window_apart_is_the_selection_without_its_window(impl):
         assert (expected >= 0).sum() < (full >= 0).sum()  # windows really were removed
         # si_window.window_indices supplies exactly the removed keys: together they are the full selection.
         q_offset = np.asarray(qp)[:, 0]  # positions are key rows in every case here
-        window = window_indices(qp, kp, cfg.index_local_tokens, q_offset, k_valid=k_valid, q_segment_ids=seg_ids,
-                                k_segment_ids=seg_ids)
+        window = window_indices(qp, kp, cfg.index_local_tokens, q_offset, k_valid=k_valid,
+                                q_segment_ids=seg_ids, k_segment_ids=seg_ids)
         both = np.concatenate([np.asarray(window), expected], axis=-1)
         np.testing.assert_array_equal(np.sort(np.where(both < 0, 1 << 30, both))[..., : full.shape[-1]],
                                       np.sort(np.where(full < 0, 1 << 30, full)))
