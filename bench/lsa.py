@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from longcat_jax import indexer as ix  # noqa: E402
 from longcat_jax.config import Config  # noqa: E402
 from longcat_jax.mla import attention_mask  # noqa: E402
-from pallas_kernels import indexer_topk, si_window, sparse_mla  # noqa: E402
+from pallas_kernels import si_window, sparse_mla  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lsa_cpu.json")
 VARIANTS = ("dense", "dsa", "lsa", "lsa_hi")
@@ -112,19 +112,9 @@ def dense_chunked(q_lat, q_rope, c_kv, k_rope, positions, scale, block_q=64):
     return jnp.moveaxis(out, 0, 1).reshape(B, T, N, R)
 
 
-def window(cfg: Config) -> int:
-    """SI's local window, read as a contiguous band (0 without SI)."""
-    return cfg.index_local_tokens if cfg.si_enabled else 0
-
-
 def select(d, q_positions, k_positions, cfg: Config, impl: str, q_offset=0):
-    """One owner's selection as the model's kernel path makes it; under SI [window by offset | the rest]."""
-    W = window(cfg)
-    sel = indexer_topk.select(d["q"], d["k"], d["w"], q_positions, k_positions, cfg, window_apart=bool(W),
-                              impl=impl)
-    if not W:
-        return sel
-    return jnp.concatenate([si_window.window_indices(q_positions, k_positions, W, q_offset), sel], axis=-1)
+    """One owner's selection as the model's kernel path makes it (`si_window.select`)."""
+    return si_window.select(d["q"], d["k"], d["w"], q_positions, k_positions, cfg, q_offset, impl=impl)
 
 
 def indexer_fn(cfg: Config, impl: str):
@@ -148,7 +138,7 @@ def attention_fn(cfg: Config, name: str, impl: str):
             else:
                 sel = indices[min(i, len(indices) - 1)]
                 outs.append(sparse_mla.sparse_mla(s["q_lat"], s["q_rope"], s["c_kv"], s["k_rope"], sel, scale,
-                                                  window=window(cfg), impl=impl))
+                                                  window=si_window.window_size(cfg), impl=impl))
         return outs
 
     return run
@@ -264,7 +254,7 @@ def bench_decode(S: int, args) -> dict:
         one = {"q": d["q"][:, -1:], "k": d["k"], "w": d["w"][:, -1:]}
         sel = select(one, q_pos, positions, cfg, args.impl, q_offset=S - 1)
         return sparse_mla.sparse_mla(last["q_lat"], last["q_rope"], s["c_kv"], s["k_rope"], sel, scale,
-                                     window=window(cfg), q_offset=S - 1, impl=args.impl)
+                                     window=si_window.window_size(cfg), q_offset=S - 1, impl=args.impl)
 
     t_dense, _ = timed(dense, s, last, repeats=args.repeats * 5)
     t_lsa, _ = timed(lsa, s, d, last, repeats=args.repeats * 5)

@@ -22,7 +22,7 @@ from longcat_jax.indexer_loss import attention_recall, indexer_kl
 from longcat_jax.layers import MLP, RMSNorm
 from longcat_jax.mla import MLA, attention_mask
 from longcat_jax.moe import MoE
-from pallas_kernels import indexer_topk, si_window
+from pallas_kernels import si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from pallas_kernels.sparse_mla import sparse_mla
 
@@ -84,18 +84,13 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     if cfg.use_indexer and cfg.kernel_impl != "reference" and not ctx.dense_attention:
         seg = ctx.segment_ids if cache is None else None
         q_offset = 0 if cache is None else ctx.cache_len
-        window = cfg.index_local_tokens if cfg.si_enabled else 0
         if indexer is not None:
             # Under SI the local window is read as a contiguous band (pallas_kernels.si_window), so it leads
             # the index set by offset and the indexer ranks only the other K - window slots.
-            indices = indexer_topk.select(q_i, k_i, w_i, q_pos, k_pos, cfg, k_valid=k_valid, q_segment_ids=seg,
-                                          k_segment_ids=seg, window_apart=bool(window), impl=cfg.kernel_impl)
-            if window:
-                in_window = si_window.window_indices(q_pos, k_pos, window, q_offset, k_valid=k_valid,
-                                                     q_segment_ids=seg, k_segment_ids=seg)
-                indices = jnp.concatenate([in_window, indices], axis=-1)
+            indices = si_window.select(q_i, k_i, w_i, q_pos, k_pos, cfg, q_offset, k_valid=k_valid,
+                                       q_segment_ids=seg, k_segment_ids=seg, impl=cfg.kernel_impl)
         out, slot_probs = attend_selected(attn, q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype),
-                                          indices, ctx.collect_aux, window, q_offset)
+                                          indices, ctx.collect_aux, si_window.window_size(cfg), q_offset)
         aux = {}
         if ctx.collect_aux:
             aux = {"slot_probs": jax.lax.stop_gradient(slot_probs), "indices": indices}

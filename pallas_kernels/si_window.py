@@ -18,6 +18,29 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from longcat_jax.config import Config
+from pallas_kernels import indexer_topk
+
+
+def window_size(cfg: Config) -> int:
+    """The window read as a band: SI's local window, or 0 without SI (no window is forced in)."""
+    return cfg.index_local_tokens if cfg.si_enabled else 0
+
+
+def select(q, k, w, q_positions, k_positions, cfg: Config, q_offset=0, *, k_valid=None, q_segment_ids=None,
+           k_segment_ids=None, impl: str = "auto"):
+    """An indexer owner's key indices in the layout `sparse_mla(..., window=window_size(cfg))` takes: under SI
+    [window by offset | the window-apart selection], otherwise `indexer_topk.select`'s K slots. Arguments as
+    in `indexer_topk.select`, plus q_offset as in `window_indices`."""
+    W = window_size(cfg)
+    segments = {"q_segment_ids": q_segment_ids, "k_segment_ids": k_segment_ids}
+    sel = indexer_topk.select(q, k, w, q_positions, k_positions, cfg, k_valid=k_valid, window_apart=bool(W),
+                              impl=impl, **segments)
+    if not W:
+        return sel
+    in_window = window_indices(q_positions, k_positions, W, q_offset, k_valid=k_valid, **segments)
+    return jnp.concatenate([in_window, sel], axis=-1)
+
 
 def window_indices(q_positions, k_positions, window: int, q_offset=0, *, k_valid=None, q_segment_ids=None,
                    k_segment_ids=None):
