@@ -121,15 +121,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
 
 
+def with_deterministic_flags(xla_flags: str) -> str:
+    """`xla_flags` plus those of DETERMINISTIC_XLA_FLAGS it lacks (each added once)."""
+    flags = xla_flags.split()
+    return " ".join(flags + [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.deterministic:
         # CPU XLA is already deterministic; these make GPU reductions and scatters deterministic too (read
         # when the backend starts). Added once: XLA_FLAGS is part of the compilation-cache key, so appending
         # them again on every in-process call would make each later run recompile everything.
-        flags = os.environ.get("XLA_FLAGS", "").split()
-        flags += [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags]
-        os.environ["XLA_FLAGS"] = " ".join(flags)
+        os.environ["XLA_FLAGS"] = with_deterministic_flags(os.environ.get("XLA_FLAGS", ""))
     os.makedirs(args.out, exist_ok=True)
     ckpt = RunCheckpointer(os.path.join(args.out, "checkpoints"), keep=args.keep, save_every=args.save_every,
                            log=lambda s: print(s, file=sys.stderr))
