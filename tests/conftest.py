@@ -1,5 +1,6 @@
 """Test set-up: simulated CPU devices for mesh tests (must be set before jax initialises)."""
 
+import gc
 import os
 import tempfile
 
@@ -14,6 +15,23 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # `train.py --deterministic` adds these flags when a run starts; XLA reads them when the backend starts, into
 # the compile options that key the compilation cache. Starting every test process with them makes this process
 # and the train.py subprocesses compile with the same options, so each reuses the other's programs.
-from train import with_deterministic_flags  # noqa: E402  (importing jax does not start a backend)
+from train import with_deterministic_flags  # importing jax does not start a backend
 
 os.environ["XLA_FLAGS"] = with_deterministic_flags(os.environ["XLA_FLAGS"])
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program when a test file ends.
+
+    XLA:CPU maps each executable's machine code into its own memory regions. A suite that keeps all of them
+    alive in one process approaches the kernel's limit of 65530 mappings (`vm.max_map_count`), and the next
+    compile then aborts or segfaults inside XLA. Reruns within a file still hit the in-memory caches; across
+    files the persistent compilation cache above keeps recompiles cheap.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
