@@ -39,12 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from longcat_jax.config import Config
 from longcat_jax.indexer import forced_keys, indexer_scores
 from longcat_jax.mla import attention_mask
-from pallas_kernels.impl import interpret, resolve
+from pallas_kernels.impl import compiler_params, interpret, resolve
+from pallas_kernels.tile_dot import tile_dot
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -220,7 +220,6 @@ def _select_kernel(qpos_ref, q_ref, w_ref, k_ref, kvalid_ref, vals_ref, ids_ref,
     bq, width = vals_ref.shape
     n_heads = q_ref.shape[1]
     qpos = qpos_ref[...]
-    w = w_ref[...].astype(jnp.float32)  # [bq, I]
     lane = jax.lax.broadcasted_iota(jnp.int32, (bq, width), 1)
     spare = lane >= n_sel
     offsets = jax.lax.broadcasted_iota(jnp.int32, (1, block_size), 1)
@@ -231,14 +230,14 @@ def _select_kernel(qpos_ref, q_ref, w_ref, k_ref, kvalid_ref, vals_ref, ids_ref,
         kpos = b * block_size + offsets  # [1, bs]
         scores = jnp.zeros((bq, block_size), jnp.float32)
         for i in range(n_heads):
-            logits = jax.lax.dot_general(q_ref[:, i, :].astype(jnp.float32), k_tile, (((1,), (1,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
-            scores = scores + w[:, i:i + 1] * jnp.maximum(logits, 0.0)
+            logits = tile_dot(q_ref[:, i, :].astype(jnp.float32), k_tile, 1, 1)
+            scores = scores + w_ref[:, i].astype(jnp.float32)[:, None] * jnp.maximum(logits, 0.0)
         valid = (kpos <= qpos[:, None]) & (kvalid_ref[pl.ds(b * block_size, block_size)][None, :] != 0)
         best = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=1, keepdims=True)  # [bq, 1]
         if cfg.si_enabled:
             forced = (kpos < cfg.index_init_tokens) | (kpos > qpos[:, None] - cfg.index_local_tokens)
-            best = jnp.where(jnp.any(forced & valid, axis=1, keepdims=True), jnp.inf, best)
+            any_forced = jnp.max((forced & valid).astype(jnp.int32), axis=1, keepdims=True) > 0
+            best = jnp.where(any_forced, jnp.inf, best)
         worst = jnp.min(jnp.where(spare, jnp.inf, vals), axis=1, keepdims=True)
         is_worst = ~spare & (vals == worst)
         worst_id = jnp.max(jnp.where(is_worst, ids, -2), axis=1, keepdims=True)
@@ -278,7 +277,7 @@ def _select_pallas(q, k, w, qpos, k_valid, cfg: Config, block_size: int, n_sel: 
             pl.BlockSpec((None, nb * block_size), lambda b, i: (b, 0)),
         ],
         out_specs=(pl.BlockSpec((None, bq, width), row), pl.BlockSpec((None, bq, width), row)),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=compiler_params(),
         interpret=interpret(),
     )(qpos, q, w, kp, valid)
     vals, ids = vals[..., :n_sel], ids[..., :n_sel]

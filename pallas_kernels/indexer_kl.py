@@ -37,13 +37,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.impl import interpret, resolve
+from pallas_kernels.impl import compiler_params, interpret, resolve
+from pallas_kernels.tile_dot import tile_dot
 
 _MASKED = -1e9  # the dense loss's masked logit: finite, so empty rows stay NaN-free
 _ENTRY_CHUNK = 16  # (query, slot) entries the dk kernel handles per step
-_COMPILER = plt.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -116,8 +115,11 @@ def sparse_indexer_kl(q, k, w, indices, target, query_mask=None, *, impl: str = 
 
 
 def _gather_rows(k, idx):
-    """k [B,S,J], idx [B,Tq,K] (-1 allowed) -> f32 rows [B,Tq,K,J]; empty slots read row 0 (masked later)."""
-    return jax.vmap(lambda kb, ib: kb[ib])(k, jnp.maximum(idx, 0)).astype(jnp.float32)
+    """k [B,S,J], idx [B,Tq,K] (-1 allowed) -> f32 rows [B,Tq,K,J]; empty slots read row 0 (masked later).
+
+    k is cast before the gather, so the gather's transpose (a scatter-add of every slot's dk) sums in f32:
+    in bf16 a key read by many queries lost ~6% of its gradient (bench/gpu_kernels.py parity)."""
+    return jax.vmap(lambda kb, ib: kb[ib])(k.astype(jnp.float32), jnp.maximum(idx, 0))
 
 
 def _kl_rows_xla(q, k, w, idx, target, bq: int):
@@ -142,8 +144,7 @@ def _query_slots(q_t, w_t, idx_t, k_ref):
     """One query: gathered rows [K,J], head logits [I,K], scores z [K], valid slots [K]."""
     valid = idx_t >= 0
     rows = k_ref[jnp.where(valid, idx_t, 0), :].astype(jnp.float32)
-    logits = jax.lax.dot_general(q_t.astype(jnp.float32), rows, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+    logits = tile_dot(q_t.astype(jnp.float32), rows, 1, 1)
     z = jnp.sum(w_t.astype(jnp.float32)[:, None] * jnp.maximum(logits, 0.0), axis=0)
     return rows, logits, z, valid
 
@@ -179,8 +180,7 @@ def _dq_dw_kernel(q_ref, w_ref, idx_ref, tgt_ref, lse_ref, soft_ref, tscale_ref,
         dz = _slot_grad(z, valid, tgt_ref[t], lse_ref[t], soft_ref[t], tscale_ref[t])  # [K]
         dw_ref[t] = jnp.sum(jnp.maximum(logits, 0.0) * dz[None, :], axis=1)
         through_relu = jnp.where(logits > 0, w_t[:, None] * dz[None, :], 0.0)  # [I, K]
-        dq_ref[t] = jax.lax.dot_general(through_relu, rows, (((1,), (0,)), ((), ())),
-                                        preferred_element_type=jnp.float32)
+        dq_ref[t] = tile_dot(through_relu, rows, 1, 0)
         return carry
 
     jax.lax.fori_loop(0, bq, one_query, 0)
@@ -203,17 +203,16 @@ def _dk_kernel(start_ref, order_ref, key_ref, q_ref, w_ref, tgt_ref, lse_ref, so
         t = flat // num_slots
         local = jnp.where(live, key_ref[pl.ds(first, _ENTRY_CHUNK)] - kb * bk, 0)
         krow = k_ref[local, :].astype(jnp.float32)  # [E, J]
-        w_e = w_ref[t, :].astype(jnp.float32)  # [E, I]
+        w_e = [w_ref[t, i].astype(jnp.float32) for i in range(n_heads)]  # I x [E]
         q_heads = [q_ref[t, i, :].astype(jnp.float32) for i in range(n_heads)]  # I x [E, J]
         logits = [jnp.sum(qi * krow, axis=1) for qi in q_heads]
-        z = sum(w_e[:, i] * jnp.maximum(logits[i], 0.0) for i in range(n_heads))
+        z = sum(w_e[i] * jnp.maximum(logits[i], 0.0) for i in range(n_heads))
         dz = _slot_grad(z, live, tgt_ref[flat], lse_ref[t], soft_ref[t], tscale_ref[t])  # [E]
         contrib = jnp.zeros((_ENTRY_CHUNK, J), jnp.float32)
         for i in range(n_heads):
-            contrib = contrib + jnp.where(logits[i] > 0, w_e[:, i] * dz, 0.0)[:, None] * q_heads[i]
+            contrib = contrib + jnp.where(logits[i] > 0, w_e[i] * dz, 0.0)[:, None] * q_heads[i]
         onehot = (row_ids == local[:, None]).astype(jnp.float32)  # [E, bk]; dead lanes have dz = 0
-        return acc + jax.lax.dot_general(onehot, contrib, (((0,), (0,)), ((), ())),
-                                         preferred_element_type=jnp.float32)
+        return acc + tile_dot(onehot, contrib, 0, 0)
 
     n_chunks = (end - begin + _ENTRY_CHUNK - 1) // _ENTRY_CHUNK
     dk_ref[...] = jax.lax.fori_loop(0, n_chunks, one_chunk, jnp.zeros((bk, J), jnp.float32))
@@ -244,7 +243,7 @@ def _kl_forward(q, k, w, idx, target, bq: int):
         _forward_kernel, out_shape=(row, row), grid=(B, T // bq),
         in_specs=[sp["q"], sp["w"], sp["slots"], sp["slots"], sp["k"]],
         out_specs=(sp["per_query"], sp["per_query"]),
-        compiler_params=_COMPILER, interpret=interpret(),
+        compiler_params=compiler_params(), interpret=interpret(),
     )(q, w, idx, target, k)
 
 
@@ -268,7 +267,7 @@ def _kl_rows_bwd(bq: int, bk: int, res, g):
         grid=(B, T // bq),
         in_specs=[sp["q"], sp["w"], sp["slots"], sp["slots"], *[sp["per_query"]] * 3, sp["k"]],
         out_specs=(sp["q"], sp["w"]),
-        compiler_params=_COMPILER, interpret=interpret(),
+        compiler_params=compiler_params(), interpret=interpret(),
     )(q, w, idx, target, lse, soft_scale, target_scale, k)
     dk = _dk(q, k, w, idx, target, lse, soft_scale, target_scale, bk)
     return dq.astype(q.dtype), dk.astype(k.dtype), dw.astype(w.dtype), None, None
@@ -298,7 +297,7 @@ def _dk(q, k, w, idx, target, lse, soft_scale, target_scale, bk: int):
         in_specs=[whole(nkb + 1), whole(n_ent), whole(n_ent), whole(T, I, J), whole(T, I), whole(T * K),
                   whole(T), whole(T), whole(T), pl.BlockSpec((None, bk, J), lambda b, j: (b, j, 0))],
         out_specs=pl.BlockSpec((None, bk, J), lambda b, j: (b, j, 0)),
-        compiler_params=_COMPILER, interpret=interpret(),
+        compiler_params=compiler_params(), interpret=interpret(),
     )(starts, order, sorted_keys, q, w, target.reshape(B, T * K), lse, soft_scale, target_scale,
       jnp.pad(k, ((0, 0), (0, s_pad - S), (0, 0))))
     return dk[:, :S]

@@ -60,7 +60,8 @@ def _hi_keep(chosen, dense_row, qp, kp, num_blocks: int, cfg: Config):
     """
     Bh = cfg.hi_block_size
     tok_block = jnp.clip(kp // Bh, 0, num_blocks)[..., None, :, None]  # [..., 1, S, 1]
-    in_chosen = jnp.any(tok_block == chosen[..., :, None, :], axis=-1)  # [..., T, S]
+    # max over int, not any: Triton lowers no boolean reduction.
+    in_chosen = jnp.max((tok_block == chosen[..., :, None, :]).astype(jnp.int32), axis=-1) > 0  # [..., T, S]
     current_block = kp[..., None, :] >= (qp[..., :, None] // Bh) * Bh
     return in_chosen | current_block | dense_row[..., :, None]
 

@@ -15,9 +15,10 @@ Computes the int32 [B,T,K] key indices of `longcat_jax.indexer.select` (the refe
           the block stage's [B, bq, S/Bh]: memory O(bq * (S/Bh + G*Bh*J)), work O(T * (S/Bh + G*Bh)) instead
           of O(T * S) (`indexer_hi._hi_sparse_rows`).
   pallas  a kernel per (batch, query block) streams key tiles of bk keys, scores each [bq, bk] tile in f32
-          and merges it into a running top-K: memory O(bq * (K + bk)), no score reaches HBM. It visits only
-          the tiles some row of the block can keep (a compacted tile list): causally reachable and, under
-          HI, holding a chosen block of a row, a window key or a sink (every tile when a row is dense).
+          and merges it into a running top-K held as a bitonic buffer (`bitonic.merge_top`, K rounded up to a
+          power of two): memory O(bq * (K + bk)), no score reaches HBM. It visits only the tiles some row of
+          the block can keep (a compacted tile list): causally reachable and, under HI, holding a chosen
+          block of a row, a window key or a sink (every tile when a row is dense).
 
 HI (SPEC 7.4) lives in `indexer_hi` (block means, block stage, sorted key index, gathered rows, tile plan);
 the rules both paths apply to a key live in `indexer_rules`.
@@ -30,9 +31,9 @@ identical unless two keys' (or blocks') scores lie within a few ulp, which reord
 Exactly representable inputs give bit-identical scores. Ties follow lax.top_k: total order (0.0 above
 -0.0), lower index first, so every candidate list is kept in ascending key order.
 
-The kernel uses the generic `pl.pallas_call` + grid + BlockSpec API with power-of-two tiles and f32
-accumulation, but its merge calls `lax.top_k`, which Pallas lowers for neither Triton nor Mosaic in
-jax 0.10.2: today it runs in interpret mode only, and a GPU build needs an in-kernel selection.
+The kernel uses the generic `pl.pallas_call` + grid + BlockSpec API with power-of-two tiles, f32 scores and
+only operations Pallas lowers for Triton (no lax.top_k, sort, gather or value slicing: heads are read from
+their refs and the selection is a sorting network); `tests/test_kernel_lowering.py` lowers it for a GPU.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from jax.experimental import pallas as pl
 
 from longcat_jax import indexer as ix
 from longcat_jax.config import Config
-from pallas_kernels.impl import interpret, resolve
+from pallas_kernels import bitonic
+from pallas_kernels.impl import compiler_params, interpret, resolve
 from pallas_kernels.indexer_hi import (  # block_keys is re-exported: part of this module's public API
     _block_stage, _gather_ok, _hi_sparse_rows, _hi_tile_plan, _Hier, _key_index, _row_plan, block_keys,
 )
@@ -53,11 +55,17 @@ from pallas_kernels.indexer_rules import (
     _INT_MAX, _hi_keep, _next_pow2, _pad_to, _streaming, _top_k_indices, _valid_keys, _values,
     _weighted_relu, _width,
 )
+from pallas_kernels.tile_dot import tile_dot
+
+# Default (block_q, block_k) per path. The kernel holds a [block_q, K] running top-K (keys and ids) in
+# registers and sorts [block_q, block_k] tiles, so its tiles are small: at K = 512, 16 x 64 compiles for sm_90
+# in about 30 s, 64 x 128 had not finished after 18 minutes (bench/triton_ptx.py).
+TILES = {"xla": (64, 128), "pallas": (16, 64)}
 
 
 def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_segment_ids=None,
-           k_segment_ids=None, window_apart: bool = False, impl: str = "auto", block_q: int = 64,
-           block_k: int = 128):
+           k_segment_ids=None, window_apart: bool = False, impl: str = "auto", block_q: int | None = None,
+           block_k: int | None = None):
     """LSA key indices without a [T, S] score tensor; identical to `longcat_jax.indexer.select`.
 
     Args:
@@ -71,12 +79,15 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
         document) out of the selection, for `sparse_mla(..., window=local)` to read as a contiguous band:
         K - local slots, the full selection with its window slots removed (order kept). The top-k then
         ranks K - local instead of K.
-      impl: "auto" | "xla" | "pallas". block_q, block_k: powers of two; clamped to the problem size.
+      impl: "auto" | "xla" | "pallas". block_q, block_k: powers of two, clamped to the problem size; None =
+        the path's default (`TILES`).
     Returns:
       int32 [B,T,K] key indices (into the key axis), best first, ties to the lower index, -1 in empty slots.
       Equal to `indexer.select(..., k_valid[:,None,:] & (q_seg[:,:,None] == k_seg[:,None,:]))`.
     """
     impl = resolve(impl)
+    block_q = TILES[impl][0] if block_q is None else block_q
+    block_k = TILES[impl][1] if block_k is None else block_k
     _validate(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids, block_q, block_k)
     if window_apart and not cfg.si_enabled:
         raise ValueError("indexer_topk.select: window_apart needs SI (cfg.si_enabled); without it no window "
@@ -193,56 +204,42 @@ def _select_xla(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq):
 # --- Pallas path --------------------------------------------------------------------------------------------
 
 
-def _tile_scores(q, k, w):
-    """f32 [bq, n] scores of one tile: q [bq,I,J], k [n,J], w [bq,I]; one [bq,J] x [J,n] matmul per head."""
-    acc = jnp.zeros((q.shape[0], k.shape[0]), jnp.float32)
-    for i in range(q.shape[1]):
-        logits = jax.lax.dot_general(q[:, i, :], k, (((1,), (1,)), ((), ())),
-                                     precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-        acc = acc + w[:, i : i + 1] * jnp.maximum(logits, 0.0)
+def _tile_scores(q_ref, w_ref, k):
+    """f32 [bq, n] scores of one tile: q_ref [bq,I,J], w_ref [bq,I], k [n,J]; one [bq,J] x [J,n] matmul per
+    head (each head read from its ref: Triton lowers no value slicing)."""
+    acc = jnp.zeros((q_ref.shape[0], k.shape[0]), jnp.float32)
+    for i in range(q_ref.shape[1]):
+        logits = tile_dot(q_ref[:, i, :].astype(jnp.float32), k, 1, 1, jax.lax.Precision.HIGHEST)
+        acc = acc + w_ref[:, i].astype(jnp.float32)[:, None] * jnp.maximum(logits, 0.0)
     return acc
-
-
-def _merge_topk(run_vals, run_idx, tile_vals, tile_idx, K: int):
-    """Top-K of the running set and one tile.
-
-    The running set holds only lower key indices (tiles are visited in ascending order) and is itself ordered
-    (value descending, index ascending), so putting it first makes lax.top_k's lower-position-wins tie rule
-    the lower-key-index-wins rule.
-    """
-    vals = jnp.concatenate([run_vals, tile_vals], axis=1)
-    idx = jnp.concatenate([run_idx, tile_idx], axis=1)
-    top_vals, pos = jax.lax.top_k(vals, K)
-    return top_vals, jnp.take_along_axis(idx, pos, axis=1)
 
 
 def _kernel(n_tiles_ref, tiles_ref, q_ref, w_ref, qp_ref, qseg_ref, k_ref, kp_ref, kok_ref, kseg_ref, *rest,
             cfg: Config, apart: bool, bk: int, num_blocks: int):
+    """The running top-K is a bitonic buffer of out_ref's width (K rounded up to a power of two)."""
     out_ref = rest[-1]
-    K = _width(cfg, apart)
-    q = q_ref[...].astype(jnp.float32)  # [bq, I, J]
-    w = w_ref[...].astype(jnp.float32)  # [bq, I]
     qp, q_seg = qp_ref[...], qseg_ref[...]  # [bq]
-    bq = q.shape[0]
+    bq, width = out_ref.shape
     keep_rule = None
     if num_blocks:  # HI: the block stage and the dense rule were settled outside (see _hi_tile_plan)
         dense, chosen = rest[0][...] != 0, rest[1][...]
         keep_rule = functools.partial(_hi_keep, chosen, dense, qp, num_blocks=num_blocks, cfg=cfg)
 
-    def merge_tile(j, carry):
+    def merge_tile(j, top):
         kb = tiles_ref[j]
         keys = pl.ds(kb * bk, bk)
         kp = kp_ref[keys]
         valid = _valid_keys(qp, kp, kok_ref[keys] != 0, q_seg, kseg_ref[keys])  # [bq, bk]
-        scores = _tile_scores(q, k_ref[keys, :].astype(jnp.float32), w)
+        scores = _tile_scores(q_ref, w_ref, k_ref[keys, :].astype(jnp.float32))
         keep = keep_rule(kp) if keep_rule is not None else None
         values = _values(scores, valid, keep, qp, kp, cfg, apart)
-        tile_idx = jnp.broadcast_to(kb * bk + jnp.arange(bk, dtype=jnp.int32), (bq, bk))
-        return _merge_topk(*carry, values, tile_idx, K)
+        tile_ids = kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        return bitonic.merge_top(*top, bitonic.order_key(values), tile_ids)
 
-    init = (jnp.full((bq, K), -jnp.inf, jnp.float32), jnp.zeros((bq, K), jnp.int32))
-    vals, idx = jax.lax.fori_loop(0, n_tiles_ref[0], merge_tile, init)
-    out_ref[...] = jnp.where(vals == -jnp.inf, -1, idx)
+    empty = bitonic.NEG_INF_KEY
+    init = (jnp.full((bq, width), empty, jnp.int32), jnp.full((bq, width), _INT_MAX, jnp.int32))
+    keys, ids = jax.lax.fori_loop(0, n_tiles_ref[0], merge_tile, init)
+    out_ref[...] = jnp.where(keys == empty, -1, ids)
 
 
 def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq, bk):
@@ -250,6 +247,8 @@ def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq, bk
     B, T, I, J = q.shape
     S = k.shape[1]
     K = cfg.index_topk
+    width = _next_pow2(_width(cfg, apart))
+    bk = min(bk, width)  # bitonic.merge_top takes tiles no wider than its buffer
     T_pad, S_pad = -(-T // bq) * bq, -(-S // bk) * bk
     nqb, nkb = T_pad // bq, S_pad // bk
     q, w = _pad_to(q, 1, T_pad, 0), _pad_to(w, 1, T_pad, 0)
@@ -269,7 +268,7 @@ def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq, bk
         chosen, need = _hi_tile_plan(q, w, qp, real, dense, kp, k_ok, hier, cfg, bq, bk)
         m_pad = _next_pow2(chosen.shape[-1])
         extra_inputs = [dense.astype(jnp.int32), _pad_to(chosen, 2, m_pad, -1)]
-    # The needed tiles first, each group in ascending order (the merge relies on ascending key indices).
+    # The needed tiles first (the loop runs over n_tiles of them), each group in ascending order.
     nkb_pad = _next_pow2(nkb)
     tiles = _pad_to(jnp.argsort(~need, axis=-1, stable=True).astype(jnp.int32), 2, nkb_pad, 0)
     n_tiles = need.sum(axis=-1, dtype=jnp.int32)
@@ -292,13 +291,15 @@ def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq, bk
 
     out = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg, apart=apart, bk=bk, num_blocks=num_blocks),
-        out_shape=jax.ShapeDtypeStruct((B, T_pad, _width(cfg, apart)), jnp.int32),
+        out_shape=jax.ShapeDtypeStruct((B, T_pad, width), jnp.int32),
         grid=(B, nqb),
         in_specs=in_specs,
-        out_specs=per_query(_width(cfg, apart)),
+        out_specs=per_query(width),
+        # 8 warps: with 4, ptxas spills ~21 KB per thread of the sorting network (bench/triton_ptx.py).
+        compiler_params=compiler_params(num_warps=8),
         interpret=interpret(),
     )(*inputs, *extra_inputs)
-    return out[:, :T]
+    return out[:, :T, : _width(cfg, apart)]
 
 
 __all__ = ["select", "block_keys"]

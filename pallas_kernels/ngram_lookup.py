@@ -37,12 +37,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 from jax.sharding import PartitionSpec as P
 
 from longcat_jax.config import Config
 from longcat_jax.ngram import _hash_plan, _segment_windows, table_offsets
-from pallas_kernels.impl import interpret, resolve
+from pallas_kernels.impl import compiler_params, interpret, resolve
 
 ROWS_AXIS = "vp"  # mesh axis of "ngram_rows" in sharding/rules.py
 
@@ -136,7 +135,7 @@ def _forward_pallas(tables, proj, windows_t, start, plan: _Plan, out_dtype):
             pl.BlockSpec((G, dim, bd), lambda i, j: (0, 0, j)),
         ],
         out_specs=pl.BlockSpec((bt, bd), lambda i, j: (i, j)),
-        compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=compiler_params(),
         interpret=interpret(),
     )(start, windows_t, tables, proj)
     return out[:tokens]
@@ -295,7 +294,8 @@ def ngram_lookup(
       history: optional int [B, N-1], the previous N-1 tokens (see longcat_jax.ngram.next_history).
       impl: "auto" | "xla" | "pallas" (pallas_kernels/impl.py).
       block_t: tokens per kernel block (power of two >= 16; smaller inputs use one smaller block).
-      block_d: output columns per kernel block (power of two dividing D); None = largest such <= 512.
+      block_d: output columns per kernel block (power of two dividing D); None = largest such <= 128
+        (512 needs 272 KiB of shared memory on sm_90, over the 227 KiB limit; bench/triton_ptx.py).
       mesh: a mesh with a "vp" axis; tables are sharded by rows over it when its size is > 1. None = the mesh
         set with `jax.set_mesh`, if any. Sum R_i must be divisible by the "vp" size.
     Returns:
@@ -317,7 +317,7 @@ def ngram_lookup(
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     if block_d is None:
-        block_d = next((b for b in (512, 256, 128, 64, 32, 16) if D % b == 0), D)
+        block_d = next((b for b in (128, 64, 32, 16) if D % b == 0), D)
     elif block_d < 1 or block_d & (block_d - 1) or D % block_d:
         raise ValueError(f"block_d must be a power of two dividing D = {D}, got {block_d}")
     rows_mesh = _rows_mesh(mesh)

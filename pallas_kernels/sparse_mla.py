@@ -23,8 +23,9 @@ gathers only the other slots, in the same softmax; the kernel and the backward t
 
 `sparse_mla_decode.sparse_mla_decode_paged` is the one-query-per-sequence form over a paged latent cache.
 
-The Pallas kernels use the generic pallas_call + grid + BlockSpec API with power-of-two tiles and f32 accumulation
-so that they could lower with Triton; on CPU they run in interpret mode.
+The Pallas kernels use the generic pallas_call + grid + BlockSpec API with power-of-two tiles and f32
+accumulation, and lower with Triton (`tests/test_kernel_lowering.py`; small contractions go through
+`tile_dot`); on CPU they run in interpret mode.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from jax.experimental import pallas as pl
 from longcat_jax.indexer import indices_to_mask
 from longcat_jax.mla import _softmax_f32
 from pallas_kernels import si_window
-from pallas_kernels.impl import interpret, resolve
+from pallas_kernels.impl import compiler_params, interpret, resolve
+from pallas_kernels.tile_dot import einsum_2d
 
 # A finite "minus infinity": a chunk with no valid slot keeps the running max finite (no inf - inf = nan).
 _NEG = -1e30
@@ -60,7 +62,10 @@ class _Opts(NamedTuple):
 
 
 def _mm(spec, a, b):
-    """einsum with f32 accumulation; `a` is cast to `b`'s dtype so both operands share one (tensor-core) type."""
+    """einsum with f32 accumulation; `a` is cast to `b`'s dtype so both operands share one (tensor-core) type.
+    In a kernel (2-D tiles) it is `tile_dot`, which Triton takes at any tile size."""
+    if a.ndim == b.ndim == 2:
+        return einsum_2d(spec, a.astype(b.dtype), b)
     return jnp.einsum(spec, a.astype(b.dtype), b, preferred_element_type=_F32)
 
 
@@ -104,7 +109,7 @@ def _normalise(acc, m, l):
 
 def _probs_delta(p, g_probs):
     """sum_k p[n,k] g[k] / N: the probs output's share of the softmax-backward row sum sum_k p dp."""
-    return jnp.einsum("...nk,...k->...n", p, g_probs) / p.shape[-2]
+    return jnp.sum(p * g_probs[..., None, :], axis=-1) / p.shape[-2]  # no matrix-vector dot: Triton has none
 
 
 # ---------------------------------------------------------------- Pallas kernels (one program per query)
@@ -127,6 +132,7 @@ def _query_grid_call(kernel, inputs, out_shapes):
         in_specs=[_block(x.shape, d) for x, d in inputs],
         out_specs=[_block(s, 2) for s in out_shapes],
         out_shape=[jax.ShapeDtypeStruct(s, _F32) for s in out_shapes],
+        compiler_params=compiler_params(),
         interpret=interpret(),
     )(*(x for x, _ in inputs))
 

@@ -133,6 +133,23 @@ def test_matches_dense_bf16_inputs():
     check("random_masked", jnp.bfloat16, 1e-4, 1e-2)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_key_gradient_sums_in_f32(impl):
+    """Each of 8 keys fills 32 slots of each of 64 queries: dk for bf16 keys is summed in f32, then rounded
+    once (the XLA path once summed the 2048 contributions in bf16 and lost ~6% of a key's gradient)."""
+    B, T, S, K, I, J = 1, 64, 8, 256, CFG.index_n_heads, CFG.index_head_dim
+    kq, kk, kw, kt = jax.random.split(jax.random.key(5), 4)
+    q, k = jax.random.normal(kq, (B, T, I, J), jnp.bfloat16), jax.random.normal(kk, (B, S, J), jnp.bfloat16)
+    w = jax.random.normal(kw, (B, T, I), jnp.float32)
+    idx = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32) % S, (B, T, K))
+    target = jax.random.uniform(kt, (B, T, K))
+    _, (_, dk, _) = sparse_loss_and_grads(q, k, w, idx, target, None, impl)
+    _, (_, dk_exact, _) = sparse_loss_and_grads(q.astype(jnp.float32), k.astype(jnp.float32), w, idx, target,
+                                                None, impl)
+    assert dk.dtype == jnp.bfloat16
+    assert_close(dk, dk_exact, 1e-2, "dk")
+
+
 def test_empty_rows_and_mask_edge_cases():
     """All slots -1 everywhere: loss 0 with zero gradients; an all-zero query mask: loss 0."""
     q, k, w, qp, kp, kv, idx, target, _ = make_case("token_topk")
