@@ -3,7 +3,8 @@
 One process, one CPU, the same dimensions, batch, sequence length, loss and optimizer on both sides:
 
   ours       Config.small() with the N-gram embedding, indexer (LSA) and MTP switched off (the reference
-             has none of them); `forward` + next-token CE + `jax.value_and_grad` + optax AdamW
+             has none of them); `forward` + next-token CE through the fused LM head (`lm_loss.lm_head_stats`,
+             as train.py computes it) + `jax.value_and_grad` + optax AdamW
              (`make_optimizer(use_muon=False)`: global-norm clip 1.0, AdamW b=(0.9, 0.95), wd 0.1), one
              `jax.jit`.
   reference  LongcatFlashForCausalLM from the same dimensions (`hf_config.config_to_hf`), logits + CE +
@@ -52,6 +53,7 @@ from flax import nnx  # noqa: E402
 
 from longcat_jax import Config, build_model, forward  # noqa: E402
 from longcat_jax.hf_config import FLASH, config_to_hf  # noqa: E402
+from longcat_jax.lm_loss import lm_head_stats  # noqa: E402
 from longcat_jax.optim import OptimizerSettings, make_optimizer  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_cpu.json")
@@ -139,9 +141,11 @@ def make_jax_step(cfg: Config, inputs, targets):
                         params)
     opt_state = tx.init(params)
 
-    def loss_fn(params, x, y):
-        logits = forward(nnx.merge(graphdef, params), x, with_mtp=False).logits
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def loss_fn(params, x, y):  # next-token CE through the fused LM head, as train.py computes it
+        model = nnx.merge(graphdef, params)
+        h = model.final_norm(forward(model, x, with_mtp=False).hidden)
+        lse, target_logit = lm_head_stats(h, model.lm_head[...], y)
+        return (lse - target_logit).mean()
 
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)

@@ -22,6 +22,7 @@ import optax
 from flax import nnx
 
 from longcat_jax.config import Config
+from longcat_jax.lm_loss import lm_head_stats, stats_from_logits
 from longcat_jax.model import forward
 from longcat_jax.reliability import (
     GuardState, abft_check, flip_bit, guard_check, high_bit, inject_nan, select_tree, weight_checksum,
@@ -82,10 +83,13 @@ def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *
         flipped = jax.lax.stop_gradient(flip_bit(logits, 0, high_bit(logits.dtype)))
         logits = jnp.where(fault_flip, flipped, logits)
         mismatch = abft_check(h, logits, weight_checksum(w))
-    else:
-        logits, mismatch = out.logits, jnp.array(False)
-    ce = _masked_ce(logits, batch["targets"], mask)
-    z = jnp.sum(jax.nn.logsumexp(logits.astype(jnp.float32), -1) ** 2 * mask) / jnp.maximum(mask.sum(), 1.0)
+        lse, target_logit = stats_from_logits(logits, batch["targets"])
+    else:  # the forward's logits are dead code here too: the fused head computes what the loss needs
+        lse, target_logit = lm_head_stats(model.final_norm(out.hidden), model.lm_head[...], batch["targets"])
+        mismatch = jnp.array(False)
+    n_real = jnp.maximum(mask.sum(), 1.0)
+    ce = jnp.sum((lse - target_logit) * mask) / n_real
+    z = jnp.sum(lse**2 * mask) / n_real
     terms = {"ce": ce, "z_loss": z}
     total = ce + settings.z_loss * z
     if out.mtp_logits is not None:
