@@ -49,9 +49,13 @@ class TrainState:
     guard: GuardState
 
 
+def _masked_mean(x, mask):
+    return jnp.sum(x * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
 def _masked_ce(logits, targets, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(ce * mask) / jnp.maximum(mask.sum(), 1.0)
+    lse, target_logit = stats_from_logits(logits, targets)
+    return _masked_mean(lse - target_logit, mask)
 
 
 def mtp_targets(batch, k: int):
@@ -87,9 +91,7 @@ def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *
     else:  # the forward's logits are dead code here too: the fused head computes what the loss needs
         lse, target_logit = lm_head_stats(model.final_norm(out.hidden), model.lm_head[...], batch["targets"])
         mismatch = jnp.array(False)
-    n_real = jnp.maximum(mask.sum(), 1.0)
-    ce = jnp.sum((lse - target_logit) * mask) / n_real
-    z = jnp.sum(lse**2 * mask) / n_real
+    ce, z = _masked_mean(lse - target_logit, mask), _masked_mean(lse**2, mask)
     terms = {"ce": ce, "z_loss": z}
     total = ce + settings.z_loss * z
     if out.mtp_logits is not None:
