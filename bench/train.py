@@ -12,7 +12,7 @@ One process, one CPU, the same dimensions, batch, sequence length, loss and opti
 
 `--capacity-factor CF` adds a third side: ours with the capacity-factor MoE dispatch (batched einsums over
 [E, C, D] buffers, overflow dropped) instead of the dropless one (sort by expert, then `lax.ragged_dot` on
-GPU/TPU and exact per-expert tiles on CPU, `moe.tiled_expert_ffn`).
+GPU/TPU and a loop over per-expert row tiles on CPU, `expert_tiles.tiled_expert_ffn`).
 
 Every side runs in float32 on the same fixed random batch. After warm-up (JAX compile, first torch steps)
 the timed steps are interleaved A, B, A, B... so load from other users of a shared machine hits all sides
@@ -24,11 +24,11 @@ the attention score and value matmuls over the full T x T square (no causal savi
 it) x 3 for forward + backward. It is divided by the rate of a large f32 jnp matmul (`--matmul-size`^3,
 best of 3) timed in this process in every round, right after the steps; the fraction is the median over
 rounds. XLA's own `cost_analysis()` flops of the compiled step are also recorded, but they are not
-comparable: XLA counts a `lax.scan` body once (not per layer) and counts the padded expert tiles in full.
+comparable: XLA counts a loop body once: the layer scan's (not per layer) and the expert-tile loop's (not per tile).
 
 Usage:
   python bench/train.py [--steps N] [--batch-size B] [--seq-len T] [--json PATH] [--png PATH]
-                        [--capacity-factor CF]
+                        [--capacity-factor CF] [--pause S]
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+    p.add_argument("--pause", type=float, default=0.5,
+                   help="seconds of idle before every timed step and matmul measurement")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="also time ours with capacity-factor MoE dispatch (drops overflow) as a third side")
     p.add_argument("--json", default=DEFAULT_JSON, help="result file ('' to skip)")
@@ -262,11 +264,15 @@ def run(args) -> dict:
     # with see the same load from other users of the machine.
     times, mm = {name: [] for name in sides}, []
     jax_matmul_rates(args.matmul_size, 1)  # compile outside the timed rounds
+    # The pause lets the previous side's worker threads stop spinning (OpenMP and MKL spin-wait after each
+    # parallel region) before the next side is timed, so no side pays for another's idle threads.
     for _ in range(args.steps):
         for name, side in sides.items():
+            time.sleep(args.pause)
             t = time.perf_counter()
             side["run"]()
             times[name].append(time.perf_counter() - t)
+        time.sleep(args.pause)
         mm.append(max(jax_matmul_rates(args.matmul_size, 3)))
     torch_mm = torch_matmul_rates(args.matmul_size, 5)
     fl = analytic_flops(cfg, B, T)
@@ -284,8 +290,8 @@ def run(args) -> dict:
                           "expert_ffn_hidden_size", "n_routed_experts", "zero_expert_num", "moe_topk",
                           "routed_scaling_factor")}),
         flops=dict(fl, method="analytic model FLOPs (6 x active params x tokens + 3 x full-square attention)",
-                   xla_note="xla_cost_analysis_flops counts the layer scan body once and the padded "
-                            "expert tiles in full"),
+                   xla_note="xla_cost_analysis_flops counts the layer scan body and the expert-tile "
+                            "loop body once each"),
         matmul=dict(jax_flops_per_s_per_round=mm, jax_median=mm_rate, torch_flops_per_s=torch_mm,
                     torch_median=statistics.median(torch_mm)),
     )

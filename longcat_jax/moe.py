@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
+from longcat_jax.expert_tiles import tiled_expert_ffn
 from longcat_jax.layers import param
 
 # --- Router ------------------------------------------------------------------------------------------------
@@ -133,39 +134,10 @@ def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
         u = jax.lax.ragged_dot(xs, w_up, group_sizes)
         y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [N*K, D]
     else:
-        # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work); tiles are exact.
+        # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work).
         y = tiled_expert_ffn(xs, starts, w_gate, w_up, w_down)
     y = jnp.where(is_routed, y, 0)
     return _combine(y, order, x, weights, indices, n_experts)
-
-
-def tiled_expert_ffn(xs, starts, w_gate, w_up, w_down, tile: int = 64):
-    """Grouped SwiGLU over expert-sorted rows without dropping any: each expert's rows are padded to a multiple
-    of `tile`, every tile belongs to one expert, and one batched einsum per projection runs all tiles.
-
-    xs [M, D] rows sorted by expert; starts [E+1] first row of each expert (rows past starts[E] are not routed).
-    Returns [M, D] (zero rows past starts[E]).
-    """
-    m = xs.shape[0]
-    n_experts = w_gate.shape[0]
-    sizes = starts[1:] - starts[:-1]
-    padded_start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(-(-sizes // tile) * tile)[:-1]])
-    n_tiles = m // tile + n_experts  # static bound: padding adds less than one tile per expert
-    r = jnp.arange(n_tiles * tile, dtype=jnp.int32)
-    expert = jnp.clip(jnp.searchsorted(padded_start, r, side="right") - 1, 0, n_experts - 1)
-    rank = r - padded_start[expert]
-    valid = rank < sizes[expert]
-    xt = jnp.where(valid[:, None], xs[jnp.where(valid, starts[expert] + rank, 0)], 0)
-    xt = xt.reshape(n_tiles, tile, -1)
-    tile_expert = expert.reshape(n_tiles, tile)[:, 0]
-    g = jnp.einsum("tmd,tdf->tmf", xt, w_gate[tile_expert])
-    u = jnp.einsum("tmd,tdf->tmf", xt, w_up[tile_expert])
-    yt = jnp.einsum("tmf,tfd->tmd", jax.nn.silu(g) * u, w_down[tile_expert]).reshape(n_tiles * tile, -1)
-    # Sorted row i of expert e sits at padded row padded_start[e] + (i - starts[e]).
-    i = jnp.arange(m, dtype=jnp.int32)
-    e_of_row = jnp.clip(jnp.searchsorted(starts, i, side="right") - 1, 0, n_experts - 1)
-    routed = i < starts[n_experts]
-    return jnp.where(routed[:, None], yt[jnp.where(routed, padded_start[e_of_row] + i - starts[e_of_row], 0)], 0)
 
 
 def capacity(cfg: Config, n_tokens: int, n_experts: int) -> int:

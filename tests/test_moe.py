@@ -312,29 +312,36 @@ def test_expert_load_counts():
     np.testing.assert_array_equal(expert_load(idx, CFG), [1, 1, 0, 2, 0, 0, 0, 2])
 
 
-def test_tiled_grouped_ffn_equals_ragged_dot():
-    """The CPU path (expert tiles) computes exactly what ragged_dot's grouped matmul does, gradients included."""
-    from longcat_jax.moe import _sort_assignments, tiled_expert_ffn
+@pytest.mark.parametrize("routing", ["random", "one_expert", "identity_only"])
+def test_tiled_grouped_ffn_equals_ragged_dot(routing):
+    """The CPU path (a loop over expert row tiles, hand-written backward) computes exactly what ragged_dot's
+    grouped matmul does, gradients included: random groups (some empty, some identity rows), every row on one
+    expert (full tiles then a partial one), and no routed row at all (zero tiles)."""
+    from longcat_jax.expert_tiles import tiled_expert_ffn
+    from longcat_jax.moe import _sort_assignments
 
     E, D, F, N, K = 5, 8, 12, 37, 3
     keys = jax.random.split(jax.random.key(11), 5)
     x = jax.random.normal(keys[0], (N, D))
-    idx = jax.random.randint(keys[1], (N, K), 0, E + 2)  # some identity slots (>= E)
+    idx = {"random": jax.random.randint(keys[1], (N, K), 0, E + 2),  # some identity slots (>= E)
+           "one_expert": jnp.full((N, K), 3, jnp.int32),
+           "identity_only": jnp.full((N, K), E, jnp.int32)}[routing]
     wg, wu = jax.random.normal(keys[2], (E, D, F)), jax.random.normal(keys[3], (E, D, F))
     wd = jax.random.normal(keys[4], (E, F, D))
     order, sorted_e, starts = _sort_assignments(idx, E)
-    xs = jnp.where((sorted_e < E)[:, None], jnp.repeat(x, K, axis=0)[order], 0)
+    xs = jnp.repeat(x, K, axis=0)[order]  # identity rows (past starts[E]) hold data too: they must come out 0
     sizes = starts[1:] - starts[:-1]
+    cotangent = jax.random.normal(keys[0], xs.shape)
 
     def ragged(xs, wg, wu, wd):
         h = jax.nn.silu(jax.lax.ragged_dot(xs, wg, sizes)) * jax.lax.ragged_dot(xs, wu, sizes)
         return jnp.where((sorted_e < E)[:, None], jax.lax.ragged_dot(h, wd, sizes), 0)
 
     for tile in (4, 64):
-        got = tiled_expert_ffn(xs, starts, wg, wu, wd, tile=tile)
+        tiled = jax.jit(lambda *a, tile=tile: tiled_expert_ffn(a[0], starts, *a[1:], tile=tile))
+        got = tiled(xs, wg, wu, wd)
         np.testing.assert_allclose(got, ragged(xs, wg, wu, wd), rtol=1e-5, atol=1e-5)
-        g_tiled = jax.grad(lambda *a: tiled_expert_ffn(*a[:1], starts, *a[1:], tile=tile).sum(), argnums=(0, 1, 3))(
-            xs, wg, wu, wd)
-        g_ragged = jax.grad(lambda *a: ragged(*a).sum(), argnums=(0, 1, 3))(xs, wg, wu, wd)
-        for a, b in zip(g_tiled, g_ragged):
+        grads = jax.grad(lambda *a, f=tiled: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2, 3))(xs, wg, wu, wd)
+        expected = jax.grad(lambda *a: jnp.sum(ragged(*a) * cotangent), argnums=(0, 1, 2, 3))(xs, wg, wu, wd)
+        for a, b in zip(grads, expected):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
