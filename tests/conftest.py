@@ -35,3 +35,16 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+# `make test` spreads whole files over two worker processes (pytest-xdist, --dist loadfile). These files take
+# the longest, so they start first and the other files fill the second worker meanwhile.
+_SLOWEST_FILES = ("test_train.py", "test_kernel_model.py", "test_notebook.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _SLOWEST_FILES.index(name) if name in _SLOWEST_FILES else len(_SLOWEST_FILES)
+
+    items.sort(key=rank)  # stable: the order inside each file is kept

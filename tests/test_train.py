@@ -38,14 +38,14 @@ def _losses(out):
     return [(r["step"], r["loss"], r["ce"]) for r in read_metrics(out) if "loss" in r]
 
 
-def _final_params(out):
-    """Every array of the newest checkpoint's state, by file name (orbax's own storage)."""
+def _final_params(out, step=None):
+    """(step, every array of that checkpoint's state by path); the newest checkpoint unless `step` is given."""
     import orbax.checkpoint as ocp
 
-    steps = sorted(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit())
-    path = os.path.join(out, "checkpoints", str(steps[-1]), "state")
-    tree = ocp.StandardCheckpointer().restore(path)
-    return steps[-1], {k: np.asarray(v) for k, v in _flat(tree).items()}
+    if step is None:
+        step = max(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit())
+    tree = ocp.StandardCheckpointer().restore(os.path.join(out, "checkpoints", str(step), "state"))
+    return step, {k: np.asarray(v) for k, v in _flat(tree).items()}
 
 
 def _flat(tree, prefix=""):
@@ -120,22 +120,6 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
         assert resumed[s] == (loss, ce), s
 
 
-# The mesh runs share flags and step count, so they compile one set of 8-device programs: one training program
-# (no dense indexer warm-up), ABFT on because the bitflip run needs it.
-MESH_RUN = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic", "--abft", "--sample-tokens", "0",
-            "--indexer-warmup-steps", "0"]
-
-
-def test_deterministic_on_a_mesh(tmp_path, corpus):
-    assert _run(tmp_path / "a", corpus, *MESH_RUN, steps=6) == 0
-    assert _run(tmp_path / "b", corpus, *MESH_RUN, steps=6) == 0
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
-    _, pa = _final_params(tmp_path / "a")
-    _, pb = _final_params(tmp_path / "b")
-    for k in pa:
-        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-
-
 def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, corpus):
     """nan-grad@5: the guard skips the update; with --max-bad-steps 1 the last good checkpoint (step 4) is
     restored (offloaded optimizer state included), the transient fault does not recur, the run finishes."""
@@ -150,12 +134,39 @@ def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, 
     assert np.isfinite(rows[-1]["loss"])
 
 
-def test_bitflips_are_caught_on_a_mesh(tmp_path, corpus):
+# The mesh runs share flags and step count, so they compile one set of 8-device programs: one training program
+# (no dense indexer warm-up), ABFT on because the bitflip run needs it.
+MESH_RUN = ["--mesh", "dp=2,tp=2,ep=2", "--deterministic", "--abft", "--sample-tokens", "0",
+            "--indexer-warmup-steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory, corpus):
+    """Two 6-step runs with the same seed on the mesh: a clean one, and one with a bit flip injected at step 5."""
+    clean, flipped = tmp_path_factory.mktemp("mesh_clean"), tmp_path_factory.mktemp("mesh_bitflip")
+    assert _run(clean, corpus, *MESH_RUN, steps=6) == 0
+    assert _run(flipped, corpus, *MESH_RUN, "--inject-fault", "bitflip@5", steps=6) == 0
+    return clean, flipped
+
+
+def test_deterministic_on_a_mesh(mesh_runs):
+    """The two runs agree bit for bit until the fault: the losses of steps 1-4 and every array of the step-4
+    checkpoint (parameters and ZeRO-1 optimizer state)."""
+    clean, flipped = mesh_runs
+    assert _losses(clean)[:4] == _losses(flipped)[:4]
+    _, pa = _final_params(clean, step=4)
+    _, pb = _final_params(flipped, step=4)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
+def test_bitflips_are_caught_on_a_mesh(mesh_runs):
     """bitflip@5 on a dp=2 mesh: the ABFT checksum catches the flipped LM-head output (update skipped), and
     the cross-replica fingerprint catches the flipped parameter copy (last good checkpoint restored)."""
-    out = tmp_path / "run"
-    assert _run(out, corpus, *MESH_RUN, "--inject-fault", "bitflip@5", steps=6) == 0
+    out = mesh_runs[1]
     rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows][:4] == [1, 2, 3, 4]
     assert rows[5]["step"] == 6 and rows[5]["skipped"] and rows[5]["abft_mismatch"]
     assert not any(r["skipped"] for r in rows[6:]) and rows[-1]["step"] == 6
     events = (out / "events.log").read_text()
