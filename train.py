@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
         remat=REMAT_POLICIES[args.remat], host_opt_shardings=host_opt_shardings,
-    ), static_argnames="dense_attention", donate_argnums=0,
+    ), static_argnames=("dense_attention", "measure_recall"), donate_argnums=0,
         out_shardings=(state_shardings, None, None))
     eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef))
 
@@ -238,8 +238,12 @@ def main(argv=None) -> int:
             fault_fired = fault_fired or armed
             nan_at = jnp.int32(step if armed and fault.kind == "nan-grad" else -1)
             flip_at = jnp.int32(step if armed and fault.kind == "bitflip" else -1)
+            dense = step < args.indexer_warmup_steps
+            # The sparse stage measures its selection recall (a dense-attention pass, its own compiled program)
+            # only at the eval steps.
+            at_eval = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
             state, metrics, load = step_fn(state, batch, nan_fault_step=nan_at, flip_fault_step=flip_at,
-                                           dense_attention=step < args.indexer_warmup_steps)
+                                           dense_attention=dense, measure_recall=at_eval and not dense)
             metrics = jax.device_get(metrics)
             done += 1
             step += 1

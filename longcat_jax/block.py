@@ -18,7 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
 from longcat_jax.indexer import Indexer, indexer_scores, indices_to_mask, select
-from longcat_jax.indexer_loss import attention_recall, indexer_kl
+from longcat_jax.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.layers import MLP, RMSNorm
 from longcat_jax.mla import MLA, attention_mask
 from longcat_jax.moe import MoE
@@ -39,6 +39,10 @@ class Context:
     segment_ids: jax.Array | None = None  # [B, T] document ids, 0 = padding
     collect_aux: bool = False  # also return the indexer KL, selection recall and expert statistics
     dense_attention: bool = False  # indexer warm-up: attend to every causal key, train the indexer densely
+    # Sparse stage only (the warm-up's dense attention gives the recall for free): also measure the selection
+    # recall against the dense attention (`indexer_loss.selection_recall`, O(T x S) work in linear memory). A
+    # static flag, so a trainer compiles a second program and pays for it only at the steps it logs.
+    measure_recall: bool = False
 
     @property
     def query_mask(self):
@@ -96,7 +100,10 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
             aux = {"slot_probs": jax.lax.stop_gradient(slot_probs), "indices": indices}
             if indexer is not None:
                 aux["index_qkw"] = (q_i, k_i, w_i)
+            latents = (q_nope, q_rope, c_kv, k_rope)
+            aux.update(_measured_recall(attn, latents, indices, q_pos, k_pos, k_valid, ctx))
         return out, new_cache, indices, aux
+    key_valid = k_valid  # [B, S] or None, before packed documents make it per query
     if cache is None and ctx.segment_ids is not None:
         k_valid = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]  # [B, T, S]
     allowed = attention_mask(q_pos, k_pos, k_valid)
@@ -114,7 +121,25 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
         aux = {"probs": jax.lax.stop_gradient(probs), "allowed": allowed, "selected": selected}
         if indexer is not None:
             aux["scores"] = indexer_scores(q_i, k_i, w_i, q_pos, k_pos, k_valid)
+        if cfg.use_indexer:
+            latents = (q_nope, q_rope, c_kv, k_rope)
+            aux.update(_measured_recall(attn, latents, indices, q_pos, k_pos, key_valid, ctx))
     return out, new_cache, indices, aux
+
+
+def _measured_recall(attn: MLA, latents, indices, q_pos, k_pos, k_valid, ctx: Context):
+    """{"recall": scalar} in the sparse stage with ctx.measure_recall, else {}. This sublayer attended over its
+    selection only, so the dense scores are recomputed from latents = (q_nope, q_rope, c_kv, k_rope) in
+    absorbed form."""
+    if not ctx.measure_recall or ctx.dense_attention or ctx.cache_len is not None:
+        return {}
+    cfg = attn.cfg
+    q_nope, q_rope, c_kv, k_rope = latents
+    w_uk = attn.w_kv_up[..., : cfg.qk_nope_head_dim].astype(q_nope.dtype)
+    q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_uk)
+    args = [jax.lax.stop_gradient(a) for a in (q_lat, q_rope, c_kv, k_rope)]
+    return {"recall": selection_recall(*args, indices, cfg.softmax_scale, q_pos, k_pos, k_valid=k_valid,
+                                       segment_ids=ctx.segment_ids, query_mask=ctx.query_mask)}
 
 
 def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_probs: bool, window: int = 0,
@@ -137,19 +162,26 @@ def indexer_aux(owner_aux: dict, served: list[dict], ctx: Context, cfg: Config) 
     """KL loss of one indexer against the mean attention of the sublayers it serves, plus selection recall.
 
     On the kernel path (cfg.kernel_impl) the served sublayers report their attention at the owner's K slots only,
-    so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl); the recall needs the full
-    attention and is not reported there.
+    so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl). The recall (the share of the dense
+    attention mass the selection keeps) comes from the warm-up's dense attention, or in the sparse stage from
+    the served sublayers' own measurement (ctx.measure_recall); without either it is not reported.
     """
     if "slot_probs" in owner_aux:
         target = sum(a["slot_probs"] for a in served) / len(served)
         q_i, k_i, w_i = owner_aux["index_qkw"]
-        kl = sparse_indexer_kl(q_i, k_i, w_i, owner_aux["indices"], target, ctx.query_mask, impl=cfg.kernel_impl)
-        return {"indexer_kl": kl}
-    target = sum(a["probs"] for a in served) / len(served)
-    allowed = owner_aux["allowed"] if ctx.dense_attention else owner_aux["selected"]
-    kl = indexer_kl(owner_aux["scores"], target, allowed, ctx.query_mask)
-    recall = sum(attention_recall(a["probs"], a["selected"], ctx.query_mask) for a in served) / len(served)
-    return {"indexer_kl": kl, "indexer_recall": recall}
+        out = {"indexer_kl": sparse_indexer_kl(q_i, k_i, w_i, owner_aux["indices"], target, ctx.query_mask,
+                                               impl=cfg.kernel_impl)}
+    else:
+        target = sum(a["probs"] for a in served) / len(served)
+        allowed = owner_aux["allowed"] if ctx.dense_attention else owner_aux["selected"]
+        out = {"indexer_kl": indexer_kl(owner_aux["scores"], target, allowed, ctx.query_mask)}
+    if ctx.dense_attention:
+        recalls = [attention_recall(a["probs"], a["selected"], ctx.query_mask) for a in served]
+    else:  # the sparse stage's probabilities cover the selected keys only: they would always give 1.0
+        recalls = [a["recall"] for a in served if "recall" in a]
+    if recalls:
+        out["indexer_recall"] = sum(recalls) / len(recalls)
+    return out
 
 
 class DecoderLayer(nnx.Module):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from longcat_jax.indexer import indices_to_mask
+
 _MASKED = -1e9  # finite, so masked entries contribute exactly 0 and no NaN reaches the gradient
 
 
@@ -43,4 +45,50 @@ def attention_recall(target, selected, query_mask=None):
     if query_mask is None:
         return mass.mean()
     w = query_mask.astype(jnp.float32)
+    return (mass * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+def selection_recall(q_lat, q_rope, c_kv, k_rope, indices, scale, q_positions, k_positions, *, k_valid=None,
+                     segment_ids=None, query_mask=None, block_q: int = 128):
+    """Share of the dense causal attention mass that falls on the selected keys, head-averaged.
+
+    The same number as `attention_recall(dense head-mean probs, selected)`, computed one block of queries at a
+    time (memory O(block_q x S), not O(T x S)), so the sparse stage and the kernel path, which never form the
+    dense attention, can still report how much of it their selection keeps. Per head the selected mass is
+    exp(lse over the selected keys - lse over every allowed key), and each head's probabilities sum to one.
+
+    q_lat [B,T,N,R] (absorbed queries), q_rope [B,T,N,Hr], c_kv [B,S,R], k_rope [B,S,Hr]; indices int [B,T,K]
+    key rows (-1 = none); q_positions [B,T] / k_positions [B,S]; k_valid bool [B,S]; segment_ids [B,T] packed
+    documents of a self-attention row (S == T); query_mask [B,T]. Returns a scalar f32.
+    """
+    B, T = q_positions.shape
+    S = k_positions.shape[1]
+    pad = -T % block_q
+    n_blocks = (T + pad) // block_q
+
+    def blocks(x, fill=0):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+        return jnp.moveaxis(x.reshape(B, n_blocks, block_q, *x.shape[2:]), 1, 0)
+
+    seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+    k_seg = seg if segment_ids is not None else jnp.ones((B, S), jnp.int32)
+    k_ok = jnp.ones((B, S), bool) if k_valid is None else k_valid
+    c_kv, k_rope = c_kv.astype(jnp.float32), k_rope.astype(jnp.float32)
+
+    def block_mass(args):
+        ql, qr, idx, qp, qs = args
+        scores = (jnp.einsum("btnr,bsr->btns", ql.astype(jnp.float32), c_kv)
+                  + jnp.einsum("btnh,bsh->btns", qr.astype(jnp.float32), k_rope)) * scale
+        allowed = (k_positions[:, None, :] <= qp[:, :, None]) & k_ok[:, None, :]
+        allowed = allowed & (k_seg[:, None, :] == qs[..., None])
+        selected = allowed & indices_to_mask(idx, S)
+        lse_all = jax.nn.logsumexp(jnp.where(allowed[:, :, None], scores, -jnp.inf), axis=-1)
+        lse_sel = jax.nn.logsumexp(jnp.where(selected[:, :, None], scores, -jnp.inf), axis=-1)
+        mass = jnp.exp(lse_sel - jnp.where(jnp.isfinite(lse_all), lse_all, 0.0))  # 0 where nothing selected
+        return jnp.where(allowed.any(-1), mass.mean(-1), 0.0)  # [B, bq]; queries with no key count 0
+
+    per_block = (blocks(q_lat), blocks(q_rope), blocks(indices, -1), blocks(q_positions, -1), blocks(seg, -1))
+    mass = jax.lax.map(block_mass, per_block)
+    mass = jnp.moveaxis(mass, 0, 1).reshape(B, -1)[:, :T]
+    w = jnp.ones((B, T), jnp.float32) if query_mask is None else query_mask.astype(jnp.float32)
     return (mass * w).sum() / jnp.maximum(w.sum(), 1.0)

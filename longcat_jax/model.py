@@ -109,20 +109,22 @@ def _logits(model: LongCat, h):
 
 def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True, *,
             segment_ids: jax.Array | None = None, collect_aux: bool = False, dense_attention: bool = False,
-            remat=None) -> Output:
+            measure_recall: bool = False, remat=None) -> Output:
     """Full-sequence forward.
 
     tokens int [B, T]; positions default to 0..T-1. segment_ids [B, T] marks packed documents (0 = padding),
     with positions restarting at 0 in each: attention and selection then stay inside a document. HI block means
     pool whole rows (HI is training-free and off below hi_min_len). collect_aux returns the training statistics in Output.aux; dense_attention is the
-    indexer warm-up stage (attention ignores the selection); remat is a jax.checkpoint policy for each layer.
+    indexer warm-up stage (attention ignores the selection); measure_recall also measures the sparse stage's
+    selection recall against the dense attention (block.Context); remat is a jax.checkpoint policy for each
+    layer.
     """
     cfg = model.cfg
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), segment_ids=segment_ids,
-                  collect_aux=collect_aux, dense_attention=dense_attention)
+                  collect_aux=collect_aux, dense_attention=dense_attention, measure_recall=measure_recall)
     h = embed_tokens(model, tokens)
     h, _, layer_aux = _run_layers(model, h, ctx, None, remat)
     logits = _logits(model, h)
@@ -131,7 +133,7 @@ def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = Non
         aux = {"expert_load": layer_aux["expert_load"], "balance_loss": layer_aux["balance_loss"].mean()}
         if cfg.use_indexer:
             aux["indexer_kl"] = layer_aux["indexer_kl"].sum()
-            if "indexer_recall" in layer_aux:  # not on the kernel path (see block.indexer_aux)
+            if "indexer_recall" in layer_aux:  # dense warm-up, or measured (see block.indexer_aux)
                 aux["indexer_recall"] = layer_aux["indexer_recall"].mean()
     if with_mtp and model.mtp is not None:
         h0 = h if cfg.mtp_hidden_source == "pre_norm" else model.final_norm(h)

@@ -71,11 +71,15 @@ def mtp_targets(batch, k: int):
 
 
 def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *, dense_attention=False,
-                 remat=None, fault_flip=False):
-    """Total loss and its terms for one batch (dict of [B, T] arrays from longcat_jax.data)."""
+                 measure_recall=False, remat=None, fault_flip=False):
+    """Total loss and its terms for one batch (dict of [B, T] arrays from longcat_jax.data).
+
+    The terms hold indexer_recall in the dense warm-up, and in the sparse stage with measure_recall (static,
+    see `forward`).
+    """
     model = nnx.merge(graphdef, params)
     out = forward(model, batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"], collect_aux=True,
-                  dense_attention=dense_attention, remat=remat)
+                  dense_attention=dense_attention, measure_recall=measure_recall, remat=remat)
     mask = batch["loss_mask"]
     if settings.abft:
         # Recompute the LM-head matmul (the forward's own logits are then dead code) and verify it against the
@@ -134,7 +138,8 @@ def update_router_bias(params, expert_load, cfg: Config, rate: float):
 
 
 def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, settings: LossSettings,
-               dense_attention=False, remat=None, nan_fault_step=-1, flip_fault_step=-1, host_opt_shardings=None):
+               dense_attention=False, measure_recall=False, remat=None, nan_fault_step=-1, flip_fault_step=-1,
+               host_opt_shardings=None):
     """One update: gradients, guard (NaN / spike / ABFT), optimizer, router-bias balancing.
 
     host_opt_shardings: the optimizer state lives in host memory (these are its shardings); it is copied to
@@ -145,8 +150,8 @@ def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, se
     """
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
     (_, (terms, load, mismatch)), grads = grad_fn(
-        state.params, graphdef, batch, cfg, settings, dense_attention=dense_attention, remat=remat,
-        fault_flip=state.step == flip_fault_step)
+        state.params, graphdef, batch, cfg, settings, dense_attention=dense_attention,
+        measure_recall=measure_recall, remat=remat, fault_flip=state.step == flip_fault_step)
     grads = inject_nan(grads, where=state.step == nan_fault_step)
     grad_norm = optax.global_norm(grads)
     loss = jnp.where(mismatch, jnp.nan, terms["loss"])  # an SDC makes the step as untrustworthy as a NaN

@@ -7,11 +7,14 @@ import pytest
 from flax import nnx
 
 import longcat_jax as lj
-from longcat_jax.indexer_loss import indexer_kl
+from longcat_jax.indexer import indices_to_mask
+from longcat_jax.indexer_loss import attention_recall, indexer_kl, selection_recall
+from longcat_jax.mla import attention_mask
 from tests.hf_reference import rel_err
 
 
-FORWARD = jax.jit(lj.forward, static_argnames=("with_mtp", "collect_aux", "dense_attention", "remat"))
+FORWARD = jax.jit(lj.forward, static_argnames=("with_mtp", "collect_aux", "dense_attention", "measure_recall",
+                                               "remat"))
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +48,16 @@ def test_packed_documents_equal_separate_forwards(tiny):
 def test_aux_statistics(tiny):
     cfg, model = tiny
     tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 40)))
-    out = FORWARD(model, tokens, collect_aux=True)
+    out = FORWARD(model, tokens, collect_aux=True, measure_recall=True)
     aux = out.aux
     assert aux["expert_load"].shape == (cfg.num_layers, cfg.num_slots)
     np.testing.assert_array_equal(aux["expert_load"].sum(-1), 2 * 40 * cfg.moe_topk)
-    assert float(aux["indexer_kl"]) > 0 and float(aux["mtp_indexer_kl"]) > 0
-    assert 0.5 < float(aux["indexer_recall"]) <= 1.0 and float(aux["balance_loss"]) > 0
+    assert float(aux["indexer_kl"]) > 0 and float(aux["mtp_indexer_kl"]) > 0 and float(aux["balance_loss"]) > 0
+    # 40 keys, top-16 selection: the sparse stage keeps much, not all, of the dense attention mass.
+    assert 0.5 < float(aux["indexer_recall"]) < 1.0 and 0.5 < float(aux["mtp_indexer_recall"]) < 1.0
     dense = FORWARD(model, tokens, collect_aux=True, dense_attention=True)
     assert not np.allclose(dense.logits, out.logits)  # warm-up attends to every key
+    assert 0.5 < float(dense.aux["indexer_recall"]) < 1.0
     np.testing.assert_allclose(FORWARD(model, tokens).logits, out.logits, atol=1e-6)
 
 
@@ -112,3 +117,30 @@ def test_remat_policy_gives_same_gradients(tiny):
     for (p, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(saved)):
         np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=2e-4, atol=1e-6,
                                    err_msg=str(p))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_selection_recall_equals_dense_recall(packed):
+    """The blockwise recall (queries in blocks of 8, T = 21 not a multiple) equals the share of the dense
+    head-mean attention on the selected keys, with -1 slots, unwritten keys and packed documents."""
+    B, T, N, R, Hr, K = 2, 21, 3, 8, 4, 5
+    keys = jax.random.split(jax.random.key(5), 5)
+    q_lat, q_rope = jax.random.normal(keys[0], (B, T, N, R)), jax.random.normal(keys[1], (B, T, N, Hr))
+    c_kv, k_rope = jax.random.normal(keys[2], (B, T, R)), jax.random.normal(keys[3], (B, T, Hr))
+    indices = jax.random.randint(keys[4], (B, T, K), -1, T)
+    k_valid = jnp.arange(T)[None, :] < jnp.array([[T], [17]])  # row 1: the last 4 keys are unwritten
+    seg = jnp.where(jnp.arange(T)[None, :] < jnp.array([[T], [9]]), 1, 2) if packed else None
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if packed:
+        pos = jnp.where(seg == 2, pos - 9, pos)
+    query_mask = jnp.ones((B, T)).at[0, 3].set(0.0)
+
+    scores = (jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)) * 0.3
+    valid = k_valid[:, None, :] if seg is None else k_valid[:, None, :] & (seg[:, :, None] == seg[:, None, :])
+    allowed = attention_mask(pos, pos, valid)
+    probs = jax.nn.softmax(jnp.where(allowed[:, None], scores, -jnp.inf), axis=-1).mean(1)
+    want = attention_recall(probs, indices_to_mask(indices, T) & allowed, query_mask)
+    got = selection_recall(q_lat, q_rope, c_kv, k_rope, indices, 0.3, pos, pos, k_valid=k_valid,
+                           segment_ids=seg, query_mask=query_mask, block_q=8)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert 0.1 < float(want) < 0.9
