@@ -64,7 +64,8 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
 
     Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux holds
     "probs" (head-mean attention [B,T,S]), "allowed" (causal and same-document keys), "selected" (the LSA mask)
-    and, for an owner, "scores" (indexer logits); otherwise aux is empty.
+    and, for an owner, "scores" (indexer logits); with ctx.measure_recall in the sparse stage, on either path,
+    also "recall" (`_measured_recall`); otherwise aux is empty.
     """
     B, T, _ = x.shape
     q_nope, q_rope, c_q, c_kv, k_rope = attn.latents(x, ctx.positions, ctx.inv_freq)
