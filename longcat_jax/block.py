@@ -37,7 +37,7 @@ class Context:
     # Packed training rows: positions restart in every document, so "causal by position and same document" is
     # exactly per-document causality, and the SI sinks and local window are each document's own.
     segment_ids: jax.Array | None = None  # [B, T] document ids, 0 = padding
-    collect_aux: bool = False  # also return the indexer KL, selection recall and expert statistics
+    collect_aux: bool = False  # also return the indexer KL, expert statistics and (see below) selection recall
     dense_attention: bool = False  # indexer warm-up: attend to every causal key, train the indexer densely
     # Sparse stage only (the warm-up's dense attention gives the recall for free): also measure the selection
     # recall against the dense attention (`indexer_loss.selection_recall`, O(T x S) work in linear memory). A

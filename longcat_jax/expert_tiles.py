@@ -8,8 +8,8 @@ and nothing is padded beyond the last partial tile of each expert.
     y[i] = (silu(xs[i] @ w_gate[e]) * (xs[i] @ w_up[e])) @ w_down[e]     for sorted row i of expert e
 
 A loop with a run-time trip count has no autodiff, so the backward pass is written out: it walks the same
-tiles, in the same order, and adds each tile's weight gradient into its expert's slot in f32. One fixed order,
-no scatter-add: the gradients are deterministic (SPEC 7.12).
+tiles, in the same order, and adds each tile's weight gradient into its expert's slot in f32, one slot per
+update in a fixed order (no colliding scatter-add): the gradients are deterministic (SPEC 7.12).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def tiled_expert_ffn(xs, starts, w_gate, w_up, w_down, tile: int = 64):
     Args:
       xs: [M, D] rows sorted by expert.
       starts: [E+1] int32, first row of each expert; rows from starts[E] on belong to no expert.
-      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D]; all in xs's dtype.
       tile: rows per tile (static).
     Returns:
       [M, D] in xs's dtype, zero in rows past starts[E].

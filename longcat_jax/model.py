@@ -57,8 +57,9 @@ class Output:
     logits: jax.Array  # [B, T, V] f32
     mtp_logits: jax.Array | None  # [S, B, T, V] f32, S = mtp_num_steps
     hidden: jax.Array  # [B, T, D] final hidden state before the final norm
-    # With collect_aux: indexer_kl, indexer_recall (sums / means over layers), expert_load [L, slots],
-    # balance_loss (mean over layers), mtp_indexer_kl, mtp_indexer_recall. Empty otherwise.
+    # With collect_aux: indexer_kl (sum over layers), expert_load [L, slots], balance_loss (mean over layers),
+    # mtp_indexer_kl; in the dense warm-up or with measure_recall also indexer_recall (mean over layers) and
+    # mtp_indexer_recall. Empty otherwise.
     aux: dict = dataclasses.field(default_factory=dict)
 
 

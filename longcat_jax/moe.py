@@ -9,7 +9,8 @@ SPEC 3.5; upstream SGLang GPU differs).
     MoE(u) = sum_{e in idx, e < E} g_e FFN_e(u) + (sum_{e in idx, e >= E} g_e) u
 
 Two dispatch paths (SPEC 7.12 determinism: sort-based, fixed-order combine, no scatter-add):
-  * `moe_dropless`: stable sort of the N*K assignments by expert, `jax.lax.ragged_dot` over the E groups.
+  * `moe_dropless`: stable sort of the N*K assignments by expert, `jax.lax.ragged_dot` over the E groups
+    (on CPU a loop over expert row tiles, `expert_tiles.tiled_expert_ffn`).
   * `moe_capacity`: fixed [E, C, D] buffers, assignments past capacity (token order) dropped.
 Both gather the expert outputs back to [N, K, D] and reduce over K, so results do not depend on atomics.
 Parity reference: `transformers.models.longcat_flash` `LongcatFlashTopkRouter` / `LongcatFlashMoE` (SPEC 4.1).

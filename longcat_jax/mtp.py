@@ -53,7 +53,8 @@ class MTP(nnx.Module):
         h0 [B,T,D]: the trunk hidden state (pre- or post-final-norm per cfg.mtp_hidden_source); tokens [B,T];
         lm_head [D,V]. Returns (logits [S,B,T,V], aux); step k at position t predicts token t+k+1, so the last
         k+1 positions of step k have no target (the loss masks them). With ctx.collect_aux, aux holds the MTP
-        indexer's KL against the attention of all steps (they share its indices) and its selection recall.
+        indexer's KL against the attention of all steps (they share its indices), and its selection recall in
+        the dense warm-up or with ctx.measure_recall.
         """
         h, indices, logits, steps = h0, None, [], []
         for k in range(1, self.cfg.mtp_num_steps + 1):
