@@ -239,8 +239,8 @@ def main(argv=None) -> int:
             nan_at = jnp.int32(step if armed and fault.kind == "nan-grad" else -1)
             flip_at = jnp.int32(step if armed and fault.kind == "bitflip" else -1)
             dense = step < args.indexer_warmup_steps
-            # The sparse stage measures its selection recall (a dense-attention pass, its own compiled program)
-            # only at the eval steps.
+            # Held-out loss and expert statistics at the eval steps; there, the sparse stage also measures its
+            # selection recall (a dense-attention pass, its own compiled program).
             at_eval = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
             state, metrics, load = step_fn(state, batch, nan_fault_step=nan_at, flip_fault_step=flip_at,
                                            dense_attention=dense, measure_recall=at_eval and not dense)
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
             if bool(metrics["skipped"]):
                 log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
                           f"{float(metrics['grad_norm']):.4g}, abft mismatch {bool(metrics['abft_mismatch'])}")
-            if step % args.eval_every == 0 or step == args.steps:
+            if at_eval:
                 metrics["eval_loss"] = held_out_loss(state.params)
                 metrics.update(_load_stats(load_sum, cfg))
                 load_sum = None

@@ -20,7 +20,7 @@ from longcat_jax.config import Config
 from longcat_jax.indexer import Indexer, indexer_scores, indices_to_mask, select
 from longcat_jax.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.layers import MLP, RMSNorm
-from longcat_jax.mla import MLA, attention_mask
+from longcat_jax.mla import MLA, absorb_query, attention_mask
 from longcat_jax.moe import MoE
 from pallas_kernels import si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
@@ -136,8 +136,7 @@ def _measured_recall(attn: MLA, latents, indices, q_pos, k_pos, k_valid, ctx: Co
         return {}
     cfg = attn.cfg
     q_nope, q_rope, c_kv, k_rope = latents
-    w_uk = attn.w_kv_up[..., : cfg.qk_nope_head_dim].astype(q_nope.dtype)
-    q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_uk)
+    q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
     args = [jax.lax.stop_gradient(a) for a in (q_lat, q_rope, c_kv, k_rope)]
     return {"recall": selection_recall(*args, indices, cfg.softmax_scale, q_pos, k_pos, k_valid=k_valid,
                                        segment_ids=ctx.segment_ids, query_mask=ctx.query_mask)}
@@ -151,7 +150,7 @@ def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_pro
     cfg = attn.cfg
     dt = q_nope.dtype
     w_kv_up = attn.w_kv_up[...].astype(dt)
-    q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_kv_up[..., : cfg.qk_nope_head_dim])
+    q_lat = absorb_query(q_nope, w_kv_up, cfg)
     out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window,
                      q_offset=q_offset, impl=cfg.kernel_impl, return_probs=return_probs)
     o_lat, probs = out if return_probs else (out, None)

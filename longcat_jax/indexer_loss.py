@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from longcat_jax.indexer import indices_to_mask
+from longcat_jax.mla import attention_mask
 
 _MASKED = -1e9  # finite, so masked entries contribute exactly 0 and no NaN reaches the gradient
 
@@ -80,8 +81,7 @@ def selection_recall(q_lat, q_rope, c_kv, k_rope, indices, scale, q_positions, k
         ql, qr, idx, qp, qs = args
         scores = (jnp.einsum("btnr,bsr->btns", ql.astype(jnp.float32), c_kv)
                   + jnp.einsum("btnh,bsh->btns", qr.astype(jnp.float32), k_rope)) * scale
-        allowed = (k_positions[:, None, :] <= qp[:, :, None]) & k_ok[:, None, :]
-        allowed = allowed & (k_seg[:, None, :] == qs[..., None])
+        allowed = attention_mask(qp, k_positions, k_ok[:, None, :] & (k_seg[:, None, :] == qs[..., None]))
         selected = allowed & indices_to_mask(idx, S)
         lse_all = jax.nn.logsumexp(jnp.where(allowed[:, :, None], scores, -jnp.inf), axis=-1)
         lse_sel = jax.nn.logsumexp(jnp.where(selected[:, :, None], scores, -jnp.inf), axis=-1)

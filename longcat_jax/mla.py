@@ -75,12 +75,16 @@ def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     return jnp.einsum("bnts,bsnh->btnh", p.astype(dt), v), p.mean(axis=1)
 
 
+def absorb_query(q_nope, w_kv_up, cfg: Config):
+    """q~ = W_UK^T q_nope [B,T,N,R]: the no-position query part, scored against the latent c_kv directly."""
+    return jnp.einsum("btnh,rnh->btnr", q_nope, w_kv_up[..., : cfg.qk_nope_head_dim].astype(q_nope.dtype))
+
+
 def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     """Absorbed form: q~ = W_UK^T q_nope scores against c_kv directly; W_UV maps the latent sum to values."""
     dt = q_nope.dtype
-    w_uk = w_kv_up[..., : cfg.qk_nope_head_dim].astype(dt)  # [R, N, Hn]
     w_uv = w_kv_up[..., cfg.qk_nope_head_dim :].astype(dt)  # [R, N, Hv]
-    q_lat = jnp.einsum("btnh,rnh->btnr", q_nope, w_uk)
+    q_lat = absorb_query(q_nope, w_kv_up, cfg)
     scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
     p = _softmax_f32(scores * cfg.softmax_scale, mask[:, None])
     o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(dt), c_kv)

@@ -38,7 +38,7 @@ def _losses(out):
     return [(r["step"], r["loss"], r["ce"]) for r in read_metrics(out) if "loss" in r]
 
 
-def _final_params(out, step=None):
+def _checkpoint_arrays(out, step=None):
     """(step, every array of that checkpoint's state by path); the newest checkpoint unless `step` is given."""
     import orbax.checkpoint as ocp
 
@@ -98,7 +98,7 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
     """A rerun killed with SIGKILL after step 9 and resumed reaches the reference run's state bit for bit: its
     losses before the kill show the rerun agrees, those after it that the resume does."""
     a, c = reference_run, tmp_path / "c"
-    step_a, params_a = _final_params(a)
+    step_a, params_a = _checkpoint_arrays(a)
     cmd = [sys.executable, "train.py", "--out", str(c), "--data", corpus, "--steps", "12", *REFERENCE, *FAST]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = c / "metrics.jsonl"
@@ -113,7 +113,7 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
     assert _run(c, corpus, *REFERENCE, "--resume", steps=12) == 0
     # Repeated runs in one process add the deterministic XLA flags once (they key the compilation cache).
     assert os.environ["XLA_FLAGS"].split().count(train.DETERMINISTIC_XLA_FLAGS[0]) == 1
-    step_c, params_c = _final_params(c)
+    step_c, params_c = _checkpoint_arrays(c)
     assert step_a == step_c == 12 and params_a.keys() == params_c.keys()
     for k in params_a:
         np.testing.assert_array_equal(params_a[k], params_c[k], err_msg=k)
@@ -158,8 +158,8 @@ def test_deterministic_on_a_mesh(mesh_runs):
     clean, flipped = mesh_runs
     assert [s for s, _, _ in _losses(clean)][:5] == [1, 2, 3, 4, 5]
     assert _losses(clean)[:5] == _losses(flipped)[:5]
-    _, pa = _final_params(clean, step=4)
-    _, pb = _final_params(flipped, step=4)
+    _, pa = _checkpoint_arrays(clean, step=4)
+    _, pb = _checkpoint_arrays(flipped, step=4)
     assert pa.keys() == pb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
