@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import longcat_jax as lj
 from longcat_jax import data
+from longcat_jax.host_allocator import keep_freed_host_memory
 from longcat_jax.optim import OptimizerSettings, learning_rate_schedule, make_optimizer, zero1_state_shardings
 from longcat_jax.reliability import (
     fingerprint_mismatch, flip_bit_on_device, init_guard, needs_restore, odd_replicas, parse_fault,
@@ -384,4 +385,5 @@ def run(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    keep_freed_host_memory()  # before the first computation starts XLA's threads
     sys.exit(run())

@@ -28,7 +28,7 @@ comparable: XLA counts a loop body once: the layer scan's (not per layer) and th
 
 Usage:
   python bench/train.py [--steps N] [--batch-size B] [--seq-len T] [--json PATH] [--png PATH]
-                        [--capacity-factor CF] [--pause S]
+                        [--capacity-factor CF] [--pause S] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from flax import nnx  # noqa: E402
 
 from longcat_jax import Config, build_model, forward  # noqa: E402
 from longcat_jax.hf_config import FLASH, config_to_hf  # noqa: E402
+from longcat_jax.host_allocator import keep_freed_host_memory  # noqa: E402
 from longcat_jax.lm_loss import lm_head_stats  # noqa: E402
 from longcat_jax.optim import OptimizerSettings, make_optimizer  # noqa: E402
 
@@ -214,6 +215,8 @@ def parse_args(argv=None):
                    help="seconds of idle before every timed step and matmul measurement")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="also time ours with capacity-factor MoE dispatch (drops overflow) as a third side")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc as it is (no longcat_jax.host_allocator.keep_freed_host_memory)")
     p.add_argument("--json", default=DEFAULT_JSON, help="result file ('' to skip)")
     p.add_argument("--png", default="", help="optional bar chart of tokens/s")
     a = p.parse_args(argv)
@@ -364,7 +367,10 @@ def save_png(r: dict, path: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # As train.py does, for the whole process: the reference side gets it too.
+    kept = False if args.default_malloc else keep_freed_host_memory()
     r = run(args)
+    r["settings"]["keep_freed_host_memory"] = kept
     print_table(r)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
