@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from longcat_jax.layers import silu_with_derivative
+
 
 def _tile_plan(starts, tile: int, max_tiles: int):
     """Tiles of `tile` sorted rows, each inside one expert, in row order.
@@ -100,11 +102,9 @@ def _bwd(tile, res, dy):
         x = jax.lax.dynamic_slice_in_dim(xs, r0, tile)
         g = jax.lax.dynamic_slice_in_dim(g_all, r0, tile)
         u = jax.lax.dynamic_slice_in_dim(u_all, r0, tile)
-        sig = jax.nn.sigmoid(g)
-        silu = g * sig
+        silu, dsilu = silu_with_derivative(g)
         dh = dout @ w_down[e].T
-        dg = dh * u * (sig * (1 + g * (1 - sig)))
-        du = dh * silu
+        dg, du = dh * u * dsilu, dh * silu
         dx = dg @ w_gate[e].T + du @ w_up[e].T
 
         def accumulate(acc, a, b):

@@ -65,11 +65,42 @@ class RMSNorm(nnx.Module):
 
 
 def swiglu(x, w_gate, w_up, w_down):
-    """down(SiLU(gate x) * up x); x [..., D], w_gate/w_up [D, F], w_down [F, D]."""
+    """down(SiLU(gate x) * up x); x [..., D], w_gate/w_up [D, F], w_down [F, D], computed in x's dtype."""
     dt = x.dtype
-    g = jnp.einsum("...d,df->...f", x, w_gate.astype(dt))
-    u = jnp.einsum("...d,df->...f", x, w_up.astype(dt))
-    return jnp.einsum("...f,fd->...d", jax.nn.silu(g) * u, w_down.astype(dt))
+    y = _swiglu(x.reshape(-1, x.shape[-1]), w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def silu_with_derivative(g):
+    """(silu(g), silu'(g)) with silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))): one sigmoid for both."""
+    sig = jax.nn.sigmoid(g)
+    return g * sig, sig * (1 + g * (1 - sig))
+
+
+# The backward is written out: JAX's own derivative of the same forward ran 1.7x slower on XLA:CPU (the
+# `small` MLP, 118 ms against 68 ms for forward + backward): differentiating silu through its primitives
+# left several elementwise passes, and XLA materialised transposed copies of the [M, F] gradients for the
+# weight-gradient matmuls. Here every matmul reads its operands as they are (x.T @ dg and friends).
+@jax.custom_vjp
+def _swiglu(x, w_gate, w_up, w_down):
+    """x [M, D] -> [M, D]."""
+    return _swiglu_fwd(x, w_gate, w_up, w_down)[0]
+
+
+def _swiglu_fwd(x, w_gate, w_up, w_down):
+    g, u = x @ w_gate, x @ w_up
+    return (jax.nn.silu(g) * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
+
+
+def _swiglu_bwd(res, dy):
+    x, w_gate, w_up, w_down, g, u = res
+    silu, dsilu = silu_with_derivative(g)
+    dh = dy @ w_down.T
+    dg, du = dh * u * dsilu, dh * silu
+    return dg @ w_gate.T + du @ w_up.T, x.T @ dg, x.T @ du, (silu * u).T @ dy
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):

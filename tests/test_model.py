@@ -8,7 +8,7 @@ from flax import nnx
 
 import longcat_jax as lj
 from longcat_jax.block import Context
-from longcat_jax.layers import config_inv_freq
+from longcat_jax.layers import config_inv_freq, swiglu
 from longcat_jax.mla import attend_absorbed, attend_naive, attention_mask
 from tests.hf_reference import rel_err
 
@@ -122,6 +122,30 @@ def test_absorbed_equals_naive():
     o_naive, p_naive = attend_naive(q_nope, q_rope, c_kv, k_rope, w, mask, cfg)
     assert rel_err(o_abs, o_naive) < 1e-5 and rel_err(p_abs, p_naive) < 1e-5
     np.testing.assert_allclose(p_naive.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_backward_equals_autodiff(dtype):
+    """The hand-written SwiGLU backward against JAX's derivative of the plain formula (weights in f32, the
+    activation in `dtype`, as a bf16 compute dtype runs it)."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (2, 3, 16), dtype)
+    w_gate, w_up = (jax.random.normal(k, (16, 40)) * 0.3 for k in keys[1:3])
+    w_down = jax.random.normal(keys[3], (40, 16)) * 0.3
+    dy = jax.random.normal(keys[4], (2, 3, 16), dtype)
+
+    def plain(x, w_gate, w_up, w_down):
+        g, u = x @ w_gate.astype(x.dtype), x @ w_up.astype(x.dtype)
+        return (jax.nn.silu(g) * u) @ w_down.astype(x.dtype)
+
+    args = (x, w_gate, w_up, w_down)
+    y, vjp = jax.vjp(swiglu, *args)
+    y_ref, vjp_ref = jax.vjp(plain, *args)
+    tol = 1e-6 if dtype == jnp.float32 else 2e-2
+    assert y.dtype == dtype and rel_err(y, y_ref) < tol
+    for got, want, arg in zip(vjp(dy), vjp_ref(dy), args):
+        assert got.dtype == arg.dtype and got.shape == arg.shape
+        assert rel_err(got, want) < tol
 
 
 def test_backward_runs_and_reaches_every_parameter(tiny):
