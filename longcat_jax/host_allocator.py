@@ -5,9 +5,10 @@ threshold straight to the kernel and trims the heap top on free, so each step ma
 temporaries (the `small` training step) anew and takes one minor page fault per 4 KiB page: about 390,000
 faults and 0.7 s of system time per step on a 2-core machine. Serving every block from the main heap (no
 per-block mmap, one arena: a second arena's heaps are mmapped too) and never trimming it lets the next step
-reuse the same pages. The heap grows to the steps' high-water mark (plus some fragmentation) and stays there;
-the peak memory of the `small` training step did not grow (3.66 GB against 3.77 GB). `bench/train.py
---default-malloc` runs the benchmark without it: see README, "Training throughput".
+reuse the same pages. The cost is memory: the heap grows to the steps' high-water mark plus fragmentation and
+never shrinks. Peak RSS of a process running the `small` benchmark step was 3.46-4.81 GB over five runs with
+it, 3.56-3.77 GB without. `bench/train.py --default-malloc` runs the benchmark without it: see README,
+"Training throughput".
 
 This is a process-wide setting of the C library, so only entry points (train.py and bench/train.py run as
 scripts) call it, before the first JAX computation starts XLA's threads.
