@@ -17,6 +17,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
+from longcat_jax.dense_warmup import dense_attention, dense_indexer_stats
 from longcat_jax.indexer import Indexer, indexer_scores, indices_to_mask, select
 from longcat_jax.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.layers import MLP, RMSNorm
@@ -59,8 +60,10 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     indices; a reuse sublayer receives its owner's `indices`. The indexer reads detached inputs: its selection is
     discrete, and it learns only from its own KL loss (SPEC 3.10).
 
-    With cfg.kernel_impl set (not "reference") and past the dense warm-up, selection and attention run through
-    the memory-bounded pallas_kernels paths (no [T, S] tensor); aux then holds the slot probabilities instead.
+    With cfg.kernel_impl set (not "reference"), selection and attention run through memory-bounded paths (no
+    [T, S] tensor): past the dense warm-up the pallas_kernels ones, and aux then holds the slot probabilities
+    instead; in the warm-up (no cache) the blockwise dense attention of longcat_jax.dense_warmup, and aux then
+    holds the latents, from which `indexer_aux` recomputes the attention block by block.
 
     Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux holds
     "probs" (head-mean attention [B,T,S]), "allowed" (causal and same-document keys), "selected" (the LSA mask)
@@ -86,7 +89,7 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
         S = c_kv.shape[1]
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         k_valid = k_pos < ctx.cache_len + T
-    if cfg.use_indexer and cfg.kernel_impl != "reference" and not ctx.dense_attention:
+    if cfg.use_indexer and cfg.kernel_impl != "reference" and not (ctx.dense_attention and cache is not None):
         seg = ctx.segment_ids if cache is None else None
         q_offset = 0 if cache is None else ctx.cache_len
         if indexer is not None:
@@ -94,6 +97,16 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
             # the index set by offset and the indexer ranks only the other K - window slots.
             indices = si_window.select(q_i, k_i, w_i, q_pos, k_pos, cfg, q_offset, k_valid=k_valid,
                                        q_segment_ids=seg, k_segment_ids=seg, impl=cfg.kernel_impl)
+        if ctx.dense_attention:  # the warm-up attends to every key; the selection only feeds the recall
+            q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+            o_lat = dense_attention(q_lat, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype),
+                                    cfg.softmax_scale, q_pos, ctx.segment_ids)
+            aux = {}
+            if ctx.collect_aux:
+                aux = {"latents": (q_lat, q_rope, c_kv, k_rope), "indices": indices}
+                if indexer is not None:
+                    aux["index_qkw"] = (q_i, k_i, w_i)
+            return latent_output(attn, o_lat), new_cache, indices, aux
         out, slot_probs = attend_selected(attn, q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype),
                                           indices, ctx.collect_aux, si_window.window_size(cfg), q_offset)
         aux = {}
@@ -148,24 +161,36 @@ def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_pro
     [T, S] tensor; with `window`, indices lead with the SI window by offset. Returns (out [B,T,D], head-mean
     probs [B,T,K] of each slot or None)."""
     cfg = attn.cfg
-    dt = q_nope.dtype
-    w_kv_up = attn.w_kv_up[...].astype(dt)
-    q_lat = absorb_query(q_nope, w_kv_up, cfg)
+    q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
     out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window,
                      q_offset=q_offset, impl=cfg.kernel_impl, return_probs=return_probs)
     o_lat, probs = out if return_probs else (out, None)
-    o = jnp.einsum("btnr,rnh->btnh", o_lat, w_kv_up[..., cfg.qk_nope_head_dim :])
-    return jnp.einsum("btnh,nhd->btd", o, attn.w_o[...].astype(dt)), probs
+    return latent_output(attn, o_lat), probs
+
+
+def latent_output(attn: MLA, o_lat):
+    """The sublayer output [B,T,D] from absorbed attention's latent sums o_lat [B,T,N,R]: W_UV, then W_O."""
+    dt = o_lat.dtype
+    w_uv = attn.w_kv_up[...][..., attn.cfg.qk_nope_head_dim :]
+    o = jnp.einsum("btnr,rnh->btnh", o_lat, w_uv.astype(dt))
+    return jnp.einsum("btnh,nhd->btd", o, attn.w_o[...].astype(dt))
 
 
 def indexer_aux(owner_aux: dict, served: list[dict], ctx: Context, cfg: Config) -> dict:
     """KL loss of one indexer against the mean attention of the sublayers it serves, plus selection recall.
 
     On the kernel path (cfg.kernel_impl) the served sublayers report their attention at the owner's K slots only,
-    so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl). The recall (the share of the dense
-    attention mass the selection keeps) comes from the warm-up's dense attention, or in the sparse stage from
-    the served sublayers' own measurement (ctx.measure_recall); without either it is not reported.
+    so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl); in the warm-up they report their
+    latents, and the dense KL and the recall come from one blockwise pass (dense_warmup.dense_indexer_stats).
+    The recall (the share of the dense attention mass the selection keeps) comes from the warm-up's dense
+    attention, or in the sparse stage from the served sublayers' own measurement (ctx.measure_recall); without
+    either it is not reported.
     """
+    if "latents" in owner_aux:  # the kernel path's warm-up: KL and recall in one blockwise pass
+        kl, recall = dense_indexer_stats(owner_aux["index_qkw"], [a["latents"] for a in served],
+                                         owner_aux["indices"], cfg.softmax_scale, ctx.positions, ctx.segment_ids,
+                                         ctx.query_mask)
+        return {"indexer_kl": kl, "indexer_recall": recall}
     if "slot_probs" in owner_aux:
         target = sum(a["slot_probs"] for a in served) / len(served)
         q_i, k_i, w_i = owner_aux["index_qkw"]

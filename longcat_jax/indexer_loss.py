@@ -12,11 +12,14 @@ indices (IndexCache's training-aware objective, SPEC 7.3); the MTP indexer's tar
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from longcat_jax.indexer import indices_to_mask
 from longcat_jax.mla import attention_mask
+from longcat_jax.query_blocks import merge_queries, split_queries
 
 _MASKED = -1e9  # finite, so masked entries contribute exactly 0 and no NaN reaches the gradient
 
@@ -27,26 +30,36 @@ def indexer_kl(scores, target, allowed, query_mask=None):
     scores [B,T,S] indexer logits (may hold -inf), target [B,T,S] attention probabilities, allowed bool [B,T,S],
     query_mask [B,T] (1 = the query counts). Returns a scalar f32.
     """
+    return query_mean(kl_rows(scores, target, allowed), query_mask)
+
+
+def kl_rows(scores, target, allowed):
+    """Per query KL(target || softmax(scores)) over the allowed keys, f32 [B,T]; `indexer_kl` before the mean."""
     allowed = allowed & jnp.isfinite(scores)
     logits = jnp.where(allowed, scores.astype(jnp.float32), _MASKED)
     log_q = jax.nn.log_softmax(logits, axis=-1)
     p = jnp.where(allowed, jax.lax.stop_gradient(target).astype(jnp.float32), 0.0)
     p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
     log_p = jnp.log(jnp.where(p > 0, p, 1.0))
-    kl = jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)  # [B, T]
-    if query_mask is None:
-        return kl.mean()
-    w = query_mask.astype(jnp.float32)
-    return (kl * w).sum() / jnp.maximum(w.sum(), 1.0)
+    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
 
 
 def attention_recall(target, selected, query_mask=None):
     """Share of the main attention mass that falls on the selected keys (1.0 = the selection misses nothing)."""
-    mass = jnp.sum(jnp.where(selected, target, 0.0), axis=-1) / jnp.maximum(target.sum(-1), 1e-30)
+    return query_mean(recall_rows(target, selected), query_mask)
+
+
+def recall_rows(target, selected):
+    """Per query share of the attention mass `target` [B,T,S] on the `selected` keys, f32 [B,T]."""
+    return jnp.sum(jnp.where(selected, target, 0.0), axis=-1) / jnp.maximum(target.sum(-1), 1e-30)
+
+
+def query_mean(values, query_mask=None):
+    """Mean of per-query values [B,T] over the queries that count (query_mask [B,T], 1 = counts)."""
     if query_mask is None:
-        return mass.mean()
+        return values.mean()
     w = query_mask.astype(jnp.float32)
-    return (mass * w).sum() / jnp.maximum(w.sum(), 1.0)
+    return (values * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
 def selection_recall(q_lat, q_rope, c_kv, k_rope, indices, scale, q_positions, k_positions, *, k_valid=None,
@@ -65,13 +78,7 @@ def selection_recall(q_lat, q_rope, c_kv, k_rope, indices, scale, q_positions, k
     """
     B, T = q_positions.shape
     S = k_positions.shape[1]
-    pad = -T % block_q
-    n_blocks = (T + pad) // block_q
-
-    def blocks(x, fill=0):
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-        return jnp.moveaxis(x.reshape(B, n_blocks, block_q, *x.shape[2:]), 1, 0)
-
+    blocks = functools.partial(split_queries, block_q=block_q)
     seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
     k_seg = seg if segment_ids is not None else jnp.ones((B, S), jnp.int32)
     k_ok = jnp.ones((B, S), bool) if k_valid is None else k_valid
@@ -88,8 +95,6 @@ def selection_recall(q_lat, q_rope, c_kv, k_rope, indices, scale, q_positions, k
         mass = jnp.exp(lse_sel - jnp.where(jnp.isfinite(lse_all), lse_all, 0.0))  # 0 where nothing selected
         return jnp.where(allowed.any(-1), mass.mean(-1), 0.0)  # [B, bq]; queries with no key count 0
 
-    per_block = (blocks(q_lat), blocks(q_rope), blocks(indices, -1), blocks(q_positions, -1), blocks(seg, -1))
-    mass = jax.lax.map(block_mass, per_block)
-    mass = jnp.moveaxis(mass, 0, 1).reshape(B, -1)[:, :T]
-    w = jnp.ones((B, T), jnp.float32) if query_mask is None else query_mask.astype(jnp.float32)
-    return (mass * w).sum() / jnp.maximum(w.sum(), 1.0)
+    per_block = (blocks(q_lat), blocks(q_rope), blocks(indices, fill=-1), blocks(q_positions, fill=-1),
+                 blocks(seg, fill=-1))
+    return query_mean(merge_queries(jax.lax.map(block_mass, per_block), T), query_mask)

@@ -57,7 +57,7 @@ class MLA(nnx.Module):
         return jnp.einsum("btnh,nhd->btd", o, self.w_o[...].astype(o.dtype)), probs
 
 
-def _softmax_f32(scores, mask):
+def softmax_f32(scores, mask):
     """Masked softmax over the last axis in f32; fully masked rows give zeros instead of NaN."""
     scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
     m = jnp.max(scores, axis=-1, keepdims=True)
@@ -71,7 +71,7 @@ def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     kv = jnp.einsum("bsr,rnh->bsnh", c_kv, w_kv_up.astype(dt))
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
     scores = jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
-    p = _softmax_f32(scores * cfg.softmax_scale, mask[:, None])
+    p = softmax_f32(scores * cfg.softmax_scale, mask[:, None])
     return jnp.einsum("bnts,bsnh->btnh", p.astype(dt), v), p.mean(axis=1)
 
 
@@ -86,7 +86,7 @@ def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     w_uv = w_kv_up[..., cfg.qk_nope_head_dim :].astype(dt)  # [R, N, Hv]
     q_lat = absorb_query(q_nope, w_kv_up, cfg)
     scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
-    p = _softmax_f32(scores * cfg.softmax_scale, mask[:, None])
+    p = softmax_f32(scores * cfg.softmax_scale, mask[:, None])
     o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(dt), c_kv)
     return jnp.einsum("btnr,rnh->btnh", o_lat, w_uv), p.mean(axis=1)
 

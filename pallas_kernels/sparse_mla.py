@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from longcat_jax.indexer import indices_to_mask
-from longcat_jax.mla import _softmax_f32
+from longcat_jax.mla import softmax_f32
 from pallas_kernels import si_window
 from pallas_kernels.impl import compiler_params, interpret, resolve
 from pallas_kernels.tile_dot import einsum_2d
@@ -457,7 +457,7 @@ def sparse_mla_reference(q_lat, q_rope, c_kv, k_rope, indices, scale):
     """Dense masked reference (materialises [B, N, T, S]; tests only): (o_lat, head-mean probs at the slots)."""
     mask = indices_to_mask(indices, c_kv.shape[1])
     scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
-    p = _softmax_f32(scores * scale, mask[:, None])
+    p = softmax_f32(scores * scale, mask[:, None])
     o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(q_lat.dtype), c_kv)
     at_slots = jnp.take_along_axis(p.mean(axis=1), jnp.clip(indices, 0, c_kv.shape[1] - 1), axis=-1)
     return o_lat, jnp.where(_valid(indices, c_kv.shape[1]), at_slots, 0.0)

@@ -33,7 +33,7 @@ def reference():
 def reference_results(reference):
     """The reference side of every comparison, computed once for both kernel impls."""
     return {"forward": FORWARD(reference, _tokens(1, 40)), "training": _loss_and_grads(reference),
-            "decode": _generate(reference)}
+            "warmup": _loss_and_grads(reference, dense=True), "decode": _generate(reference)}
 
 
 def _tokens(seed, T):
@@ -51,12 +51,13 @@ def _packed_batch(T=40):
             "segment_ids": jnp.asarray(seg), "loss_mask": jnp.ones((2, T), jnp.float32)}
 
 
-def _loss_and_grads(model):
+def _loss_and_grads(model, dense=False):
+    """Loss terms and gradients on the packed batch: the sparse stage (recall measured) or the dense warm-up."""
     graphdef, params = nnx.split(model)
     fn = jax.jit(jax.value_and_grad(compute_loss, has_aux=True), static_argnums=(1, 3, 4),
-                 static_argnames="measure_recall")
+                 static_argnames=("measure_recall", "dense_attention"))
     (_, (terms, _, _)), grads = fn(params, graphdef, _packed_batch(), model.cfg, LossSettings(),
-                                   measure_recall=True)
+                                   measure_recall=not dense, dense_attention=dense)
     return terms, grads
 
 
@@ -80,12 +81,14 @@ def test_forward_equals_reference(reference_results, impl):
     assert rel_err(got.mtp_logits, want.mtp_logits) < 1e-5
 
 
+@pytest.mark.parametrize("stage", ["sparse", "warmup"])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_training_loss_and_gradients_equal_reference(reference_results, impl):
-    """Sparse stage on packed documents: every loss term (the indexer KL over the selected keys and the
-    measured selection recall included) and every gradient match."""
-    want_terms, want_grads = reference_results["training"]
-    got_terms, got_grads = _loss_and_grads(_model(impl))
+def test_training_loss_and_gradients_equal_reference(reference_results, impl, stage):
+    """On packed documents, every loss term and every gradient match. Sparse stage: the indexer KL over the
+    selected keys and the measured selection recall. Dense warm-up: blockwise dense attention, the KL over
+    every allowed key and the recall (longcat_jax.dense_warmup)."""
+    want_terms, want_grads = reference_results["training" if stage == "sparse" else "warmup"]
+    got_terms, got_grads = _loss_and_grads(_model(impl), dense=stage == "warmup")
     assert got_terms.keys() == want_terms.keys() and 0.5 < float(got_terms["indexer_recall"]) < 1.0
     for k, v in got_terms.items():
         np.testing.assert_allclose(float(v), float(want_terms[k]), rtol=1e-5, atol=1e-6, err_msg=k)

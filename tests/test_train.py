@@ -59,8 +59,8 @@ def _flat(tree, prefix=""):
 
 
 # Every single-device run below uses these flags and 12 steps, so they compile one set of programs (a fault
-# step is a runtime input). Past the 3 dense warm-up steps the LSA kernel path runs, with activation and
-# optimizer-state offload, so the resume and restore tests also cover those.
+# step is a runtime input). The kernel path runs: the blockwise dense warm-up for 3 steps, then LSA, with
+# activation and optimizer-state offload, so the resume and restore tests also cover those.
 REFERENCE = ["--deterministic", "--abft", "--kernel-impl", "xla", "--remat", "offload", "--offload-optimizer"]
 
 
