@@ -14,8 +14,11 @@ and backward hold the scores of one block, O(block_q x S), at a time:
                         the owner's selection, in the same pass.
 
 Plain JAX on every impl: the work stays quadratic, as dense attention's must; only the memory is linear. A
-block holds a few [B, block_q, N, S] f32 arrays: at long context and many heads, lower block_q.
-Self-attention rows only (keys = the queries' own tokens, no cache): the warm-up is a training stage.
+block holds a few [B, block_q, N, S] f32 arrays; `block.attention_sublayer` uses block_q = 128. Scores are
+computed in the latents' dtype and normalised in f32, as on the reference path. Under a mesh that shards T
+(context parallelism), GSPMD keeps the keys sharded and gathers one block of queries per step, so the work is
+split over the keys. Self-attention rows only (keys = the queries' own tokens, no cache): the warm-up is a
+training stage.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ def _allowed(q_pos, q_seg, positions, segment_ids):
     return attention_mask(q_pos, positions, same_doc)
 
 
-def _head_mean_probs(latents, q_lat, q_rope, allowed, scale):
-    """One sublayer's attention of a block of queries, averaged over heads: f32 [B, bq, S]."""
-    c_kv, k_rope = latents
+def _head_mean_probs(keys, q_lat, q_rope, allowed, scale):
+    """One sublayer's attention of a block of queries, averaged over heads: f32 [B, bq, S]. keys: its
+    (c_kv [B,S,R], k_rope [B,S,Hr])."""
+    c_kv, k_rope = keys
     scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
     return softmax_f32(scores * scale, allowed[:, None]).mean(axis=1)
 
@@ -53,7 +57,7 @@ def dense_attention(q_lat, q_rope, c_kv, k_rope, scale, positions, segment_ids=N
     T, dt = positions.shape[1], q_lat.dtype
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # inside lax.map's loop, CSE cannot undo the remat
     def block(args):
         ql, qr, qp, qs = args
         scores = jnp.einsum("btnr,bsr->bnts", ql, c_kv) + jnp.einsum("btnh,bsh->bnts", qr, k_rope)
@@ -80,10 +84,10 @@ def dense_indexer_stats(index_qkw, served, indices, scale, positions, segment_id
     q_i, k_i, w_i = index_qkw
     T = S = positions.shape[1]
     seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
-    served = [[jax.lax.stop_gradient(a).astype(jnp.float32) for a in lat] for lat in served]
+    served = [[jax.lax.stop_gradient(a) for a in lat] for lat in served]
     keys = [lat[2:] for lat in served]
 
-    @jax.checkpoint
+    @functools.partial(jax.checkpoint, prevent_cse=False)
     def block(args):
         qi, wi, idx, qp, qs, queries = args
         allowed = _allowed(qp, qs, positions, segment_ids)
@@ -91,8 +95,8 @@ def dense_indexer_stats(index_qkw, served, indices, scale, positions, segment_id
         target = sum(probs) / len(probs)
         kl = kl_rows(indexer_scores(qi, k_i, wi, qp, positions, allowed), target, allowed)
         selected = indices_to_mask(idx, S) & allowed
-        recall = sum(recall_rows(p, selected) for p in probs) / len(probs)
-        return kl, jax.lax.stop_gradient(recall)
+        recall = sum(recall_rows(p, selected) for p in probs) / len(probs)  # no gradient: its inputs have none
+        return kl, recall
 
     blocks = functools.partial(split_queries, block_q=block_q)
     queries = [(blocks(lat[0]), blocks(lat[1])) for lat in served]

@@ -74,7 +74,7 @@ def selection_recall(q_lat, q_rope, c_kv, k_rope, indices, scale, q_positions, k
     q_lat [B,T,N,R] (absorbed queries), q_rope [B,T,N,Hr], c_kv [B,S,R], k_rope [B,S,Hr]; indices int [B,T,K]
     key rows (-1 = none); q_positions [B,T] / k_positions [B,S]; k_valid bool [B,S]; segment_ids [B,T] packed
     documents of a self-attention row (S == T); query_mask [B,T]. Returns a scalar f32. A block holds a few
-    [B, block_q, N, S] f32 arrays: at long context and many heads, lower block_q.
+    [B, block_q, N, S] f32 arrays (`block._measured_recall` uses the default 128).
     """
     B, T = q_positions.shape
     S = k_positions.shape[1]

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 
 
 def split_queries(x, block_q: int, fill=0):
-    """[B, T, ...] -> [ceil(T / block_q), B, block_q, ...]; the last block is padded with `fill`."""
+    """[B, T, ...] -> [n_blocks, B, block_q, ...] with block_q = min(block_q, T) and n_blocks = ceil(T / block_q);
+    the last block is padded with `fill`."""
     B, T = x.shape[:2]
+    block_q = min(block_q, T)
     pad = -T % block_q
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
     return jnp.moveaxis(x.reshape(B, (T + pad) // block_q, block_q, *x.shape[2:]), 1, 0)

@@ -37,14 +37,16 @@ def _allowed(pos, seg):
 def _reference_attention(q_lat, q_rope, c_kv, k_rope, pos, seg):
     scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
     p = softmax_f32(scores * SCALE, _allowed(pos, seg)[:, None])
-    return jnp.einsum("bnts,bsr->btnr", p, c_kv), p.mean(1)
+    return jnp.einsum("bnts,bsr->btnr", p.astype(c_kv.dtype), c_kv), p.mean(1)
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_dense_attention_equals_reference(packed):
+@pytest.mark.parametrize(("packed", "dtype"), [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)])
+def test_dense_attention_equals_reference(packed, dtype):
+    """Values and gradients; in bf16 both sides compute the scores in bf16 and normalise them in f32."""
     sublayers, _, _, pos, seg = _case(packed)
-    latents = sublayers[0]
-    d_out = jax.random.normal(jax.random.key(9), (B, T, N, R))
+    latents = [a.astype(dtype) for a in sublayers[0]]
+    d_out = jax.random.normal(jax.random.key(9), (B, T, N, R), dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
 
     def loss(fn, *args):
         return jnp.sum(fn(*args) * d_out)
@@ -53,9 +55,9 @@ def test_dense_attention_equals_reference(packed):
         lambda *a: dense_attention(*a, SCALE, pos, seg, block_q=8), *latents)
     want = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))(
         lambda *a: _reference_attention(*a, pos, seg)[0], *latents)
-    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=tol)
     for g, w in zip(got[1], want[1]):
-        assert rel_err(g, w) < 1e-5
+        assert g.dtype == dtype and rel_err(g, w) < tol
 
 
 @pytest.mark.parametrize("packed", [False, True])
