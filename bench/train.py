@@ -16,7 +16,9 @@ GPU/TPU and a loop over per-expert row tiles on CPU, `expert_tiles.tiled_expert_
 
 Every side runs in float32 on the same fixed random batch. After warm-up (JAX compile, first torch steps)
 the timed steps are interleaved A, B, A, B... so load from other users of a shared machine hits all sides
-alike; the table reports the median step time as tokens/s.
+alike; the table reports the median step time as tokens/s, and per side the median minor page faults and
+system CPU seconds of a step (getrusage around it). Peak RSS is the whole process's, all sides together.
+The process keeps freed host memory as train.py does (`longcat_jax.host_allocator`) unless --default-malloc.
 
 Achieved FLOP/s uses *model* FLOPs (analytic, what an MFU figure counts): 6 x active matmul parameters x
 tokens (MLA projections, dense MLPs, router, the expected real experts per token K*E/(E+Z), LM head) plus
@@ -38,6 +40,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -266,21 +269,27 @@ def run(args) -> dict:
     # Interleaved A, B, A, B..., and the matmul rate inside every round, so a step and the rate it is compared
     # with see the same load from other users of the machine.
     times, mm = {name: [] for name in sides}, []
+    faults, system_s = {name: [] for name in sides}, {name: [] for name in sides}  # process-wide, per step
     jax_matmul_rates(args.matmul_size, 1)  # compile outside the timed rounds
     # The pause lets the previous side's worker threads stop spinning (OpenMP and MKL spin-wait after each
     # parallel region) before the next side is timed, so no side pays for another's idle threads.
     for _ in range(args.steps):
         for name, side in sides.items():
             time.sleep(args.pause)
+            before = resource.getrusage(resource.RUSAGE_SELF)
             t = time.perf_counter()
             side["run"]()
             times[name].append(time.perf_counter() - t)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults[name].append(after.ru_minflt - before.ru_minflt)
+            system_s[name].append(after.ru_stime - before.ru_stime)
         time.sleep(args.pause)
         mm.append(max(jax_matmul_rates(args.matmul_size, 3)))
     torch_mm = torch_matmul_rates(args.matmul_size, 5)
     fl = analytic_flops(cfg, B, T)
     mm_rate = statistics.median(mm)
     info["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # all sides together
     result = dict(
         machine=info,
         settings=dict(batch_size=B, seq_len=T, tokens_per_step=tokens, steps=args.steps, warmup=args.warmup,
@@ -303,7 +312,9 @@ def run(args) -> dict:
         # The fraction is the median over rounds of (step FLOP/s / that round's matmul rate).
         frac = statistics.median(fl["flops"] / t / m for t, m in zip(times[name], mm))
         row = dict(step_s=times[name], median_step_s=med, tokens_per_s=tokens / med,
-                   flops_per_s=fl["flops"] / med, fraction_of_matmul=frac)
+                   flops_per_s=fl["flops"] / med, fraction_of_matmul=frac,
+                   minor_page_faults_per_step=statistics.median(faults[name]),
+                   system_cpu_s_per_step=statistics.median(system_s[name]))
         if name == "reference":
             row.update(params=torch_info["params"], attn_implementation=torch_info["attn_implementation"],
                        losses=torch_info["losses"])
@@ -328,7 +339,8 @@ def print_table(r: dict):
     print(f"\nLongCat small (no N-gram / indexer / MTP), B={s['batch_size']} T={s['seq_len']} f32, "
           f"{r['machine']['cpu_count']} CPUs, {s['steps']} interleaved steps (median), "
           f"{r['flops']['flops'] / g:.1f} model GFLOP per step")
-    print(f"{'':40}{'tokens/s':>10}{'step s':>9}{'GFLOP/s':>9}{'of matmul':>11}{'vs ref':>8}{'params':>13}")
+    print(f"{'':40}{'tokens/s':>10}{'step s':>9}{'GFLOP/s':>9}{'of matmul':>11}{'vs ref':>8}{'params':>13}"
+          f"{'faults':>10}{'sys s':>7}")
     names = {"ours": "ours (JAX, MoE dropless)", "reference": None,
              "ours_capacity": "ours (JAX, MoE capacity_factor)"}
     for key in ("ours", "ours_capacity", "reference"):
@@ -338,12 +350,13 @@ def print_table(r: dict):
         name = names[key] or f"transformers ({row['attn_implementation']}, eager MoE)"
         vs = f"{row['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in row else "1.00x"
         print(f"{name:40}{row['tokens_per_s']:10.1f}{row['median_step_s']:9.3f}{row['flops_per_s'] / g:9.2f}"
-              f"{row['fraction_of_matmul']:11.1%}{vs:>8}{row['params']:13,}")
+              f"{row['fraction_of_matmul']:11.1%}{vs:>8}{row['params']:13,}"
+              f"{row['minor_page_faults_per_step']:10,.0f}{row['system_cpu_s_per_step']:7.2f}")
     t, o = r["targets"], r["ours"]
     print(f"matmul {s['matmul_size']}^3 f32: jax {r['matmul']['jax_median'] / g:.1f} GFLOP/s, "
           f"torch {r['matmul']['torch_median'] / g:.1f} GFLOP/s; XLA cost_analysis of our step "
           f"{o['xla_cost_analysis_flops'] / g:.1f} G (not comparable, see JSON); "
-          f"compile {o['compile_s']:.1f} s")
+          f"compile {o['compile_s']:.1f} s; peak RSS {r['machine']['peak_rss_gb']:.2f} GB (whole process)")
     print(f"targets: faster than reference {t['faster_than_reference']}, >= 50% of matmul rate "
           f"{t['at_least_half_matmul_rate']};  load avg {r['machine']['loadavg_start']} -> "
           f"{r['machine']['loadavg_end']}")
