@@ -10,7 +10,7 @@ One process, one CPU, the same dimensions, batch, sequence length, loss and opti
   reference  LongcatFlashForCausalLM from the same dimensions (`hf_config.config_to_hf`), logits + CE +
              backward + clip_grad_norm_(1.0) + torch.optim.AdamW, torch.set_num_threads(cpu count).
 
-`--capacity-factor CF` adds a third side: ours with the capacity-factor MoE dispatch (batched einsums over
+`--capacity-factor CF` adds a third side: ours with the capacity-factor MoE dispatch (per-expert SwiGLU over
 [E, C, D] buffers, overflow dropped) instead of the dropless one (sort by expert, then `lax.ragged_dot` on
 GPU/TPU and a loop over per-expert row tiles on CPU, `expert_tiles.tiled_expert_ffn`).
 

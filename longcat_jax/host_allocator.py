@@ -2,12 +2,12 @@
 
 XLA:CPU allocates a step's temporaries afresh on every run. glibc's malloc hands blocks above its mmap
 threshold straight to the kernel and trims the heap top on free, so each step maps its temporaries anew and
-takes one minor page fault per 4 KiB page: 342,000 faults and 0.62 s of system time per step of the `small`
-training benchmark on a 2-core machine (bench/train.py --default-malloc), 17,000 and 0.05 s with this.
+takes one minor page fault per 4 KiB page: about 340,000 faults and 0.6 s of system time per step of the
+`small` training benchmark on a 2-core machine (bench/train.py --default-malloc), next to none with this.
 Serving every block from the main heap (no per-block mmap; one arena, since a second arena's heaps are
 mmapped too) and trimming it only when more than 2 GiB lie free at its top (mallopt's int limit) lets the next
 step reuse the same pages. The cost is memory the process keeps: the benchmark process (three training sides)
-peaked at 8.34 GB with it and 7.53 GB without; see README, "Training benchmark".
+peaked about 10% higher (8.3 GB against 7.5 GB); see README, "Training benchmark".
 
 This is a process-wide setting of the C library, so only entry points (train.py and bench/train.py run as
 scripts) call it, before the first JAX computation starts XLA's threads.

@@ -71,6 +71,12 @@ def swiglu(x, w_gate, w_up, w_down):
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def expert_swiglu(x, w_gate, w_up, w_down):
+    """`swiglu` per expert: x [E, C, D], w_gate/w_up [E, D, F], w_down [E, F, D] -> [E, C, D], in x's dtype."""
+    dt = x.dtype
+    return _swiglu(x, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+
+
 def silu_with_derivative(g):
     """(silu(g), silu'(g)) with silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g))): one sigmoid for both."""
     sig = jax.nn.sigmoid(g)
@@ -81,10 +87,10 @@ def silu_with_derivative(g):
 # `small` MLP's forward + backward, 109.5 ms against 71.9 ms; bench/swiglu.py). Differentiating silu through
 # its primitives left several elementwise passes, and XLA materialised transposed copies of the [M, F]
 # gradients for the weight-gradient matmuls. Here every matmul reads its operands as they are (x.T @ dg and
-# friends). M is every leading dimension of x flattened (batch and tokens).
+# friends). M is every leading dimension of x flattened (batch and tokens), or an expert's capacity rows.
 @jax.custom_vjp
 def _swiglu(x, w_gate, w_up, w_down):
-    """x [M, D] -> [M, D]."""
+    """x [M, D] with weights [D, F] / [F, D], or x [E, M, D] with per-expert weights [E, D, F] / [E, F, D]."""
     return _swiglu_fwd(x, w_gate, w_up, w_down)[0]
 
 
@@ -96,9 +102,9 @@ def _swiglu_fwd(x, w_gate, w_up, w_down):
 def _swiglu_bwd(res, dy):
     x, w_gate, w_up, w_down, g, u = res
     silu, dsilu = silu_with_derivative(g)
-    dh = dy @ w_down.T
+    dh = dy @ w_down.mT
     dg, du = dh * u * dsilu, dh * silu
-    return dg @ w_gate.T + du @ w_up.T, x.T @ dg, x.T @ du, (silu * u).T @ dy
+    return dg @ w_gate.mT + du @ w_up.mT, x.mT @ dg, x.mT @ du, (silu * u).mT @ dy
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from longcat_jax.config import Config
 from longcat_jax.expert_tiles import tiled_expert_ffn
-from longcat_jax.layers import param
+from longcat_jax.layers import expert_swiglu, param
 
 # --- Router ------------------------------------------------------------------------------------------------
 
@@ -147,7 +147,8 @@ def capacity(cfg: Config, n_tokens: int, n_experts: int) -> int:
 
 
 def moe_capacity(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
-    """Capacity-factor expert FFN: [E, C, D] buffers, batched einsums; over-capacity assignments are dropped.
+    """Capacity-factor expert FFN: [E, C, D] buffers, per-expert SwiGLU (`layers.expert_swiglu`); over-capacity
+    assignments are dropped.
 
     The rank of an assignment inside its expert follows token order; ranks >= C contribute 0. Identity experts
     need no buffer and are never dropped. Shapes as in `moe_dropless`.
@@ -164,9 +165,7 @@ def moe_capacity(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
     src = jnp.minimum(starts[:-1, None] + c_idx[None, :], n * k - 1)  # [E, C]
     valid = c_idx[None, :] < group_sizes[:, None]  # [E, C]
     buf = jnp.where(valid[..., None], xs[src], 0)  # [E, C, D]
-    g = jnp.einsum("ecd,edf->ecf", buf, w_gate.astype(dt))
-    u = jnp.einsum("ecd,edf->ecf", buf, w_up.astype(dt))
-    out = jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, w_down.astype(dt))  # [E, C, D]
+    out = expert_swiglu(buf, w_gate, w_up, w_down)  # [E, C, D]
     # Gather back: sorted row i holds rank i - starts[e] inside expert e.
     rank = jnp.arange(n * k, dtype=jnp.int32) - starts[jnp.minimum(sorted_e, n_experts - 1)]
     kept = (sorted_e < n_experts) & (rank < cap)

@@ -8,7 +8,7 @@ from flax import nnx
 
 import longcat_jax as lj
 from longcat_jax.block import Context
-from longcat_jax.layers import config_inv_freq, swiglu
+from longcat_jax.layers import config_inv_freq, expert_swiglu, swiglu
 from longcat_jax.mla import attend_absorbed, attend_naive, attention_mask
 from tests.hf_reference import rel_err
 
@@ -138,17 +138,23 @@ def test_swiglu_backward_equals_autodiff(dtype):
         g, u = x @ w_gate.astype(x.dtype), x @ w_up.astype(x.dtype)
         return (jax.nn.silu(g) * u) @ w_down.astype(x.dtype)
 
-    args = (x, w_gate, w_up, w_down)
     tol = 1e-6 if dtype == jnp.float32 else 2e-2
-    y_ref, vjp_ref = jax.vjp(plain, *args)
-    # Alone, and under the remat policies train.py offers (what they save decides what the backward recomputes).
-    for policy in (None, jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.nothing_saveable):
-        fn = swiglu if policy is None else jax.checkpoint(swiglu, policy=policy)
+
+    def check(fn, reference, args, dy):
+        y_ref, vjp_ref = jax.vjp(reference, *args)
         y, vjp = jax.vjp(fn, *args)
         assert y.dtype == dtype and rel_err(y, y_ref) < tol
         for got, want, arg in zip(vjp(dy), vjp_ref(dy), args):
             assert got.dtype == arg.dtype and got.shape == arg.shape
             assert rel_err(got, want) < tol
+
+    # Alone, and under the remat policies train.py offers (what they save decides what the backward recomputes).
+    for policy in (None, jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.nothing_saveable):
+        check(swiglu if policy is None else jax.checkpoint(swiglu, policy=policy), plain,
+              (x, w_gate, w_up, w_down), dy)
+    # Per expert (the capacity-factor MoE): each expert's slice equals the plain formula with its own weights.
+    stacked = [jnp.stack([w, -w[::-1]]) for w in (w_gate, w_up, w_down)]
+    check(expert_swiglu, jax.vmap(plain), (x[:2].reshape(2, 3, 16), *stacked), dy[:2].reshape(2, 3, 16))
 
 
 def test_backward_runs_and_reaches_every_parameter(tiny):
