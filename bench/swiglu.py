@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.train import jax_matmul_rates  # noqa: E402
 from longcat_jax import Config  # noqa: E402
 from longcat_jax.layers import swiglu  # noqa: E402
 
@@ -58,16 +59,8 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             jax.block_until_ready(f(dy, x, *weights))
             times[name].append(time.perf_counter() - t)
-    m = jax.random.normal(keys[0], (2048, 2048))
-    mm = jax.jit(jnp.matmul)
-    mm(m, m).block_until_ready()
-    rates = []
-    for _ in range(5):
-        t = time.perf_counter()
-        mm(m, m).block_until_ready()
-        rates.append(2 * 2048**3 / (time.perf_counter() - t))
     flops = 9 * 2 * a.batch_size * a.seq_len * D * F
-    rate = max(rates)
+    rate = max(jax_matmul_rates(2048, 5))
     result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), jax=jax.__version__,
                   cpu_count=os.cpu_count(), shape=dict(M=a.batch_size * a.seq_len, D=D, F=F), flops=flops,
                   matmul_flops_per_s=rate, ideal_ms=1e3 * flops / rate,

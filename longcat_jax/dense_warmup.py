@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from longcat_jax.indexer import indexer_scores, indices_to_mask
 from longcat_jax.indexer_loss import kl_rows, query_mean, recall_rows
-from longcat_jax.mla import attention_mask, softmax_f32
+from longcat_jax.mla import absorbed_scores, attention_mask, softmax_f32
 from longcat_jax.query_blocks import merge_queries, split_queries
 
 
@@ -43,9 +43,7 @@ def _allowed(q_pos, q_seg, positions, segment_ids):
 def _head_mean_probs(keys, q_lat, q_rope, allowed, scale):
     """One sublayer's attention of a block of queries, averaged over heads: f32 [B, bq, S]. keys: its
     (c_kv [B,S,R], k_rope [B,S,Hr])."""
-    c_kv, k_rope = keys
-    scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
-    return softmax_f32(scores * scale, allowed[:, None]).mean(axis=1)
+    return softmax_f32(absorbed_scores(q_lat, q_rope, *keys) * scale, allowed[:, None]).mean(axis=1)
 
 
 def dense_attention(q_lat, q_rope, c_kv, k_rope, scale, positions, segment_ids=None, *, block_q: int = 128):
@@ -60,8 +58,8 @@ def dense_attention(q_lat, q_rope, c_kv, k_rope, scale, positions, segment_ids=N
     @functools.partial(jax.checkpoint, prevent_cse=False)  # inside lax.map's loop, CSE cannot undo the remat
     def block(args):
         ql, qr, qp, qs = args
-        scores = jnp.einsum("btnr,bsr->bnts", ql, c_kv) + jnp.einsum("btnh,bsh->bnts", qr, k_rope)
-        p = softmax_f32(scores * scale, _allowed(qp, qs, positions, segment_ids)[:, None])
+        scores = absorbed_scores(ql, qr, c_kv, k_rope) * scale
+        p = softmax_f32(scores, _allowed(qp, qs, positions, segment_ids)[:, None])
         return jnp.einsum("bnts,bsr->btnr", p.astype(dt), c_kv)
 
     blocks = functools.partial(split_queries, block_q=block_q)

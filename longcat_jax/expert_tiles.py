@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longcat_jax.layers import silu_with_derivative
+from longcat_jax.layers import swiglu_backward
 
 
 def _tile_plan(starts, tile: int, max_tiles: int):
@@ -102,16 +102,13 @@ def _bwd(tile, res, dy):
         x = jax.lax.dynamic_slice_in_dim(xs, r0, tile)
         g = jax.lax.dynamic_slice_in_dim(g_all, r0, tile)
         u = jax.lax.dynamic_slice_in_dim(u_all, r0, tile)
-        silu, dsilu = silu_with_derivative(g)
-        dh = dout @ w_down[e].T
-        dg, du = dh * u * dsilu, dh * silu
-        dx = dg @ w_gate[e].T + du @ w_up[e].T
+        dx, dg, du, a = swiglu_backward(g, u, w_gate[e], w_up[e], w_down[e], dout)
 
         def accumulate(acc, a, b):
             return acc.at[e].add(jnp.matmul(a.T, b, preferred_element_type=jnp.float32))
 
         return (_masked_write(dxs, dx, r0, keep), accumulate(dwg, x, dg), accumulate(dwu, x, du),
-                accumulate(dwd, silu * u, dout))
+                accumulate(dwd, a, dout))
 
     dxs, dwg, dwu, dwd = jax.lax.fori_loop(
         0, count, body, (jnp.zeros_like(xs), f32(w_gate.shape), f32(w_up.shape), f32(w_down.shape)))

@@ -80,13 +80,17 @@ def absorb_query(q_nope, w_kv_up, cfg: Config):
     return jnp.einsum("btnh,rnh->btnr", q_nope, w_kv_up[..., : cfg.qk_nope_head_dim].astype(q_nope.dtype))
 
 
+def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
+    """Unscaled absorbed-form scores [B,N,T,S]: q~ . c_kv + q_rope . k_rope, in the inputs' dtype."""
+    return jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
+
+
 def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     """Absorbed form: q~ = W_UK^T q_nope scores against c_kv directly; W_UV maps the latent sum to values."""
     dt = q_nope.dtype
     w_uv = w_kv_up[..., cfg.qk_nope_head_dim :].astype(dt)  # [R, N, Hv]
     q_lat = absorb_query(q_nope, w_kv_up, cfg)
-    scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
-    p = softmax_f32(scores * cfg.softmax_scale, mask[:, None])
+    p = softmax_f32(absorbed_scores(q_lat, q_rope, c_kv, k_rope) * cfg.softmax_scale, mask[:, None])
     o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(dt), c_kv)
     return jnp.einsum("btnr,rnh->btnh", o_lat, w_uv), p.mean(axis=1)
 
