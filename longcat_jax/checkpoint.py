@@ -1,12 +1,14 @@
 """Hugging Face safetensors checkpoints in and out (SPEC sections 4.1, 4.2, 5).
 
-One table (`tensor_map`) says, for every parameter of our model, which HF tensors hold it and how: per-layer and
-per-expert tensors are stacked on our leading axes, torch Linear weights [out, in] are transposed to our [in, out],
-the G N-gram tables are concatenated by rows. Loading and saving both read that table.
+One table (`tensor_map`) says, for every parameter of our model, which HF tensors hold it and how: per-layer
+and per-expert tensors are stacked on our leading axes, torch Linear weights [out, in] are transposed to our
+[in, out], the G N-gram tables are concatenated by rows. Loading and saving both read that table. The routed
+experts come in four layouts (`expert_layout`): loading detects and reads any of them, saving writes the one
+asked for.
 
-Tensors stream: each parameter is built with `jax.make_array_from_callback`, which reads (memory-mapped) only the
-HF tensors of the shard a device asks for, so host memory holds at most one parameter shard at a time. Saving pulls
-one layer or expert slice at a time and flushes a file whenever it reaches `max_shard_bytes`.
+Tensors stream: each parameter is built with `jax.make_array_from_callback`, which reads (memory-mapped) only
+the HF tensors of the shard a device asks for, so host memory holds at most one parameter shard at a time.
+Saving pulls one layer or expert slice at a time and flushes a file whenever it reaches `max_shard_bytes`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 from collections.abc import Callable
 
@@ -23,6 +26,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from longcat_jax import expert_layout
 from longcat_jax.config import Config
 from longcat_jax.hf_config import FLASH, LITE, LONGCAT2, architecture_of, config_from_hf, config_to_hf
 from longcat_jax.model import LongCat, abstract_model
@@ -30,6 +34,7 @@ from longcat_jax.ngram import table_offsets
 from sharding.rules import logical_to_spec
 
 INDEX_FILE = "model.safetensors.index.json"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +95,11 @@ def _mlp(prefix: str, stack: str) -> dict:
     }
 
 
-def tensor_map(cfg: Config, architecture: str) -> dict:
+def tensor_map(cfg: Config, architecture: str, experts: str = expert_layout.DEFAULT) -> dict:
     """Nested dict mirroring nnx.to_pure_dict(nnx.state(model)), with an Entry at every leaf.
 
-    The N-gram tables are the one leaf that is not an Entry: a (template, None) pair handled by `_ngram_tables`.
+    The N-gram tables' Entry names one HF table per branch (`_leaf_reader`, `_hf_tensors`); in a fused expert
+    layout the experts' leaves are `expert_layout.FusedEntry`s.
     """
     L = "model.layers.{l}"
     layer = {
@@ -108,7 +114,7 @@ def tensor_map(cfg: Config, architecture: str) -> dict:
         "moe": {
             "classifier": Entry(f"{L}.mlp.router.classifier.weight", "l", 1),
             "bias": Entry(f"{L}.mlp.router.e_score_correction_bias", "l"),
-            **_mlp(f"{L}.mlp.experts.{{e}}", "le"),
+            **expert_layout.entries(experts, _mlp),
         },
     }
     for i in range(cfg.indexer_sublayers):
@@ -121,7 +127,8 @@ def tensor_map(cfg: Config, architecture: str) -> dict:
     }
     if cfg.ngram_n:
         if architecture == LITE:
-            table, proj = "model.ngram_embeddings.embedders.{g}.weight", "model.ngram_embeddings.post_projs.{g}.weight"
+            table = "model.ngram_embeddings.embedders.{g}.weight"
+            proj = "model.ngram_embeddings.post_projs.{g}.weight"
         elif architecture == LONGCAT2:
             table, proj = "model.oe_embed_tokens{g}.weight", "model.oe_embed_proj{g}.weight"
         else:
@@ -145,15 +152,10 @@ def tensor_map(cfg: Config, architecture: str) -> dict:
     return tree
 
 
-def ignored(name: str, cfg: Config) -> bool:
-    """HF tensors that are present in real or HF-saved checkpoints but are not part of the model's math."""
-    if name.startswith("model.mtp.oe_") or name.startswith("model.mtp.ngram_"):
-        return True  # MTP carries N-gram tensors it never uses (SPEC 3.7)
-    # transformers sizes the fused gate_up of LongcatFlashExperts with the zero experts included (SPEC 4.1 item 5).
-    parts = name.split(".")
-    if len(parts) == 8 and parts[3:5] == ["mlp", "experts"] and parts[6] in ("gate_proj", "up_proj"):
-        return cfg.n_routed_experts <= int(parts[5]) < cfg.num_slots
-    return False
+def ignored(name: str) -> bool:
+    """HF tensors that are present in real checkpoints but are not part of the model's math: the MTP block
+    carries N-gram tensors it never uses."""
+    return name.startswith(("model.mtp.oe_", "model.mtp.ngram_"))
 
 
 # --- Reading -----------------------------------------------------------------------------------------------
@@ -206,7 +208,9 @@ def _flat(tree: dict, prefix=()) -> dict:
 
 
 def _expected_hf_shapes(entry: Entry, shape, path, cfg: Config) -> dict[str, tuple]:
-    """HF name -> expected HF shape for one of our leaves."""
+    """HF name -> expected HF shape for one of our leaves (fused experts: `expert_layout.expected_shapes`)."""
+    if isinstance(entry, expert_layout.FusedEntry):
+        return {}
     if path[-2:] == ("ngram", "tables"):
         return {entry.name.format(g=g): (rows, shape[1]) for g, rows in enumerate(cfg.ngram_table_rows)}
     n_stack = len(entry.stack)
@@ -216,13 +220,13 @@ def _expected_hf_shapes(entry: Entry, shape, path, cfg: Config) -> dict[str, tup
     return {name: tuple(inner) for name in entry.hf_names(shape)}
 
 
-def check_tensors(folder: SafetensorsFolder, mapping: dict, shapes: dict, cfg: Config):
+def check_tensors(folder: SafetensorsFolder, mapping: dict, shapes: dict, cfg: Config, experts: str):
     """Raise one error naming every missing, unexpected or mis-shaped tensor, before anything is allocated."""
-    expected = {}
+    expected = expert_layout.expected_shapes(experts, cfg)
     for path, entry in mapping.items():
         expected.update(_expected_hf_shapes(entry, shapes[path], path, cfg))
     missing = sorted(set(expected) - set(folder.where))
-    unexpected = sorted(n for n in set(folder.where) - set(expected) if not ignored(n, cfg))
+    unexpected = sorted(n for n in set(folder.where) - set(expected) if not ignored(n))
     misshaped = [f"{n}: {folder.shape(n)} != expected {s}" for n, s in expected.items()
                  if n in folder.where and folder.shape(n) != s]
     problems = []
@@ -272,22 +276,25 @@ def _leaf_reader(folder: SafetensorsFolder, entry: Entry, path, shape, dtype, cf
 def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, **overrides) -> tuple[Config, LongCat]:
     """Load a HF LongCat folder (Flash, Flash-Lite N-gram or LongCat-2.0 layout) -> (config, model).
 
-    `overrides` replace Config fields (for example mla_norm_eps=1e-6 to match transformers exactly, or a compute
-    dtype). With a mesh, every parameter is created directly on its shards.
+    `overrides` replace Config fields (for example mla_norm_eps=1e-6 to match transformers exactly, or a
+    compute dtype). With a mesh, every parameter is created directly on its shards. The experts may be stored
+    in any `expert_layout.LAYOUTS`; the one found is logged (and returned by `hf_expert_layout`).
     """
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     arch = architecture_of(hf)
     cfg = config_from_hf(hf, **overrides)
     folder = SafetensorsFolder(path)
+    experts = _detect_experts(folder, cfg)
+    log.info("%s: experts stored %s (%s)", path, experts, expert_layout.LAYOUTS[experts])
     abstract = abstract_model(cfg)
     graphdef, abs_state = nnx.split(abstract)
     pure = nnx.to_pure_dict(abs_state)
     shapes = {p: tuple(v.shape) for p, v in _flat(pure).items()}
-    mapping = _flat(tensor_map(cfg, arch))
+    mapping = _flat(tensor_map(cfg, arch, experts))
     if set(mapping) != set(shapes):
         raise AssertionError(f"tensor_map out of date: {sorted(set(mapping) ^ set(shapes))}")
-    check_tensors(folder, mapping, shapes, cfg)
+    check_tensors(folder, mapping, shapes, cfg, experts)
 
     specs = _partition_specs(abs_state) if mesh is not None else {}
     leaves = _flat(pure)
@@ -303,6 +310,20 @@ def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, **overrides) -> tu
     nested = _unflat(values)
     nnx.replace_by_pure_dict(abs_state, nested)
     return cfg, nnx.merge(graphdef, abs_state)
+
+
+def _detect_experts(folder: SafetensorsFolder, cfg: Config) -> str:
+    try:
+        return expert_layout.detect(folder.where, folder.shape, cfg)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {folder.path}: {e}") from None
+
+
+def hf_expert_layout(path: str) -> str:
+    """Which of `expert_layout.LAYOUTS` the HF folder at `path` stores its experts in."""
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = config_from_hf(json.load(f))
+    return _detect_experts(SafetensorsFolder(path), cfg)
 
 
 def _unflat(flat: dict) -> dict:
@@ -326,14 +347,20 @@ def _partition_specs(abs_state) -> dict:
 # --- Writing -----------------------------------------------------------------------------------------------
 
 
-def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shard_bytes: int = 5 * 2**30):
-    """Write `model` as a HF folder: config.json, sharded *.safetensors and the index."""
+def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shard_bytes: int = 5 * 2**30,
+            experts: str = expert_layout.DEFAULT):
+    """Write `model` as a HF folder: config.json, sharded *.safetensors and the index.
+
+    `experts` picks the experts' layout (`expert_layout.LAYOUTS`): the default is the one the installed
+    transformers loads; "per_expert_with_zero" is the one transformers 5.24 needs.
+    """
     cfg = model.cfg
+    expert_layout.check(experts)
     hf = config_to_hf(cfg, architecture)
     arch = hf["architectures"][0]
     os.makedirs(path, exist_ok=True)
     state = _flat(nnx.to_pure_dict(nnx.state(model)))
-    mapping = _flat(tensor_map(cfg, arch))
+    mapping = _flat(tensor_map(cfg, arch, experts))
     weight_map: dict[str, str] = {}
     pending: dict[str, np.ndarray] = {}
     size, files = 0, []
@@ -347,9 +374,10 @@ def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shar
             weight_map.update({k: fname for k in pending})
             pending, size = {}, 0
 
-    tensors = itertools.chain.from_iterable(_hf_tensors(entry, p, state[p], cfg) for p, entry in mapping.items())
-    if arch == FLASH:
-        tensors = itertools.chain(tensors, _unused_zero_expert_tensors(cfg, state))
+    tensors = itertools.chain.from_iterable(
+        _hf_tensors(entry, p, state[p], cfg) for p, entry in mapping.items() if isinstance(entry, Entry))
+    moe = [state[("layers", "moe", w)] for w in ("w_gate", "w_up", "w_down")]
+    tensors = itertools.chain(tensors, expert_layout.hf_tensors(experts, cfg, *moe))
     for name, tensor in tensors:
         pending[name] = tensor
         size += tensor.nbytes
@@ -361,23 +389,13 @@ def save_hf(model: LongCat, path: str, architecture: str | None = None, max_shar
     final = {f: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, f in enumerate(files)}
     for f, g in final.items():
         os.replace(os.path.join(path, f + ".partial"), os.path.join(path, g))
-    index = {"metadata": {"total_size": int(sum(os.path.getsize(os.path.join(path, g)) for g in final.values()))},
+    total_size = sum(os.path.getsize(os.path.join(path, g)) for g in final.values())
+    index = {"metadata": {"total_size": int(total_size)},
              "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
     with open(os.path.join(path, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-
-
-def _unused_zero_expert_tensors(cfg: Config, state: dict):
-    """transformers' LongcatFlashExperts sizes gate_up with the zero experts included and refuses a checkpoint
-    without those rows; no forward pass reads them, so they are written as zeros (see `ignored`)."""
-    dtype = state[("layers", "moe", "w_gate")].dtype
-    shape = (cfg.expert_ffn_hidden_size, cfg.hidden_size)
-    for l in range(cfg.num_layers):
-        for e in range(cfg.n_routed_experts, cfg.num_slots):
-            for proj in ("gate_proj", "up_proj"):
-                yield f"model.layers.{l}.mlp.experts.{e}.{proj}.weight", np.zeros(shape, dtype)
 
 
 def _hf_tensors(entry: Entry, path, leaf, cfg: Config):
@@ -393,4 +411,6 @@ def _hf_tensors(entry: Entry, path, leaf, cfg: Config):
         yield name, entry.to_hf(np.asarray(leaf[idx]))
 
 
-__all__ = ["load_hf", "save_hf", "tensor_map", "SafetensorsFolder", "FLASH", "LITE", "LONGCAT2"]
+__all__ = [
+    "load_hf", "save_hf", "hf_expert_layout", "tensor_map", "SafetensorsFolder", "FLASH", "LITE", "LONGCAT2",
+]

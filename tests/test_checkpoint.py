@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import longcat_jax as lj
-from longcat_jax import convert
-from longcat_jax.checkpoint import SafetensorsFolder
+from longcat_jax import convert, expert_layout
+from longcat_jax.checkpoint import SafetensorsFolder, hf_expert_layout
 from tests.hf_reference import random_flash
 
 
@@ -36,10 +37,12 @@ def test_longcat2_layout_round_trip(tiny_model, tmp_path):
     hf = json.load(open(tmp_path / "config.json"))
     assert hf["architectures"] == ["LongcatCausalLM"] and hf["oe_neighbor_num"] == 3 and hf["use_longcat_dsa"]
     names = set(_tensors(tmp_path))
-    # SPEC 5 key inventory: N-gram tables per branch, indexer on the owner sublayer only, one shared MTP block.
-    assert {"model.oe_embed_tokens0.weight", "model.oe_embed_proj3.weight", "model.mtp.layers.0.eh_proj.weight",
-            "model.layers.1.self_attn.0.indexer.weights_proj.weight", "model.mtp.layers.0.self_attn.indexer.wk.weight",
-            "model.layers.0.mlp.experts.5.down_proj.weight", "model.mtp.norm.weight"} <= names
+    # The LongCat-2.0 key inventory: N-gram tables per branch, indexer on the owner sublayer only, one shared
+    # MTP block.
+    assert {"model.oe_embed_tokens0.weight", "model.oe_embed_proj3.weight",
+            "model.mtp.layers.0.eh_proj.weight", "model.layers.1.self_attn.0.indexer.weights_proj.weight",
+            "model.mtp.layers.0.self_attn.indexer.wk.weight", "model.layers.0.mlp.experts.5.down_proj.weight",
+            "model.mtp.norm.weight"} <= names
     assert not any("self_attn.1.indexer" in n for n in names)
     assert not any("mtp.layers.1" in n for n in names)
     cfg, loaded = lj.load_hf(str(tmp_path))
@@ -76,22 +79,71 @@ def test_many_shards_and_mesh_load(tiny_model, tmp_path):
     np.testing.assert_allclose(got, tiny_model(_tokens(cfg)), rtol=1e-5, atol=1e-6)
 
 
-def test_hf_orbax_hf_round_trip_is_lossless(tmp_path):
+def test_hf_orbax_hf_round_trip_is_lossless(tmp_path, capsys):
     ref = random_flash(seed=3)
     ref.save_pretrained(tmp_path / "hf")
     assert convert.main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "orbax")]) == 0
+    assert "experts stored per_expert (one tensor per routed expert" in capsys.readouterr().out
     assert convert.main(["--orbax", str(tmp_path / "orbax"), "--out", str(tmp_path / "back"), "--to-hf"]) == 0
     before, after = _tensors(tmp_path / "hf"), _tensors(tmp_path / "back")
-    # transformers also saves gate/up tensors for the zero experts, which no forward pass reads (SPEC 4.1).
-    unused = {n for n in before if ".mlp.experts." in n and int(n.split(".")[5]) >= ref.config.n_routed_experts}
-    assert unused and set(before) == set(after)
+    assert set(before) == set(after)
     for name in after:
-        if name in unused:  # written back as zeros: transformers needs them present, nothing reads them
-            assert not after[name].any()
-        else:
-            np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
     with pytest.raises(FileExistsError):
         convert.main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "orbax")])
+    fused = str(tmp_path / "fused")
+    assert convert.main(["--orbax", str(tmp_path / "orbax"), "--out", fused, "--to-hf",
+                         "--expert-layout", "fused"]) == 0
+    assert hf_expert_layout(fused) == "fused"
+
+
+@pytest.fixture(scope="module")
+def flash_pair(tmp_path_factory):
+    """A random transformers LongcatFlash and our model loaded from its save_pretrained folder."""
+    path = tmp_path_factory.mktemp("flash_pair")
+    ref = random_flash(seed=5)
+    ref.save_pretrained(path)
+    assert hf_expert_layout(str(path)) == "per_expert"  # what the installed transformers writes
+    cfg, model = lj.load_hf(str(path), mla_norm_eps=1e-6)
+    return ref, cfg, model
+
+
+def _state(model):
+    return jax.tree.leaves(nnx.state(model))
+
+
+@pytest.mark.parametrize("layout", sorted(expert_layout.LAYOUTS))
+def test_every_expert_layout_round_trips(flash_pair, tmp_path, layout):
+    """save_hf writes each layout, load_hf detects it and reads back the same parameters; the zero experts'
+    gate/up tensors are present (as zeros) exactly in the *_with_zero layouts."""
+    _, cfg, model = flash_pair
+    lj.save_hf(model, str(tmp_path), experts=layout)
+    assert hf_expert_layout(str(tmp_path)) == layout
+    names = set(_tensors(tmp_path))
+    fused = "model.layers.1.mlp.experts.gate_up_proj" in names
+    zero = f"model.layers.1.mlp.experts.{cfg.n_routed_experts}.gate_proj.weight" in names
+    assert fused == layout.startswith("fused") and zero == (layout == "per_expert_with_zero")
+    if layout == "fused_with_zero":
+        assert _tensors(tmp_path)["model.layers.1.mlp.experts.gate_up_proj"].shape[0] == cfg.num_slots
+    _, loaded = lj.load_hf(str(tmp_path), mla_norm_eps=1e-6)
+    for a, b in zip(_state(model), _state(loaded), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_folder_of_transformers_loads(flash_pair, tmp_path):
+    """The fused layout as transformers writes it (save_original_format=False) reads the same weights."""
+    ref, _, model = flash_pair
+    ref.save_pretrained(tmp_path, save_original_format=False)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in _tensors(tmp_path)
+    assert hf_expert_layout(str(tmp_path)) == "fused"
+    _, loaded = lj.load_hf(str(tmp_path), mla_norm_eps=1e-6)
+    for a, b in zip(_state(model), _state(loaded), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_expert_layout_is_named(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="expert layout 'packed': expected one of per_expert"):
+        lj.save_hf(tiny_model, str(tmp_path), experts="packed")
 
 
 def _broken_copy(src, dst, edit):
@@ -141,20 +193,21 @@ def test_missing_shard_file_and_bad_architecture(tiny_model, tmp_path):
         convert.load_orbax(str(tmp_path / "nothing"))
 
 
-def test_saved_flash_folder_loads_in_transformers(tmp_path):
-    """Our Flash-layout export is a folder transformers itself can load, with the same logits."""
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_saved_flash_folder_loads_in_transformers(flash_pair, tmp_path, layout):
+    """Our Flash-layout export is a folder the installed transformers loads, with the same logits. (The
+    *_with_zero layouts are for transformers 5.24, which needs the zero experts' tensors; later releases
+    refuse them.)"""
     import torch
     from transformers import LongcatFlashForCausalLM
 
-    ref = random_flash(seed=5)
-    ref.save_pretrained(tmp_path / "hf")
-    cfg, model = lj.load_hf(str(tmp_path / "hf"), mla_norm_eps=1e-6)
-    lj.save_hf(model, str(tmp_path / "out"))
-    again = LongcatFlashForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ref, cfg, model = flash_pair
+    lj.save_hf(model, str(tmp_path), experts=layout)
+    again = LongcatFlashForCausalLM.from_pretrained(tmp_path).eval()
     ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 9))
     with torch.no_grad():
-        np.testing.assert_allclose(again(torch.tensor(ids)).logits.numpy(), ref(torch.tensor(ids)).logits.numpy(),
-                                   rtol=1e-5, atol=1e-6)
+        got, want = again(torch.tensor(ids)).logits, ref(torch.tensor(ids)).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_safetensors_dtype_kept(tmp_path):
