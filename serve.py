@@ -36,7 +36,8 @@ def parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError("--prompt-ids must be comma-separated integers, "
+                                         f"got {text!r}") from None
     if not ids:
         raise argparse.ArgumentTypeError("--prompt-ids is empty")
     return ids

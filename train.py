@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import longcat_jax as lj
@@ -32,7 +33,12 @@ from longcat_jax import data
 from longcat_jax.host_allocator import keep_freed_host_memory
 from longcat_jax.optim import OptimizerSettings, learning_rate_schedule, make_optimizer, zero1_state_shardings
 from longcat_jax.reliability import (
-    fingerprint_mismatch, flip_bit_on_device, init_guard, needs_restore, odd_replicas, parse_fault,
+    fingerprint_mismatch,
+    flip_bit_on_device,
+    init_guard,
+    needs_restore,
+    odd_replicas,
+    parse_fault,
     replica_fingerprints,
 )
 from longcat_jax.run_checkpoint import RunCheckpointer, install_stop_signals
@@ -55,7 +61,8 @@ REMAT_POLICIES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train LongCat (JAX).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train LongCat (JAX).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=lj.Config.PRESETS)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=8)
@@ -67,15 +74,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/default")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT")
     p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. dp=2,tp=2 (axes: dp pp cp ep tp vp)")
-    p.add_argument("--deterministic", action="store_true", help="bit-identical reruns (deterministic XLA ops)")
-    p.add_argument("--data", help="folder of text files or a .jsonl file with a `text` field (default: stdlib)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-identical reruns (deterministic XLA ops)")
+    p.add_argument("--data",
+                   help="folder of text files or a .jsonl file with a `text` field (default: stdlib)")
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training a tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mtp-weight", type=float, default=0.3)
     p.add_argument("--z-loss", type=float, default=1e-4)
     p.add_argument("--indexer-weight", type=float, default=1.0)
-    p.add_argument("--indexer-warmup-steps", type=int, default=50, help="dense-attention indexer warm-up stage")
+    p.add_argument("--indexer-warmup-steps", type=int, default=50,
+                   help="dense-attention indexer warm-up stage")
     p.add_argument("--balance-weight", type=float, default=1e-3)
     p.add_argument("--bias-update-rate", type=float, default=1e-3)
     p.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
@@ -88,7 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--abft", action="store_true", help="checksum-verify the LM-head matmul every step")
-    p.add_argument("--fingerprint-every", type=int, default=50, help="cross-replica check (meshes with dp > 1)")
+    p.add_argument("--fingerprint-every", type=int, default=50,
+                   help="cross-replica check (meshes with dp > 1)")
     p.add_argument("--max-bad-steps", type=int, default=3, help="restore the last checkpoint after this many")
     p.add_argument("--max-restores", type=int, default=3, help="give up after this many restores in one run")
     p.add_argument("--inject-fault", help="nan-grad@STEP or bitflip@STEP (for tests)")
@@ -143,7 +154,7 @@ def main(argv=None) -> int:
               "or choose another --out", file=sys.stderr)
         return 2
 
-    # --- 2. Data ---------------------------------------------------------------------------------------------
+    # --- 2. Data --------------------------------------------------------------------------------------------
     if args.data:
         train_texts, eval_texts = data.split_documents(data.load_documents(args.data))
     else:
@@ -155,7 +166,7 @@ def main(argv=None) -> int:
     train_iter = data.make_train_iterator(train_docs, args.seq_len, args.batch_size, args.seed, eos)
     eval_batches = data.make_eval_batches(eval_docs, args.seq_len, args.batch_size, eos, args.eval_batches)
 
-    # --- 3. Model and mesh -----------------------------------------------------------------------------------
+    # --- 3. Model and mesh ----------------------------------------------------------------------------------
     vocab = -(-tokenizer.get_vocab_size() // 128) * 128
     cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=eos, bos_token_id=1,
                            kernel_impl=args.kernel_impl)
@@ -165,7 +176,8 @@ def main(argv=None) -> int:
     batch_sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
 
     def to_device(batch):
-        return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v) for k, v in batch.items()}
+        return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v)
+                for k, v in batch.items()}
 
     # --- 4. Optimizer and train state --------------------------------------------------------------------
     opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=min(args.warmup_steps, args.steps - 1),
@@ -189,19 +201,19 @@ def main(argv=None) -> int:
         else:
             state = _like(restored[1], state)
 
-    # --- 5. The jitted step ----------------------------------------------------------------------------------
-    settings = LossSettings(mtp_weight=args.mtp_weight, z_loss=args.z_loss, indexer_weight=args.indexer_weight,
-                            balance_weight=args.balance_weight, bias_update_rate=args.bias_update_rate,
-                            abft=args.abft)
+    # --- 5. The jitted step ---------------------------------------------------------------------------------
+    settings = LossSettings(mtp_weight=args.mtp_weight, z_loss=args.z_loss,
+                            indexer_weight=args.indexer_weight, balance_weight=args.balance_weight,
+                            bias_update_rate=args.bias_update_rate, abft=args.abft)
     fault = args.fault
-    # Params keep their own layout (the step must not drift them onto dp); the optimizer state is ZeRO-1 sharded
-    # on a mesh and waits in host memory with --offload-optimizer.
+    # Params keep their own layout (the step must not drift them onto dp); the optimizer state is ZeRO-1
+    # sharded on a mesh and waits in host memory with --offload-optimizer.
     replicated = NamedSharding(mesh, P()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
     state_shardings = TrainState(params=jax.tree.map(lambda x: x.sharding, state.params),
-                                 opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state), step=replicated,
-                                 guard=jax.tree.map(lambda _: replicated, state.guard))
-    # Donation needs every leaf in its own buffer (fresh zeros and the opt-state init may share some); a jitted
-    # copy writes each output to its own buffer, on its final sharding.
+                                 opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
+                                 step=replicated, guard=jax.tree.map(lambda _: replicated, state.guard))
+    # Donation needs every leaf in its own buffer (fresh zeros and the opt-state init may share some); a
+    # jitted copy writes each output to its own buffer, on its final sharding.
     state = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_shardings)(state)
     start_step = int(state.step)
     step_fn = jax.jit(functools.partial(
@@ -216,7 +228,7 @@ def main(argv=None) -> int:
         total = sum(float(l) * float(n) for l, n in losses)
         return total / max(sum(float(n) for _, n in losses), 1.0)
 
-    # --- 6. The loop -----------------------------------------------------------------------------------------
+    # --- 6. The loop ----------------------------------------------------------------------------------------
     log = RunLog(args.out, resume=args.resume)
     log.event(start_step, f"{args.preset}: {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
               f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh {args.mesh or '1 device'}")
@@ -253,7 +265,8 @@ def main(argv=None) -> int:
             load_sum = np.asarray(load) if load_sum is None else load_sum + np.asarray(load)
             if bool(metrics["skipped"]):
                 log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
-                          f"{float(metrics['grad_norm']):.4g}, abft mismatch {bool(metrics['abft_mismatch'])}")
+                          f"{float(metrics['grad_norm']):.4g}, abft mismatch "
+                          f"{bool(metrics['abft_mismatch'])}")
             if at_eval:
                 metrics["eval_loss"] = held_out_loss(state.params)
                 metrics.update(_load_stats(load_sum, cfg))
@@ -273,7 +286,8 @@ def main(argv=None) -> int:
                     state, step = _restore(ckpt, state, train_iter, log, step, restores_left)
                     continue
             if needs_restore(state.guard, args.max_bad_steps):
-                log.event(step, f"{args.max_bad_steps} bad steps in a row: restoring the last good checkpoint")
+                log.event(step, f"{args.max_bad_steps} bad steps in a row: restoring the last good "
+                          "checkpoint")
                 state, step = _restore(ckpt, state, train_iter, log, step, restores_left)
                 continue
             ckpt.maybe_save(step, state, train_iter, force=stop.requested or step == args.steps)
@@ -306,7 +320,7 @@ def main(argv=None) -> int:
     return 0
 
 
-# --- Helpers -------------------------------------------------------------------------------------------------
+# --- Helpers ------------------------------------------------------------------------------------------------
 
 
 def _mesh_context(mesh):
@@ -336,7 +350,8 @@ def _in_host_memory(shardings):
 
 
 def _like(restored, live):
-    """Place restored arrays exactly as the live ones (same shardings), so the same executable runs on them."""
+    """Place restored arrays exactly as the live ones (same shardings),
+    so the same executable runs on them."""
     return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, live))
 
 
@@ -361,7 +376,8 @@ def _load_stats(load_sum, cfg) -> dict:
     real = load[:, : cfg.n_routed_experts]
     share = real / np.maximum(real.sum(-1, keepdims=True), 1.0)
     return {
-        "real_experts_per_token": float((real.sum(-1) / np.maximum(per_layer[:, 0], 1.0)).mean() * cfg.moe_topk),
+        "real_experts_per_token": float((real.sum(-1) / np.maximum(per_layer[:, 0], 1.0)).mean()
+                                        * cfg.moe_topk),
         "zero_expert_share": float(1.0 - real.sum() / max(load.sum(), 1.0)),
         "expert_load_max_over_mean": float((share.max(-1) * cfg.n_routed_experts).mean()),
     }

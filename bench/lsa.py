@@ -1,8 +1,8 @@
 """LongCat Sparse Attention against dense MLA: prefill time, peak memory, decode time and HI recall.
 
-One attention stack of the `small` preset (one ScMoE layer = two MLA sublayers; N=8 heads, kv_lora 128, rope 32;
-indexer 8 heads x 64, top-k 512), batch 1, float32, attention and indexer only (projections and MLPs are the
-same in every variant and left out). Four variants of a prefill of T tokens:
+One attention stack of the `small` preset (one ScMoE layer = two MLA sublayers; N=8 heads, kv_lora 128,
+rope 32; indexer 8 heads x 64, top-k 512), batch 1, float32, attention and indexer only (projections and MLPs
+are the same in every variant and left out). Four variants of a prefill of T tokens:
 
   dense    both sublayers attend to every causal key (query-chunked absorbed attention, so it runs at 32K on a
            CPU; its *memory* is also reported for the plain quadratic reference)
@@ -13,9 +13,9 @@ same in every variant and left out). Four variants of a prefill of T tokens:
   lsa_hi   lsa with hierarchical indexing (HI) switched on (block stage, then tokens inside the best blocks)
 
 Indexer and attention are timed apart (each compiled ahead of time on its own, median of --repeats runs), so
-"CLI halves the indexer time" and "HI cuts the indexer time" are read off directly. On CPU the memory-bounded XLA
-paths of pallas_kernels run (impl="xla"); Pallas itself only runs interpreted on CPU, which is a correctness mode.
-On a GPU/TPU `--impl pallas` times the kernels.
+"CLI halves the indexer time" and "HI cuts the indexer time" are read off directly. On CPU the memory-bounded
+XLA paths of pallas_kernels run (impl="xla"); Pallas itself only runs interpreted on CPU, which is a
+correctness mode. On a GPU/TPU `--impl pallas` times the kernels.
 
 Peak memory is XLA's own memory analysis of the compiled prefill (arguments + outputs + temporaries, nothing
 is executed), next to the quadratic reference: `longcat_jax.indexer.select` plus `mla.attend_absorbed` with a
@@ -24,12 +24,13 @@ dense [T, S] mask, i.e. what the model does without the kernels.
 Decode: one new token against a cache of --decode-context keys, dense against lsa.
 HI recall: |HI picks ∩ exact picks| / |exact picks| per query, averaged, at the largest T, for the preset's
 hi_top_blocks and for each value of --hi-top-blocks (with the HI indexer time of each). The inputs are
-synthetic; indexer keys follow an AR(1) process along the sequence (correlation --key-correlation per token) so
-that neighbouring keys are alike, as in real text; with i.i.d. random keys a block mean says nothing about its
-tokens and HI's recall would be meaningless (`--key-correlation 0` measures that case).
+synthetic; indexer keys follow an AR(1) process along the sequence (correlation --key-correlation per token)
+so that neighbouring keys are alike, as in real text; with i.i.d. random keys a block mean says nothing about
+its tokens and HI's recall would be meaningless (`--key-correlation 0` measures that case).
 
 Usage:
-  python bench/lsa.py [--lengths 4096,8192,16384,32768,65536] [--time-dense-max 32768] [--json PATH] [--png PATH]
+  python bench/lsa.py [--lengths 4096,8192,16384,32768,65536] [--time-dense-max 32768] [--json PATH]
+                      [--png PATH]
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def variant_config(name: str, T: int) -> Config:
 def make_inputs(cfg: Config, T: int, key_correlation: float, seed: int = 0):
     """Latent queries/keys of one layer (two sublayers) and the indexer inputs, all f32, batch 1."""
     rng = np.random.default_rng(seed)
-    N, R, Hr, I, J = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.index_n_heads, cfg.index_head_dim
+    N, R, Hr = cfg.num_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    I, J = cfg.index_n_heads, cfg.index_head_dim
 
     def normal(*shape, scale=1.0):
         return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * scale)
@@ -175,7 +177,8 @@ def peak_bytes(fn, *args) -> int:
 
 
 def timed(fn, *args, repeats: int):
-    """(median seconds over `repeats` runs of the ahead-of-time compiled fn, last output); compile not timed."""
+    """(median seconds over `repeats` runs of the ahead-of-time compiled fn, last output); compile not
+    timed."""
     compiled = jax.jit(fn).lower(*args).compile()
     times, out = [], None
     for _ in range(repeats):
@@ -310,7 +313,8 @@ def plot(rows: list[dict], path: str):
         b.plot(Ts, [r[name]["peak_bytes"] / 2**30 for r in rows], marker="o", label=name)
     b.plot(Ts, [r["lsa"]["quadratic_reference_peak_bytes"] / 2**30 for r in rows], marker="x", ls="--",
            label="quadratic reference")
-    for ax, title, unit in ((a, "prefill time (attention + indexer)", "seconds"), (b, "peak memory (XLA)", "GiB")):
+    for ax, title, unit in ((a, "prefill time (attention + indexer)", "seconds"),
+                            (b, "peak memory (XLA)", "GiB")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("T (tokens)")
@@ -324,7 +328,8 @@ def plot(rows: list[dict], path: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="4096,8192,16384,32768,65536")
-    p.add_argument("--time-dense-max", type=int, default=32768, help="dense prefill is not timed above this T")
+    p.add_argument("--time-dense-max", type=int, default=32768,
+                   help="dense prefill is not timed above this T")
     p.add_argument("--decode-context", type=int, default=32768)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--key-correlation", type=float, default=0.99)
@@ -343,10 +348,11 @@ def main(argv=None):
     result = dict(
         machine=dict(platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
                      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
-                     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                      loadavg=os.getloadavg()),
-        settings=dict(vars(args), attention="Config.small: N=8, kv_lora 128, rope 32; indexer 8x64, top-k 512, "
-                                            "SI 16 sinks + 256 local, HI blocks of 64, top 16 blocks"),
+        settings=dict(vars(args),
+                      attention="Config.small: N=8, kv_lora 128, rope 32; indexer 8x64, top-k 512, "
+                                "SI 16 sinks + 256 local, HI blocks of 64, top 16 blocks"),
         prefill=rows, decode=decode, summary=summarize(rows, decode))
     print(json.dumps(result["summary"], indent=2))
     if args.json:

@@ -1,5 +1,5 @@
-"""The SwiGLU MLP's forward + backward: `layers.swiglu` (hand-written backward) against JAX's derivative of the
-same forward, at the `small` preset's dense MLP size, in one process.
+"""The SwiGLU MLP's forward + backward: `layers.swiglu` (hand-written backward) against JAX's derivative of
+the same forward, at the `small` preset's dense MLP size, in one process.
 
     python bench/swiglu.py [--json PATH]
 
@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     x = jax.random.normal(keys[0], (a.batch_size, a.seq_len, D))
     weights = [jax.random.normal(k, s) * 0.05 for k, s in zip(keys[1:4], [(D, F), (D, F), (F, D)])]
     dy = jax.random.normal(keys[4], x.shape)
-    sides = {"hand-written backward (layers.swiglu)": vjp_step(swiglu), "JAX autodiff": vjp_step(autodiff_swiglu)}
+    sides = {"hand-written backward (layers.swiglu)": vjp_step(swiglu),
+             "JAX autodiff": vjp_step(autodiff_swiglu)}
     for f in sides.values():
         jax.block_until_ready(f(dy, x, *weights))
     times = {name: [] for name in sides}
@@ -61,14 +62,15 @@ def main(argv=None) -> int:
             times[name].append(time.perf_counter() - t)
     flops = 9 * 2 * a.batch_size * a.seq_len * D * F
     rate = max(jax_matmul_rates(2048, 5))
-    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), jax=jax.__version__,
-                  cpu_count=os.cpu_count(), shape=dict(M=a.batch_size * a.seq_len, D=D, F=F), flops=flops,
+    result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  jax=jax.__version__, cpu_count=os.cpu_count(),
+                  shape=dict(M=a.batch_size * a.seq_len, D=D, F=F), flops=flops,
                   matmul_flops_per_s=rate, ideal_ms=1e3 * flops / rate,
                   median_ms={name: 1e3 * statistics.median(t) for name, t in times.items()})
     for name, ms in result["median_ms"].items():
         print(f"{name:40} {ms:7.1f} ms")
-    print(f"at the matmul rate ({rate / 1e9:.0f} GFLOP/s): {result['ideal_ms']:.1f} ms; M={a.batch_size * a.seq_len} "
-          f"D={D} F={F}")
+    print(f"at the matmul rate ({rate / 1e9:.0f} GFLOP/s): {result['ideal_ms']:.1f} ms; "
+          f"M={a.batch_size * a.seq_len} D={D} F={F}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -26,7 +26,8 @@ the attention score and value matmuls over the full T x T square (no causal savi
 it) x 3 for forward + backward. It is divided by the rate of a large f32 jnp matmul (`--matmul-size`^3,
 best of 3) timed in this process in every round, right after the steps; the fraction is the median over
 rounds. XLA's own `cost_analysis()` flops of the compiled step are also recorded, but they are not
-comparable: XLA counts a loop body once: the layer scan's (not per layer) and the expert-tile loop's (not per tile).
+comparable: XLA counts a loop body once: the layer scan's (not per layer) and the expert-tile loop's
+(not per tile).
 
 Usage:
   python bench/train.py [--steps N] [--batch-size B] [--seq-len T] [--json PATH] [--png PATH]

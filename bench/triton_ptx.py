@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", choices=Config.PRESETS)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated subset of " + ",".join(CASES))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     try:

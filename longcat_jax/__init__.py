@@ -12,6 +12,6 @@ from longcat_jax.config import Config
 from longcat_jax.model import LongCat, Output, abstract_model, build_model, decode_step, forward, prefill
 
 __all__ = [
-    "Config", "LongCat", "Output", "abstract_model", "build_model", "decode_step", "forward", "load_hf", "prefill",
-    "save_hf",
+    "Config", "LongCat", "Output", "abstract_model", "build_model", "decode_step", "forward", "load_hf",
+    "prefill", "save_hf",
 ]

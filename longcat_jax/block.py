@@ -38,7 +38,8 @@ class Context:
     # Packed training rows: positions restart in every document, so "causal by position and same document" is
     # exactly per-document causality, and the SI sinks and local window are each document's own.
     segment_ids: jax.Array | None = None  # [B, T] document ids, 0 = padding
-    collect_aux: bool = False  # also return the indexer KL, expert statistics and (see below) selection recall
+    # Also return the indexer KL, expert statistics and (see below) selection recall.
+    collect_aux: bool = False
     dense_attention: bool = False  # indexer warm-up: attend to every causal key, train the indexer densely
     # Sparse stage only (the warm-up's dense attention gives the recall for free): also measure the selection
     # recall against the dense attention (`indexer_loss.selection_recall`, O(T x S) work in linear memory). A
@@ -54,21 +55,21 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
                        cache: dict | None = None, indices=None):
     """One MLA sublayer with LSA selection.
 
-    x [B,T,D] is the normed input. Without a cache the keys are the new tokens; with a cache (a dict holding this
-    sublayer's c_kv [B,S,R], k_rope [B,S,Hr] and, for an owner, index_k [B,S,J]) the new rows are written at
-    ctx.cache_len and attention runs in absorbed form over the cache. An owner (indexer given) computes the top-k
-    indices; a reuse sublayer receives its owner's `indices`. The indexer reads detached inputs: its selection is
-    discrete, and it learns only from its own KL loss (SPEC 3.10).
+    x [B,T,D] is the normed input. Without a cache the keys are the new tokens; with a cache (a dict holding
+    this sublayer's c_kv [B,S,R], k_rope [B,S,Hr] and, for an owner, index_k [B,S,J]) the new rows are written
+    at ctx.cache_len and attention runs in absorbed form over the cache. An owner (indexer given) computes the
+    top-k indices; a reuse sublayer receives its owner's `indices`. The indexer reads detached inputs: its
+    selection is discrete, and it learns only from its own KL loss (SPEC 3.10).
 
     With cfg.kernel_impl set (not "reference"), selection and attention run through memory-bounded paths (no
     [T, S] tensor): past the dense warm-up the pallas_kernels ones, and aux then holds the slot probabilities
     instead; in the warm-up (no cache) the blockwise dense attention of longcat_jax.dense_warmup, and aux then
     holds the latents, from which `indexer_aux` recomputes the attention block by block.
 
-    Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux holds
-    "probs" (head-mean attention [B,T,S]), "allowed" (causal and same-document keys), "selected" (the LSA mask)
-    and, for an owner, "scores" (indexer logits); with ctx.measure_recall in the sparse stage, on either path,
-    also "recall" (`_measured_recall`); otherwise aux is empty.
+    Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux
+    holds "probs" (head-mean attention [B,T,S]), "allowed" (causal and same-document keys), "selected" (the
+    LSA mask) and, for an owner, "scores" (indexer logits); with ctx.measure_recall in the sparse stage, on
+    either path, also "recall" (`_measured_recall`); otherwise aux is empty.
     """
     B, T, _ = x.shape
     q_nope, q_rope, c_q, c_kv, k_rope = attn.latents(x, ctx.positions, ctx.inv_freq)
@@ -142,8 +143,8 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
 
 
 def _measured_recall(attn: MLA, latents, indices, q_pos, k_pos, k_valid, ctx: Context):
-    """{"recall": scalar} in the sparse stage with ctx.measure_recall, else {}. This sublayer attended over its
-    selection only, so the dense scores are recomputed from latents = (q_nope, q_rope, c_kv, k_rope) in
+    """{"recall": scalar} in the sparse stage with ctx.measure_recall, else {}. This sublayer attended over
+    its selection only, so the dense scores are recomputed from latents = (q_nope, q_rope, c_kv, k_rope) in
     absorbed form."""
     if not ctx.measure_recall or ctx.dense_attention or ctx.cache_len is not None:
         return {}
@@ -179,17 +180,17 @@ def latent_output(attn: MLA, o_lat):
 def indexer_aux(owner_aux: dict, served: list[dict], ctx: Context, cfg: Config) -> dict:
     """KL loss of one indexer against the mean attention of the sublayers it serves, plus selection recall.
 
-    On the kernel path (cfg.kernel_impl) the served sublayers report their attention at the owner's K slots only,
-    so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl); in the warm-up they report their
-    latents, and the dense KL and the recall come from one blockwise pass (dense_warmup.dense_indexer_stats).
-    The recall (the share of the dense attention mass the selection keeps) comes from the warm-up's dense
-    attention, or in the sparse stage from the served sublayers' own measurement (ctx.measure_recall); without
-    either it is not reported.
+    On the kernel path (cfg.kernel_impl) the served sublayers report their attention at the owner's K slots
+    only, so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl); in the warm-up they report
+    their latents, and the dense KL and the recall come from one blockwise pass
+    (dense_warmup.dense_indexer_stats). The recall (the share of the dense attention mass the selection keeps)
+    comes from the warm-up's dense attention, or in the sparse stage from the served sublayers' own
+    measurement (ctx.measure_recall); without either it is not reported.
     """
     if "latents" in owner_aux:  # the kernel path's warm-up: KL and recall in one blockwise pass
         kl, recall = dense_indexer_stats(owner_aux["index_qkw"], [a["latents"] for a in served],
-                                         owner_aux["indices"], cfg.softmax_scale, ctx.positions, ctx.segment_ids,
-                                         ctx.query_mask)
+                                         owner_aux["indices"], cfg.softmax_scale, ctx.positions,
+                                         ctx.segment_ids, ctx.query_mask)
         return {"indexer_kl": kl, "indexer_recall": recall}
     if "slot_probs" in owner_aux:
         target = sum(a["slot_probs"] for a in served) / len(served)
@@ -228,7 +229,8 @@ class DecoderLayer(nnx.Module):
         cfg = self.cfg
         sub = [None, None] if cache is None else [_sublayer_cache(cache, i, cfg) for i in (0, 1)]
         with jax.named_scope("attn0"):
-            out, c0, idx, aux0 = attention_sublayer(self.attn0, self.indexer0, self.norm_in0(h), ctx, cfg, sub[0])
+            out, c0, idx, aux0 = attention_sublayer(self.attn0, self.indexer0, self.norm_in0(h), ctx, cfg,
+                                                    sub[0])
         a = h + checkpoint_name(out, "attn_out")
         u = self.norm_post0(a)
         with jax.named_scope("moe"):
@@ -236,8 +238,8 @@ class DecoderLayer(nnx.Module):
         b = a + checkpoint_name(self.mlp0(u), "mlp_out")
         with jax.named_scope("attn1"):
             reuse = idx if self.indexer1 is None else None
-            out, c1, _, aux1 = attention_sublayer(self.attn1, self.indexer1, self.norm_in1(b), ctx, cfg, sub[1],
-                                                  reuse)
+            out, c1, _, aux1 = attention_sublayer(self.attn1, self.indexer1, self.norm_in1(b), ctx, cfg,
+                                                  sub[1], reuse)
         c = b + checkpoint_name(out, "attn_out")
         y = c + checkpoint_name(self.mlp1(self.norm_post1(c)), "mlp_out") + checkpoint_name(m, "moe_out")
         new_cache = None if cache is None else _merge_sublayer_caches(c0, c1, cfg)

@@ -1,7 +1,9 @@
-"""The decode cache: latent KV rows, indexer keys and N-gram history, passed in and returned (SPEC 3.3, 3.7, 6).
+"""The decode cache: latent KV rows, indexer keys and N-gram history, passed in and returned
+(SPEC 3.3, 3.7, 6).
 
-Per token and MLA sublayer the cache holds the scaled c_kv [R] and the rotated k_rope [Hr] (576 values at full size);
-each indexer owner adds its keys [J]. Arrays are stacked over the decoder layers so the layer scan can slice them.
+Per token and MLA sublayer the cache holds the scaled c_kv [R] and the rotated k_rope [Hr] (576 values at full
+size); each indexer owner adds its keys [J]. Arrays are stacked over the decoder layers so the layer scan can
+slice them.
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ class Config:
     v_head_dim: int = 128
     mla_scale_q_lora: bool = True  # multiply q by sqrt(hidden / q_lora_rank)
     mla_scale_kv_lora: bool = True  # multiply c_kv by sqrt(hidden / kv_lora_rank)
-    # HF uses its RMSNorm class default 1e-6 for q_a/kv_a norms; SGLang and mlx-lm use rms_norm_eps (SPEC 7.7).
+    # HF uses its RMSNorm class default 1e-6 for q_a/kv_a norms; SGLang and mlx-lm use rms_norm_eps
+    # (SPEC 7.7).
     mla_norm_eps: float = 1e-5
 
     # --- RoPE / DeepSeek-YaRN (SPEC 3.2) --------------------------------------------------------------
@@ -108,7 +109,8 @@ class Config:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "q_lora_rank", "kv_lora_rank"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even")
-        need(self.moe_topk <= self.num_slots, f"moe_topk {self.moe_topk} exceeds {self.num_slots} expert slots")
+        need(self.moe_topk <= self.num_slots,
+             f"moe_topk {self.moe_topk} exceeds {self.num_slots} expert slots")
         need(self.ngram_n == 0 or self.ngram_n >= 2, "ngram_n must be 0 (off) or >= 2")
         if self.ngram_n:
             need(self.ngram_splits >= 1, "ngram_splits must be >= 1")
@@ -230,7 +232,8 @@ class Config:
 
     @classmethod
     def tiny(cls, **changes) -> Config:
-        """Every feature on (N-gram, LSA with SI + CLI + HI, ScMoE with zero experts, 3-step MTP), seconds on CPU."""
+        """Every feature on (N-gram, LSA with SI + CLI + HI, ScMoE with zero experts, 3-step MTP),
+        seconds on CPU."""
         base = dict(
             vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, q_lora_rank=32, kv_lora_rank=16,
             qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, ffn_hidden_size=128,

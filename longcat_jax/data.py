@@ -6,10 +6,10 @@ document is followed by an EOS token -> rows of ``seq_len + 1`` tokens -> batche
 
 Packing is concatenate-and-chunk (no truncation, no padding in training): row ``r`` is the stream slice
 ``[r * seq_len, r * seq_len + seq_len + 1)``, so consecutive rows overlap by one token and every token of the
-stream but the first is a target exactly once. Training streams are infinite: epoch ``e`` visits the documents in a
-permutation drawn from ``(seed, e)``, and a row may run from one epoch into the next (epochs end on an EOS).
-A batch is a pure function of its index, so the grain iterator's state is just the next batch index and a
-restored iterator continues exactly where the saved one stopped.
+stream but the first is a target exactly once. Training streams are infinite: epoch ``e`` visits the documents
+in a permutation drawn from ``(seed, e)``, and a row may run from one epoch into the next (epochs end on an
+EOS). A batch is a pure function of its index, so the grain iterator's state is just the next batch index and
+a restored iterator continues exactly where the saved one stopped.
 
 Within a row, a "document piece" is a maximal run of one document's tokens. ``segment_ids`` number the pieces
 1, 2, ... (0 = padding), ``positions`` restart at 0 on each piece, and ``loss_mask`` is 0 where the input is a
@@ -230,7 +230,8 @@ def _load_tokenizer(path: str) -> Tokenizer:
 def load_or_train_tokenizer(
     out_dir: str, texts: Sequence[str], vocab_size: int, tokenizer_path: str | None = None
 ) -> Tokenizer:
-    """Loads ``tokenizer_path`` if given; else reuses ``out_dir/tokenizer.json``, training and saving it if absent.
+    """Loads ``tokenizer_path`` if given; else reuses ``out_dir/tokenizer.json``, training and saving it
+    if absent.
 
     Raises:
         FileNotFoundError / ValueError: ``tokenizer_path`` is missing or not a tokenizer; or the cached

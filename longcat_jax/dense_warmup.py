@@ -1,5 +1,5 @@
-"""The indexer's dense warm-up in linear memory (SPEC 3.10, 7.3): dense MLA attention and the dense indexer KL,
-one block of queries at a time.
+"""The indexer's dense warm-up in linear memory (SPEC 3.10, 7.3): dense MLA attention and the dense indexer
+KL, one block of queries at a time.
 
 In the warm-up stage attention runs over every allowed key and the indexer learns the full head-mean attention
 distribution. The reference path (`block.attention_sublayer`, cfg.kernel_impl "reference") forms the
@@ -10,8 +10,8 @@ and backward hold the scores of one block, O(block_q x S), at a time:
   dense_attention       absorbed MLA over every allowed key (as `mla.attend_absorbed` with the causal,
                         same-document mask);
   dense_indexer_stats   `indexer_loss.indexer_kl` over every allowed key against the mean attention of the
-                        served sublayers, recomputed from their latents, and `indexer_loss.attention_recall` of
-                        the owner's selection, in the same pass.
+                        served sublayers, recomputed from their latents, and `indexer_loss.attention_recall`
+                        of the owner's selection, in the same pass.
 
 Plain JAX on every impl: the work stays quadratic, as dense attention's must; only the memory is linear. A
 block holds a few [B, block_q, N, S] f32 arrays; `block.attention_sublayer` uses block_q = 128. Scores are
@@ -75,8 +75,8 @@ def dense_indexer_stats(index_qkw, served, indices, scale, positions, segment_id
     gradients to the indexer's q, k and w only, the recall none.
 
     index_qkw: the owner's (q [B,T,I,J], k [B,T,J], w [B,T,I]) from detached inputs. served: one tuple per
-    sublayer that uses the owner's indices, (q_lat, q_rope, c_kv, k_rope) as for `dense_attention` (they get no
-    gradient). indices int [B,T,K] the owner's selection (-1 empty). positions, segment_ids as for
+    sublayer that uses the owner's indices, (q_lat, q_rope, c_kv, k_rope) as for `dense_attention` (they get
+    no gradient). indices int [B,T,K] the owner's selection (-1 empty). positions, segment_ids as for
     `dense_attention`; query_mask [B,T] (1 = the query counts).
     """
     q_i, k_i, w_i = index_qkw
@@ -93,7 +93,8 @@ def dense_indexer_stats(index_qkw, served, indices, scale, positions, segment_id
         target = sum(probs) / len(probs)
         kl = kl_rows(indexer_scores(qi, k_i, wi, qp, positions, allowed), target, allowed)
         selected = indices_to_mask(idx, S) & allowed
-        recall = sum(recall_rows(p, selected) for p in probs) / len(probs)  # no gradient: its inputs have none
+        # No gradient: its inputs have none.
+        recall = sum(recall_rows(p, selected) for p in probs) / len(probs)
         return kl, recall
 
     blocks = functools.partial(split_queries, block_q=block_q)

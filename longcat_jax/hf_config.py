@@ -16,11 +16,12 @@ ARCHITECTURES = (FLASH, LITE, LONGCAT2)
 
 # Fields whose HF name equals ours.
 _SAME = (
-    "vocab_size", "hidden_size", "num_layers", "ffn_hidden_size", "rms_norm_eps", "q_lora_rank", "kv_lora_rank",
-    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "mla_scale_q_lora", "mla_scale_kv_lora",
-    "max_position_embeddings", "n_routed_experts", "zero_expert_num", "moe_topk", "expert_ffn_hidden_size",
-    "routed_scaling_factor", "index_n_heads", "index_head_dim", "index_topk", "indexer_rope_interleave",
-    "index_init_tokens", "index_local_tokens", "cli_factor", "bos_token_id", "eos_token_id", "pad_token_id",
+    "vocab_size", "hidden_size", "num_layers", "ffn_hidden_size", "rms_norm_eps", "q_lora_rank",
+    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "mla_scale_q_lora",
+    "mla_scale_kv_lora", "max_position_embeddings", "n_routed_experts", "zero_expert_num", "moe_topk",
+    "expert_ffn_hidden_size", "routed_scaling_factor", "index_n_heads", "index_head_dim", "index_topk",
+    "indexer_rope_interleave", "index_init_tokens", "index_local_tokens", "cli_factor", "bos_token_id",
+    "eos_token_id", "pad_token_id",
 )
 
 
@@ -54,7 +55,8 @@ def config_from_hf(hf: dict, **overrides) -> Config:
             rope_factor=float(rope["factor"]),
             rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
             rope_beta_fast=float(rope.get("beta_fast", 32)), rope_beta_slow=float(rope.get("beta_slow", 1)),
-            rope_mscale=float(rope.get("mscale", 1)), rope_mscale_all_dim=float(rope.get("mscale_all_dim", 0)),
+            rope_mscale=float(rope.get("mscale", 1)),
+            rope_mscale_all_dim=float(rope.get("mscale_all_dim", 0)),
         )
     elif rope_type == "default":
         kw["rope_factor"] = 1.0

@@ -147,7 +147,8 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     """HI selection (SPEC 7.4): coarse block scores, token scores inside the best blocks, then the SI rule.
 
     A block is a candidate for query t when it holds a non-streaming key (init <= pos <= t - local; with SI
-    off, init = local = 0) and ends at or before t; keys of the query's own incomplete block compete as tokens. Because index_local_tokens >= hi_block_size (a Config invariant), every block that holds a
+    off, init = local = 0) and ends at or before t; keys of the query's own incomplete block compete as
+    tokens. Because index_local_tokens >= hi_block_size (a Config invariant), every block that holds a
     non-streaming key has already ended, so no block mean contains a future key and every non-streaming token
     is covered. The block score is sum_j w[t,j] ReLU(q[t,j] . k_bar_b) with the query's own q and w; the top
     cfg.hi_top_blocks candidates keep their tokens' scores and all other non-forced tokens drop to -inf (a row

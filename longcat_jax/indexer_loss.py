@@ -27,14 +27,15 @@ _MASKED = -1e9  # finite, so masked entries contribute exactly 0 and no NaN reac
 def indexer_kl(scores, target, allowed, query_mask=None):
     """Mean over queries of KL(target || softmax(scores)) restricted to `allowed` keys.
 
-    scores [B,T,S] indexer logits (may hold -inf), target [B,T,S] attention probabilities, allowed bool [B,T,S],
-    query_mask [B,T] (1 = the query counts). Returns a scalar f32.
+    scores [B,T,S] indexer logits (may hold -inf), target [B,T,S] attention probabilities,
+    allowed bool [B,T,S], query_mask [B,T] (1 = the query counts). Returns a scalar f32.
     """
     return query_mean(kl_rows(scores, target, allowed), query_mask)
 
 
 def kl_rows(scores, target, allowed):
-    """Per query KL(target || softmax(scores)) over the allowed keys, f32 [B,T]; `indexer_kl` before the mean."""
+    """Per query KL(target || softmax(scores)) over the allowed keys, f32 [B,T];
+    `indexer_kl` before the mean."""
     allowed = allowed & jnp.isfinite(scores)
     logits = jnp.where(allowed, scores.astype(jnp.float32), _MASKED)
     log_q = jax.nn.log_softmax(logits, axis=-1)
@@ -45,7 +46,8 @@ def kl_rows(scores, target, allowed):
 
 
 def attention_recall(target, selected, query_mask=None):
-    """Share of the main attention mass that falls on the selected keys (1.0 = the selection misses nothing)."""
+    """Share of the main attention mass that falls on the selected keys
+    (1.0 = the selection misses nothing)."""
     return query_mean(recall_rows(target, selected), query_mask)
 
 

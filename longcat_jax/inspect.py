@@ -4,9 +4,9 @@
 
 total_params excludes the MTP block (reported apart), as the published totals do (SPEC section 1 closure).
 Activated parameters per token count every weight a token touches: all dense weights, the router, the LM head,
-the one token-embedding row and the G N-gram rows it looks up, and the real experts it is routed to. min routes
-all top-k slots to zero experts, max all to real experts, avg uses cfg.expected_real_experts (or the uniform
-share top_k * E / (E + Z) when unset).
+the one token-embedding row and the G N-gram rows it looks up, and the real experts it is routed to. min
+routes all top-k slots to zero experts, max all to real experts, avg uses cfg.expected_real_experts (or the
+uniform share top_k * E / (E + Z) when unset).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def param_report(cfg: Config) -> dict:
     sizes = _sizes(cfg)
     mtp = sum(n for p, n in sizes.items() if p[0] == "mtp")
     total = sum(sizes.values()) - mtp
-    experts = sum(n for p, n in sizes.items() if p[:2] == ("layers", "moe") and p[2] in ("w_gate", "w_up", "w_down"))
+    experts = sum(n for p, n in sizes.items()
+                  if p[:2] == ("layers", "moe") and p[2] in ("w_gate", "w_up", "w_down"))
     per_expert_per_layer = experts // (cfg.num_layers * cfg.n_routed_experts)
     tables = sizes[("embed",)] + sizes.get(("ngram", "tables"), 0)
     looked_up = cfg.hidden_size + cfg.ngram_branches * cfg.ngram_dim

@@ -33,8 +33,8 @@ def param(rngs: nnx.Rngs | None, shape, names: tuple, dtype, init: str = "normal
 
 def _normal(key, shape) -> jax.Array:
     """Standard normal samples. Small tensors draw from a power-of-two sized vector and reshape, so eager
-    construction compiles one sampler per size bucket instead of one per shape (seconds saved per model build);
-    large tensors are drawn in their own shape so sharded initialisation stays local."""
+    construction compiles one sampler per size bucket instead of one per shape (seconds saved per model
+    build); large tensors are drawn in their own shape so sharded initialisation stays local."""
     n = math.prod(shape)
     if n >= 1 << 20:
         return jax.random.normal(key, shape, jnp.float32)
@@ -72,7 +72,8 @@ def swiglu(x, w_gate, w_up, w_down):
 
 
 def expert_swiglu(x, w_gate, w_up, w_down):
-    """`swiglu` per expert: x [E, C, D], w_gate/w_up [E, D, F], w_down [E, F, D] -> [E, C, D], in x's dtype."""
+    """`swiglu` per expert: x [E, C, D], w_gate/w_up [E, D, F], w_down [E, F, D] -> [E, C, D],
+    in x's dtype."""
     dt = x.dtype
     return _swiglu(x, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
 
@@ -149,8 +150,8 @@ def rope_inv_freq(dim: int, theta: float, factor: float = 1.0, original_max: int
 
 
 def config_inv_freq(cfg: Config) -> jax.Array:
-    return rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_position,
-                         cfg.rope_beta_fast, cfg.rope_beta_slow)
+    return rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor,
+                         cfg.rope_original_max_position, cfg.rope_beta_fast, cfg.rope_beta_slow)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, interleaved: bool) -> jax.Array:

@@ -3,9 +3,10 @@
 Cross-entropy and z-loss both read two numbers per position: the log-normaliser lse = logsumexp(h W) and the
 target's logit h W[:, y]. `lm_head_stats` returns those two and nothing of size V. Its backward forms the
 logit gradient in one pass, g_lse * softmax + g_target * onehot(y), from the logits saved by the forward, then
-runs the two matmuls. Autodiff of logits -> log_softmax -> gather writes and reads several [N, V] tensors instead
-(the backward of log_softmax, then a scatter for the gather); at the `small` preset, where the head is a third of
-the training FLOPs, the fused form makes the whole training step about 6% faster on CPU (bench/train.py).
+runs the two matmuls. Autodiff of logits -> log_softmax -> gather writes and reads several [N, V] tensors
+instead (the backward of log_softmax, then a scatter for the gather); at the `small` preset, where the head is
+a third of the training FLOPs, the fused form makes the whole training step about 6% faster on CPU
+(bench/train.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Multi-head latent attention with the LongCat LoRA scaling factors (SPEC 3.3).
 
-Two mathematically equal attention forms over the same latent cache (scaled c_kv [R] plus rotated k_rope [Hr]):
+Two mathematically equal attention forms over the same latent cache (scaled c_kv [R] plus rotated
+k_rope [Hr]):
   naive     expand keys and values per head with w_kv_up, then attend (training and prefill);
-  absorbed  fold W_UK into the query and W_UV into the output, attend over the latent rows (decode and the sparse path).
+  absorbed  fold W_UK into the query and W_UV into the output, attend over the latent rows (decode and the
+            sparse path).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ class MLA(nnx.Module):
         self.w_kv_down = param(rngs, (D, cfg.kv_lora_rank + cfg.qk_rope_head_dim), ("embed", "kv_lora"), pd)
         self.kv_norm = param(None, (cfg.kv_lora_rank,), ("kv_lora",), pd, init="ones")
         self.w_kv_up = param(
-            rngs, (cfg.kv_lora_rank, N, cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads", "head_dim"), pd
+            rngs, (cfg.kv_lora_rank, N, cfg.qk_nope_head_dim + cfg.v_head_dim),
+            ("kv_lora", "heads", "head_dim"), pd
         )
         self.w_o = param(rngs, (N, cfg.v_head_dim, D), ("heads", "head_dim", "embed"), pd)
         self.cfg = cfg
@@ -31,12 +34,13 @@ class MLA(nnx.Module):
     def latents(self, x, positions, inv_freq):
         """Queries and the cacheable latents for x [B, T, D] at positions [B, T].
 
-        Returns q_nope [B,T,N,Hn], q_rope [B,T,N,Hr] (both scaled by alpha_q, q_rope rotated), c_q [B,T,Rq] (the
-        unscaled query latent, the indexer's input), c_kv [B,T,R] (normed, scaled by alpha_kv) and k_rope [B,T,Hr]
-        (rotated, unscaled).
+        Returns q_nope [B,T,N,Hn], q_rope [B,T,N,Hr] (both scaled by alpha_q, q_rope rotated), c_q [B,T,Rq]
+        (the unscaled query latent, the indexer's input), c_kv [B,T,R] (normed, scaled by alpha_kv) and
+        k_rope [B,T,Hr] (rotated, unscaled).
         """
         cfg, dt = self.cfg, x.dtype
-        c_q = rms_norm(jnp.einsum("btd,dr->btr", x, self.w_q_down[...].astype(dt)), self.q_norm[...], cfg.mla_norm_eps)
+        c_q = rms_norm(jnp.einsum("btd,dr->btr", x, self.w_q_down[...].astype(dt)), self.q_norm[...],
+                       cfg.mla_norm_eps)
         q = jnp.einsum("btr,rnh->btnh", c_q, self.w_q_up[...].astype(dt)) * jnp.asarray(cfg.q_scale, dt)
         q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
         kv = jnp.einsum("btd,dr->btr", x, self.w_kv_down[...].astype(dt))
@@ -49,8 +53,8 @@ class MLA(nnx.Module):
     def attend(self, q_nope, q_rope, c_kv, k_rope, mask, absorbed: bool = False):
         """Attention over latent keys c_kv [B,S,R], k_rope [B,S,Hr] with a boolean mask [B,T,S].
 
-        Returns (out [B,T,D], probs [B,T,S] f32: the attention distribution averaged over heads, the target of the
-        indexer's KL loss; XLA drops it when unused).
+        Returns (out [B,T,D], probs [B,T,S] f32: the attention distribution averaged over heads, the target of
+        the indexer's KL loss; XLA drops it when unused).
         """
         fn = attend_absorbed if absorbed else attend_naive
         o, probs = fn(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg)

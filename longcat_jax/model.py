@@ -63,11 +63,13 @@ class Output:
     aux: dict = dataclasses.field(default_factory=dict)
 
 
-jax.tree_util.register_dataclass(Output, data_fields=["logits", "mtp_logits", "hidden", "aux"], meta_fields=[])
+jax.tree_util.register_dataclass(Output, data_fields=["logits", "mtp_logits", "hidden", "aux"],
+                                 meta_fields=[])
 
 
 def embed_tokens(model: LongCat, tokens, history=None):
-    """Token embedding, averaged with the N-gram branches when present: (E[x] + sum_i P_i T_i[id_i]) / (1 + G)."""
+    """Token embedding, averaged with the N-gram branches when present:
+    (E[x] + sum_i P_i T_i[id_i]) / (1 + G)."""
     cfg = model.cfg
     e = model.embed[...].astype(cfg.jnp_dtype)[tokens]
     if model.ngram is not None:
@@ -105,7 +107,8 @@ def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None, remat=None
 
 
 def _logits(model: LongCat, h):
-    return jnp.einsum("btd,dv->btv", model.final_norm(h), model.lm_head[...].astype(h.dtype)).astype(jnp.float32)
+    return jnp.einsum("btd,dv->btv", model.final_norm(h),
+                      model.lm_head[...].astype(h.dtype)).astype(jnp.float32)
 
 
 def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True, *,
@@ -114,11 +117,11 @@ def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = Non
     """Full-sequence forward.
 
     tokens int [B, T]; positions default to 0..T-1. segment_ids [B, T] marks packed documents (0 = padding),
-    with positions restarting at 0 in each: attention and selection then stay inside a document. HI block means
-    pool whole rows (HI is training-free and off below hi_min_len). collect_aux returns the training statistics in Output.aux; dense_attention is the
-    indexer warm-up stage (attention ignores the selection); measure_recall also measures the sparse stage's
-    selection recall against the dense attention (block.Context); remat is a jax.checkpoint policy for each
-    layer.
+    with positions restarting at 0 in each: attention and selection then stay inside a document. HI block
+    means pool whole rows (HI is training-free and off below hi_min_len). collect_aux returns the training
+    statistics in Output.aux; dense_attention is the indexer warm-up stage (attention ignores the selection);
+    measure_recall also measures the sparse stage's selection recall against the dense attention
+    (block.Context); remat is a jax.checkpoint policy for each layer.
     """
     cfg = model.cfg
     B, T = tokens.shape

@@ -147,8 +147,8 @@ def capacity(cfg: Config, n_tokens: int, n_experts: int) -> int:
 
 
 def moe_capacity(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
-    """Capacity-factor expert FFN: [E, C, D] buffers, per-expert SwiGLU (`layers.expert_swiglu`); over-capacity
-    assignments are dropped.
+    """Capacity-factor expert FFN: [E, C, D] buffers, per-expert SwiGLU (`layers.expert_swiglu`);
+    over-capacity assignments are dropped.
 
     The rank of an assignment inside its expert follows token order; ranks >= C contribute 0. Identity experts
     need no buffer and are never dropped. Shapes as in `moe_dropless`.
@@ -200,10 +200,11 @@ class MoE(nnx.Module):
     def route_tokens(self, u, token_mask=None):
         """Routing of u [B, T, D] as N = B*T tokens: (weights [N, K], indices [N, K], probs [N, slots]).
 
-        token_mask [B, T] (False = padding) sends padding tokens to zero experts with weight 0, so they cost no
-        expert compute and do not count as load.
+        token_mask [B, T] (False = padding) sends padding tokens to zero experts with weight 0, so they cost
+        no expert compute and do not count as load.
         """
-        weights, indices, probs = route(u.reshape(-1, u.shape[-1]), self.classifier[...], self.bias[...], self.cfg)
+        weights, indices, probs = route(u.reshape(-1, u.shape[-1]), self.classifier[...], self.bias[...],
+                                        self.cfg)
         if token_mask is not None:
             weights, indices = mask_padding(weights, indices, token_mask.reshape(-1), self.cfg)
         return weights, indices, probs
@@ -237,8 +238,9 @@ def mask_padding(weights, indices, valid, cfg: Config):
 def balance_loss(probs, indices, cfg: Config, valid=None):
     """Load-balance loss with the zero experts as one group (SPEC 3.5, 7.10).
 
-    Groups are the E routed experts plus one group of all zero experts; with f_g the share of top-k assignments
-    and P_g the mean router probability of group g, loss = G * sum_g f_g P_g (1.0 when perfectly balanced).
+    Groups are the E routed experts plus one group of all zero experts; with f_g the share of top-k
+    assignments and P_g the mean router probability of group g, loss = G * sum_g f_g P_g
+    (1.0 when perfectly balanced).
     """
     E, G = cfg.n_routed_experts, cfg.n_routed_experts + (1 if cfg.zero_expert_num else 0)
     w = jnp.ones(probs.shape[0], jnp.float32) if valid is None else valid.astype(jnp.float32)

@@ -42,7 +42,8 @@ class MTP(nnx.Module):
         u = jnp.concatenate([self.enorm(e), self.hnorm(h_prev)], axis=-1)
         u = jnp.einsum("btc,cd->btd", u, self.w_eh[...].astype(dt))
         indexer = self.indexer if indices is None else None
-        out, _, indices, aux = attention_sublayer(self.attn, indexer, self.norm_in(u), ctx, self.cfg, None, indices)
+        out, _, indices, aux = attention_sublayer(self.attn, indexer, self.norm_in(u), ctx, self.cfg, None,
+                                                  indices)
         h = u + out
         h = h + self.mlp(self.norm_post(h))
         return h, indices, aux

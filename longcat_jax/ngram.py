@@ -45,7 +45,7 @@ def table_offsets(cfg: Config) -> tuple[int, ...]:
     return tuple(int(x) for x in np.cumsum((0,) + rows[:-1]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hash_plan(cfg: Config):
     """Static constants of the uint32 mulmod, all from Python ints.
 

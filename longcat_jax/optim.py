@@ -271,7 +271,10 @@ def _explicit_safe(tx: optax.GradientTransformation) -> optax.GradientTransforma
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or not mesh.explicit_axes:
             return tx.update(updates, state, params)
-        spec = lambda t: jax.tree.map(lambda x: jax.typeof(x).sharding.spec, t)
+
+        def spec(t):
+            return jax.tree.map(lambda x: jax.typeof(x).sharding.spec, t)
+
         return jax.sharding.auto_axes(tx.update, out_sharding=(spec(updates), spec(state)))(
             updates, state, params
         )

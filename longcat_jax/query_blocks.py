@@ -1,5 +1,5 @@
-"""Blocks of queries for `lax.map`: the linear-memory paths compute a [block_q, S] slice of a [T, S] quantity at
-a time (indexer_loss.selection_recall, dense_warmup)."""
+"""Blocks of queries for `lax.map`: the linear-memory paths compute a [block_q, S] slice of a [T, S] quantity
+at a time (indexer_loss.selection_recall, dense_warmup)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 
 def split_queries(x, block_q: int, fill=0):
-    """[B, T, ...] -> [n_blocks, B, block_q, ...] with block_q = min(block_q, T) and n_blocks = ceil(T / block_q);
-    the last block is padded with `fill`."""
+    """[B, T, ...] -> [n_blocks, B, block_q, ...] with block_q = min(block_q, T) and
+    n_blocks = ceil(T / block_q); the last block is padded with `fill`."""
     B, T = x.shape[:2]
     block_q = min(block_q, T)
     pad = -T % block_q

@@ -117,7 +117,8 @@ def verify_step_dir(step_dir: str | os.PathLike) -> str | None:
 
 # ----------------------------------------------------------------------------------------------- checkpointer
 def _as_step(step) -> int:
-    """A step as a plain non-negative int (a jax/numpy scalar would otherwise name the directory 'Array(…)')."""
+    """A step as a plain non-negative int
+    (a jax/numpy scalar would otherwise name the directory 'Array(…)')."""
     try:
         value = int(step)
     except (TypeError, ValueError):

@@ -1,4 +1,5 @@
-"""What a training run writes for people: metrics.jsonl, TensorBoard events, events.log and a loss-curve PNG."""
+"""What a training run writes for people: metrics.jsonl, TensorBoard events, events.log and
+a loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import numpy as np
 
 
 class RunLog:
-    """One JSON object per line in OUT/metrics.jsonl, the same scalars as TensorBoard events in OUT/tensorboard,
-    and notable events (skipped steps, restores, signals, bit flips) in OUT/events.log and on stderr."""
+    """One JSON object per line in OUT/metrics.jsonl, the same scalars as TensorBoard events in
+    OUT/tensorboard, and notable events (skipped steps, restores, signals, bit flips) in OUT/events.log
+    and on stderr."""
 
     def __init__(self, out_dir: str, resume: bool):
         from tensorboardX import SummaryWriter
@@ -28,8 +30,8 @@ class RunLog:
         row = {"step": int(step)}
         for k, v in values.items():
             v = np.asarray(v)
-            row[k] = v.tolist() if v.ndim else (bool(v) if v.dtype == bool else float(v) if v.dtype.kind == "f"
-                                                 else int(v))
+            row[k] = v.tolist() if v.ndim else (bool(v) if v.dtype == bool
+                                                 else float(v) if v.dtype.kind == "f" else int(v))
         self._metrics.write(json.dumps(row, allow_nan=True) + "\n")
         self._metrics.flush()
         for k, v in row.items():

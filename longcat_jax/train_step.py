@@ -25,7 +25,14 @@ from longcat_jax.config import Config
 from longcat_jax.lm_loss import lm_head_stats, stats_from_logits
 from longcat_jax.model import forward
 from longcat_jax.reliability import (
-    GuardState, abft_check, flip_bit, guard_check, high_bit, inject_nan, select_tree, weight_checksum,
+    GuardState,
+    abft_check,
+    flip_bit,
+    guard_check,
+    high_bit,
+    inject_nan,
+    select_tree,
+    weight_checksum,
 )
 
 
@@ -78,13 +85,14 @@ def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *
     see `forward`).
     """
     model = nnx.merge(graphdef, params)
-    out = forward(model, batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"], collect_aux=True,
-                  dense_attention=dense_attention, measure_recall=measure_recall, remat=remat)
+    out = forward(model, batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
+                  collect_aux=True, dense_attention=dense_attention, measure_recall=measure_recall,
+                  remat=remat)
     mask = batch["loss_mask"]
     if settings.abft:
         # Recompute the LM-head matmul (the forward's own logits are then dead code) and verify it against the
-        # column checksum of w. The fault hook flips a high bit of one logit after the matmul, as a silent data
-        # corruption would, and the checksum must catch it.
+        # column checksum of w. The fault hook flips a high bit of one logit after the matmul, as a silent
+        # data corruption would, and the checksum must catch it.
         h = model.final_norm(out.hidden)
         w = model.lm_head[...].astype(h.dtype)
         logits = jnp.einsum("btd,dv->btv", h, w)
@@ -173,5 +181,6 @@ def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, se
 def eval_loss(params, graphdef, batch):
     """Mean next-token CE over real targets (no MTP / auxiliary terms)."""
     model = nnx.merge(graphdef, params)
-    out = forward(model, batch["inputs"], batch["positions"], with_mtp=False, segment_ids=batch["segment_ids"])
+    out = forward(model, batch["inputs"], batch["positions"], with_mtp=False,
+                  segment_ids=batch["segment_ids"])
     return _masked_ce(out.logits, batch["targets"], batch["loss_mask"]), batch["loss_mask"].sum()

@@ -68,8 +68,9 @@ def kernel_cases(cfg: Config, T: int = 512, batch: int = 1, seed: int = 0, impl:
         "indexer_topk_window_apart": (
             lambda *a: select(*a, pos, pos, cfg, window_apart=True, impl=impl), (q, k, w), 1),
         "indexer_topk_hi": (lambda *a: select(*a, pos, pos, hi_cfg, impl=impl), (q, k, w), 1),
-        "indexer_blocks": (lambda *a: select_blocks(*a, pos, pos, cfg, block_size=cfg.hi_block_size, impl=impl),
-                           (q, k, w), 1),
+        "indexer_blocks": (
+            lambda *a: select_blocks(*a, pos, pos, cfg, block_size=cfg.hi_block_size, impl=impl),
+            (q, k, w), 1),
         "indexer_kl_fwd_bwd": (kl_grads, (q, k, w), 3),
         "sparse_mla_fwd_bwd": (mla_grads, (normal(B, T, N, R), normal(B, T, N, Hr), normal(B, T, R),
                                            normal(B, T, Hr)), 2),

@@ -21,7 +21,14 @@ import jax.numpy as jnp
 
 from longcat_jax.config import Config
 from pallas_kernels.indexer_rules import (
-    _INT_MAX, _INT_MIN, _pad_to, _streaming, _take, _top_k_indices, _weighted_relu, _window_start,
+    _INT_MAX,
+    _INT_MIN,
+    _pad_to,
+    _streaming,
+    _take,
+    _top_k_indices,
+    _weighted_relu,
+    _window_start,
 )
 
 

@@ -49,11 +49,26 @@ from longcat_jax.config import Config
 from pallas_kernels import bitonic
 from pallas_kernels.impl import compiler_params, interpret, resolve
 from pallas_kernels.indexer_hi import (  # block_keys is re-exported: part of this module's public API
-    _block_stage, _gather_ok, _hi_sparse_rows, _hi_tile_plan, _Hier, _key_index, _row_plan, block_keys,
+    _block_stage,
+    _gather_ok,
+    _hi_sparse_rows,
+    _hi_tile_plan,
+    _Hier,
+    _key_index,
+    _row_plan,
+    block_keys,
 )
 from pallas_kernels.indexer_rules import (
-    _INT_MAX, _hi_keep, _next_pow2, _pad_to, _streaming, _top_k_indices, _valid_keys, _values,
-    _weighted_relu, _width,
+    _INT_MAX,
+    _hi_keep,
+    _next_pow2,
+    _pad_to,
+    _streaming,
+    _top_k_indices,
+    _valid_keys,
+    _values,
+    _weighted_relu,
+    _width,
 )
 from pallas_kernels.tile_dot import tile_dot
 

@@ -12,10 +12,10 @@ path and the backward work in query chunks of block_q, so the largest temporary 
 Backward (one jax.custom_vjp for both implementations): p is recomputed from the saved log-sum-exp; dq comes
 out per query, and the per-slot key gradients are summed into [B, S, R + Hr] in a fixed order. The sum is
 deterministic by construction: per query chunk the (key, contribution) pairs are stably sorted by key, reduced
-with a segmented associative scan (a fixed tree), and each key's total is added once, so no scatter ever has two
-writers to one row (GPU scatter-add with colliding indices uses atomics whose order, hence rounding, varies);
-chunks are added in scan order. `probs` (the head-mean probability per slot, the sparse-stage KL target of the
-indexer loss) is differentiable too.
+with a segmented associative scan (a fixed tree), and each key's total is added once, so no scatter ever has
+two writers to one row (GPU scatter-add with colliding indices uses atomics whose order, hence rounding,
+varies); chunks are added in scan order. `probs` (the head-mean probability per slot, the sparse-stage KL
+target of the indexer loss) is differentiable too.
 
 With `window=W` (SI, `si_window`) the first W slots are each query's local window by offset: the XLA path
 reads a query chunk's windows as one contiguous band of W + block_q rows (a matmul shared by the chunk) and
@@ -101,7 +101,8 @@ def _slots_backward(p, rows_c, rows_r, q_lat, q_rope, d_o, delta, g_probs, scale
 
 
 def _normalise(acc, m, l):
-    """o = acc / l and lse = m + log l; a row with no valid slot (l = 0) gets o = 0 and lse = +inf (so p = 0)."""
+    """o = acc / l and lse = m + log l; a row with no valid slot (l = 0) gets o = 0 and lse = +inf
+    (so p = 0)."""
     l_safe = jnp.where(l > 0, l, 1.0)
     o = jnp.where(l[..., None] > 0, acc / l_safe[..., None], 0.0)
     return o, jnp.where(l > 0, m + jnp.log(l_safe), jnp.inf)
@@ -233,7 +234,7 @@ def _pallas_chunk_grads(q_lat, q_rope, c_kv, k_rope, idx, d_o, delta, lse, g_pro
     return _query_grid_call(kernel, [(x, 2) for x in per_query] + [(c_kv, 1), (k_rope, 1)], out_shapes)
 
 
-# ---------------------------------------------------------------- XLA path (query chunks, all K slots at once)
+# --------------------------------------------------------------- XLA path (query chunks, all K slots at once)
 
 
 def _to_chunks(x, block_q):
@@ -316,8 +317,8 @@ def _xla_chunk_grads(q_lat, q_rope, c_kv, k_rope, idx, d_o, delta, lse, g_probs,
 def _scatter_add_slots(acc, idx, slot_grads):
     """acc [B, S, D] += the per-slot gradients [B, Tc, K, D] at rows idx [B, Tc, K], in a fixed order.
 
-    Stable sort by row, segmented inclusive scan (fixed tree), then one add per distinct row: no two updates of a
-    scatter share a row, so the result has the same bits on every run and every backend.
+    Stable sort by row, segmented inclusive scan (fixed tree), then one add per distinct row: no two updates
+    of a scatter share a row, so the result has the same bits on every run and every backend.
     """
     S = acc.shape[1]
 
@@ -454,7 +455,8 @@ def sparse_mla(
 
 
 def sparse_mla_reference(q_lat, q_rope, c_kv, k_rope, indices, scale):
-    """Dense masked reference (materialises [B, N, T, S]; tests only): (o_lat, head-mean probs at the slots)."""
+    """Dense masked reference (materialises [B, N, T, S]; tests only):
+    (o_lat, head-mean probs at the slots)."""
     mask = indices_to_mask(indices, c_kv.shape[1])
     scores = jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
     p = softmax_f32(scores * scale, mask[:, None])

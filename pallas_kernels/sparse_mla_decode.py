@@ -14,7 +14,12 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.impl import resolve
 from pallas_kernels.sparse_mla import (
-    _attend_rows, _online_softmax, _pad, _query_grid_call, _slot_block, _valid,
+    _attend_rows,
+    _online_softmax,
+    _pad,
+    _query_grid_call,
+    _slot_block,
+    _valid,
 )
 
 

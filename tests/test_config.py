@@ -33,7 +33,8 @@ def test_flash_scales():
 
 
 def test_yarn_ramp_matches_spec():
-    """SPEC 3.2: for LongCat-2.0 low = 8, high = 17; pairs <= 8 unchanged, pairs >= 17 divided by the factor."""
+    """SPEC 3.2: for LongCat-2.0 low = 8, high = 17;
+    pairs <= 8 unchanged, pairs >= 17 divided by the factor."""
     plain = np.asarray(rope_inv_freq(64, 1e6))
     yarn = np.asarray(rope_inv_freq(64, 1e6, 120.0, 8192, 32.0, 1.0))
     np.testing.assert_allclose(yarn[:9], plain[:9], rtol=1e-6)
@@ -69,7 +70,8 @@ def test_bad_configs_raise(bad, match):
 def test_every_preset_builds_abstractly(name):
     cfg = Config.preset(name)
     model = abstract_model(cfg)
-    assert model.layers.attn0.w_q_up.shape == (cfg.num_layers, cfg.q_lora_rank, cfg.num_heads, cfg.qk_head_dim)
+    assert model.layers.attn0.w_q_up.shape == (cfg.num_layers, cfg.q_lora_rank, cfg.num_heads,
+                                               cfg.qk_head_dim)
     assert model.layers.moe.w_down.shape == (cfg.num_layers, cfg.n_routed_experts, cfg.expert_ffn_hidden_size,
                                              cfg.hidden_size)
     assert (model.ngram is None) == (cfg.ngram_n == 0) and (model.mtp is None) == (cfg.mtp_num_steps == 0)
@@ -103,6 +105,6 @@ def test_inspect_cli_json():
     report = json.loads(out.strip().splitlines()[-1])
     assert {"total_params", "active_params_min", "active_params_avg", "active_params_max",
             "kv_cache_bytes_per_token"} <= set(report)
-    bad = subprocess.run([sys.executable, "-m", "longcat_jax.inspect", "--preset", "nope"], capture_output=True,
-                         text=True)
+    bad = subprocess.run([sys.executable, "-m", "longcat_jax.inspect", "--preset", "nope"],
+                         capture_output=True, text=True)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr

@@ -1,5 +1,5 @@
-"""The blockwise dense warm-up (longcat_jax.dense_warmup) equals the quadratic reference, in values and gradients,
-and never forms a [T, S] array."""
+"""The blockwise dense warm-up (longcat_jax.dense_warmup) equals the quadratic reference, in values and
+gradients, and never forms a [T, S] array."""
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,8 @@ SCALE = 0.3
 def _case(packed: bool):
     keys = iter(jax.random.split(jax.random.key(3), 12))
     normal = lambda *shape: jax.random.normal(next(keys), shape)  # noqa: E731
-    sublayers = [(normal(B, T, N, R), normal(B, T, N, HR), normal(B, T, R), normal(B, T, HR)) for _ in range(2)]
+    sublayers = [(normal(B, T, N, R), normal(B, T, N, HR), normal(B, T, R), normal(B, T, HR))
+                 for _ in range(2)]
     index_qkw = (normal(B, T, I, J), normal(B, T, J), normal(B, T, I))
     indices = jax.random.randint(next(keys), (B, T, K), -1, T)
     seg = jnp.where(jnp.arange(T)[None, :] < jnp.array([[T], [9]]), 1, 2) if packed else None
@@ -40,7 +41,8 @@ def _reference_attention(q_lat, q_rope, c_kv, k_rope, pos, seg):
     return jnp.einsum("bnts,bsr->btnr", p.astype(c_kv.dtype), c_kv), p.mean(1)
 
 
-@pytest.mark.parametrize(("packed", "dtype"), [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)])
+@pytest.mark.parametrize(("packed", "dtype"),
+                         [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)])
 def test_dense_attention_equals_reference(packed, dtype):
     """Values and gradients; in bf16 both sides compute the scores in bf16 and normalise them in f32."""
     sublayers, _, _, pos, seg = _case(packed)

@@ -38,8 +38,8 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 def _faults_per_rerun(mode: str) -> float:
     # As train.py runs: one CPU device, no persistent compilation cache (this suite's conftest sets both).
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_RERUN, mode], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_RERUN, mode], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 

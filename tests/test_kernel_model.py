@@ -1,7 +1,7 @@
 """The model on the kernel path (cfg.kernel_impl = "xla" | "pallas") equals the reference path.
 
-Forward logits (LSA with SI, CLI and HI, N-gram lookup, MTP), the training loss with its sparse-stage indexer KL
-and every gradient, and prefill + decode over a cache. Pallas runs interpreted on CPU.
+Forward logits (LSA with SI, CLI and HI, N-gram lookup, MTP), the training loss with its sparse-stage indexer
+KL and every gradient, and prefill + decode over a cache. Pallas runs interpreted on CPU.
 """
 
 import dataclasses
@@ -47,12 +47,14 @@ def _packed_batch(T=40):
     seg[1, 13:] = 2  # row 1 packs two documents
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (2, T)).copy()
     pos[1, 13:] = np.arange(T - 13)
-    return {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]), "positions": jnp.asarray(pos),
-            "segment_ids": jnp.asarray(seg), "loss_mask": jnp.ones((2, T), jnp.float32)}
+    return {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
+            "positions": jnp.asarray(pos), "segment_ids": jnp.asarray(seg),
+            "loss_mask": jnp.ones((2, T), jnp.float32)}
 
 
 def _loss_and_grads(model, dense=False):
-    """Loss terms and gradients on the packed batch: the sparse stage (recall measured) or the dense warm-up."""
+    """Loss terms and gradients on the packed batch:
+    the sparse stage (recall measured) or the dense warm-up."""
     graphdef, params = nnx.split(model)
     fn = jax.jit(jax.value_and_grad(compute_loss, has_aux=True), static_argnums=(1, 3, 4),
                  static_argnames=("measure_recall", "dense_attention"))

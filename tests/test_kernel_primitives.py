@@ -72,6 +72,7 @@ def test_tile_dot_equals_dot_at_every_tile_size(M, N, C):
     want = np.asarray(jnp.dot(a, b, precision="highest"))
     got = tile_dot(a, b, 1, 0, jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(einsum_2d("nk,kr->nr", a, b, "highest")), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(einsum_2d("nk,kr->nr", a, b, "highest")), want,
+                               rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="free axis"):
         einsum_2d("nk,kr->rn", a, b)

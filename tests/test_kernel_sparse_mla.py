@@ -25,7 +25,8 @@ CFG = Config.tiny()  # N=4, R=16, Hn=16, Hr=8
 
 
 def causal_indices(rng, B, T, S, K, empty_share=0.25):
-    """Distinct causal key indices per query (query t sits at position S - T + t), -1 padded / randomly blanked."""
+    """Distinct causal key indices per query (query t sits at position S - T + t),
+    -1 padded / randomly blanked."""
     idx = np.full((B, T, K), -1, np.int32)
     for b in range(B):
         for t in range(T):

@@ -1,4 +1,5 @@
-"""Whole-model invariances on Config.tiny() (every feature on): decode cache, MTP, sparse-vs-dense, gradients."""
+"""Whole-model invariances on Config.tiny() (every feature on):
+decode cache, MTP, sparse-vs-dense, gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -148,7 +149,8 @@ def test_swiglu_backward_equals_autodiff(dtype):
             assert got.dtype == arg.dtype and got.shape == arg.shape
             assert rel_err(got, want) < tol
 
-    # Alone, and under the remat policies train.py offers (what they save decides what the backward recomputes).
+    # Alone, and under the remat policies train.py offers
+    # (what they save decides what the backward recomputes).
     for policy in (None, jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.nothing_saveable):
         check(swiglu if policy is None else jax.checkpoint(swiglu, policy=policy), plain,
               (x, w_gate, w_up, w_down), dy)

@@ -21,14 +21,16 @@ def _batch(cfg, B=2, T=24, seed=0):
 
 
 def test_offloaded_optimizer_state_gives_the_same_update():
-    # The offload logic does not depend on the model; a one-layer model without extras keeps the compiles short.
+    # The offload logic does not depend on the model;
+    # a one-layer model without extras keeps the compiles short.
     cfg = lj.Config.tiny(num_layers=1, ngram_n=0, use_indexer=False, si_enabled=False, hi_enabled=False,
                          mtp_num_steps=0)
     graphdef, params = nnx.split(lj.build_model(cfg, seed=0))
     optimizer = make_optimizer(OptimizerSettings(lr=1e-2, warmup_steps=1, total_steps=10), params)
     opt_state = jax.jit(optimizer.init)(params)
     host = jax.tree.map(lambda x: x.sharding.with_memory_kind("pinned_host"), opt_state)
-    step = functools.partial(train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=LossSettings())
+    step = functools.partial(train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer,
+                             settings=LossSettings())
     plain = jax.jit(step)
     offloaded = jax.jit(functools.partial(step, host_opt_shardings=host))
 

@@ -119,7 +119,10 @@ def test_stacked_and_head_stacked_matrices_match_2d_muon():
     matrices += [(("moe", "w_down"), (l, e), (12, 8)) for l in range(L) for e in range(E)]
     matrices += [(("attn0", "w_o"), (l,), (12, 8)) for l in range(L)]  # [N, Hv, D] as [N*Hv, D]
     matrices += [(("attn0", "w_q_up"), (l,), (6, 20)) for l in range(L)]  # [Rq, N, H] as [Rq, N*H]
-    flat = lambda tree: {f"{m}/{i}": tree["layers"][m[0]][m[1]][i].reshape(shape) for m, i, shape in matrices}
+
+    def flat(tree):
+        return {f"{m}/{i}": tree["layers"][m[0]][m[1]][i].reshape(shape) for m, i, shape in matrices}
+
     grads_seq = [jax.tree.map(lambda x, s=s: _normal(s, x.shape), params) for s in (10, 11)]
     got = _steps(optim.make_optimizer(optim.OptimizerSettings(**PLAIN), params), params, grads_seq)
     want = _reference_muon(flat(params), [flat(g) for g in grads_seq])

@@ -12,9 +12,11 @@ from longcat_jax.moe import route
 from tests.hf_reference import causal_mask, layer_of, random_flash, rel_err
 
 YARN = dict(
-    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
-    # transformers replaces `factor` by max_position / original_max when both are set (SPEC 3.2): keep them equal.
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "mscale": 1.0, "mscale_all_dim": 1.0},
+    # transformers replaces `factor` by max_position / original_max when both are set (SPEC 3.2):
+    # keep them equal.
     max_position_embeddings=128,
 )
 
@@ -87,7 +89,8 @@ def test_router_and_moe_match(pair):
     with torch.no_grad():
         _, hf_w, hf_idx = hf_moe.router(torch.tensor(u))
         expected = hf_moe(torch.tensor(u)).numpy()
-    w, idx, _ = route(jnp.asarray(u.reshape(-1, cfg.hidden_size)), layer.moe.classifier[...], layer.moe.bias[...], cfg)
+    w, idx, _ = route(jnp.asarray(u.reshape(-1, cfg.hidden_size)), layer.moe.classifier[...],
+                      layer.moe.bias[...], cfg)
     order_hf, order = np.argsort(hf_idx.numpy(), -1), np.argsort(np.asarray(idx), -1)
     np.testing.assert_array_equal(np.take_along_axis(hf_idx.numpy(), order_hf, -1),
                                   np.take_along_axis(np.asarray(idx), order, -1))

@@ -233,7 +233,9 @@ def mesh():
 
 
 def placed(mesh):
-    put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+    def put(x, *spec):
+        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+
     return {"w": put(jnp.arange(48.0).reshape(6, 8) / 7), "proj": put(jnp.ones((4, 8)), None, "tp"),
             "norm": put(jnp.full((8,), 0.5, jnp.bfloat16))}
 

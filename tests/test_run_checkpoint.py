@@ -14,8 +14,13 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longcat_jax.run_checkpoint import (MANIFEST, CheckpointIntegrityError, RunCheckpointer,
-                                        install_stop_signals, verify_step_dir)
+from longcat_jax.run_checkpoint import (
+    MANIFEST,
+    CheckpointIntegrityError,
+    RunCheckpointer,
+    install_stop_signals,
+    verify_step_dir,
+)
 from sharding.mesh import make_mesh
 
 

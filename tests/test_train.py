@@ -39,7 +39,8 @@ def _losses(out):
 
 
 def _checkpoint_arrays(out, step=None):
-    """(step, every array of that checkpoint's state by path); the newest checkpoint unless `step` is given."""
+    """(step, every array of that checkpoint's state by path);
+    the newest checkpoint unless `step` is given."""
     import orbax.checkpoint as ocp
 
     if step is None:

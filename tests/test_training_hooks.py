@@ -12,7 +12,6 @@ from longcat_jax.indexer_loss import attention_recall, indexer_kl, selection_rec
 from longcat_jax.mla import attention_mask
 from tests.hf_reference import rel_err
 
-
 FORWARD = jax.jit(lj.forward, static_argnames=("with_mtp", "collect_aux", "dense_attention", "measure_recall",
                                                "remat"))
 
@@ -52,7 +51,8 @@ def test_aux_statistics(tiny):
     aux = out.aux
     assert aux["expert_load"].shape == (cfg.num_layers, cfg.num_slots)
     np.testing.assert_array_equal(aux["expert_load"].sum(-1), 2 * 40 * cfg.moe_topk)
-    assert float(aux["indexer_kl"]) > 0 and float(aux["mtp_indexer_kl"]) > 0 and float(aux["balance_loss"]) > 0
+    assert (float(aux["indexer_kl"]) > 0 and float(aux["mtp_indexer_kl"]) > 0
+            and float(aux["balance_loss"]) > 0)
     # 40 keys, top-16 selection: the sparse stage keeps much, not all, of the dense attention mass.
     assert 0.5 < float(aux["indexer_recall"]) < 1.0 and 0.5 < float(aux["mtp_indexer_recall"]) < 1.0
     dense = FORWARD(model, tokens, collect_aux=True, dense_attention=True)
