@@ -29,10 +29,15 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import longcat_jax as lj
-from longcat_jax import data
-from longcat_jax.host_allocator import keep_freed_host_memory
-from longcat_jax.optim import OptimizerSettings, learning_rate_schedule, make_optimizer, zero1_state_shardings
-from longcat_jax.reliability import (
+from longcat_jax.training import data
+from longcat_jax.training.host_allocator import keep_freed_host_memory
+from longcat_jax.training.optim import (
+    OptimizerSettings,
+    learning_rate_schedule,
+    make_optimizer,
+    zero1_state_shardings,
+)
+from longcat_jax.training.reliability import (
     fingerprint_mismatch,
     flip_bit_on_device,
     init_guard,
@@ -41,9 +46,9 @@ from longcat_jax.reliability import (
     parse_fault,
     replica_fingerprints,
 )
-from longcat_jax.run_checkpoint import RunCheckpointer, install_stop_signals
-from longcat_jax.run_log import RunLog, plot_loss_curve
-from longcat_jax.train_step import LossSettings, TrainState, eval_loss, train_step
+from longcat_jax.training.run_checkpoint import RunCheckpointer, install_stop_signals
+from longcat_jax.training.run_log import RunLog, plot_loss_curve
+from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
 from sharding.mesh import make_mesh, parse_mesh
 
 REMAT_POLICIES = {

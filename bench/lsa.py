@@ -18,7 +18,7 @@ XLA paths of pallas_kernels run (impl="xla"); Pallas itself only runs interprete
 correctness mode. On a GPU/TPU `--impl pallas` times the kernels.
 
 Peak memory is XLA's own memory analysis of the compiled prefill (arguments + outputs + temporaries, nothing
-is executed), next to the quadratic reference: `longcat_jax.indexer.select` plus `mla.attend_absorbed` with a
+is executed), next to the quadratic reference: `model.indexer.select` plus `mla.attend_absorbed` with a
 dense [T, S] mask, i.e. what the model does without the kernels.
 
 Decode: one new token against a cache of --decode-context keys, dense against lsa.
@@ -51,9 +51,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from longcat_jax import indexer as ix  # noqa: E402
 from longcat_jax.config import Config  # noqa: E402
-from longcat_jax.mla import attention_mask  # noqa: E402
+from longcat_jax.model import indexer as ix  # noqa: E402
+from longcat_jax.model.mla import attention_mask  # noqa: E402
 from pallas_kernels import si_window, sparse_mla  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lsa_cpu.json")

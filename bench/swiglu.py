@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench.train import jax_matmul_rates  # noqa: E402
 from longcat_jax import Config  # noqa: E402
-from longcat_jax.layers import swiglu  # noqa: E402
+from longcat_jax.model.layers import swiglu  # noqa: E402
 
 
 def autodiff_swiglu(x, w_gate, w_up, w_down):

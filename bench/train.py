@@ -18,7 +18,8 @@ Every side runs in float32 on the same fixed random batch. After warm-up (JAX co
 the timed steps are interleaved A, B, A, B... so load from other users of a shared machine hits all sides
 alike; the table reports the median step time as tokens/s, and per side the median minor page faults and
 system CPU seconds of a step (getrusage around it). Peak RSS is the whole process's, all sides together.
-The process keeps freed host memory as train.py does (`longcat_jax.host_allocator`) unless --default-malloc.
+The process keeps freed host memory as train.py does (`longcat_jax.training.host_allocator`) unless
+--default-malloc.
 
 Achieved FLOP/s uses *model* FLOPs (analytic, what an MFU figure counts): 6 x active matmul parameters x
 tokens (MLA projections, dense MLPs, router, the expected real experts per token K*E/(E+Z), LM head) plus
@@ -56,10 +57,10 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from longcat_jax import Config, build_model, forward  # noqa: E402
-from longcat_jax.hf_config import FLASH, config_to_hf  # noqa: E402
-from longcat_jax.host_allocator import keep_freed_host_memory  # noqa: E402
-from longcat_jax.lm_loss import lm_head_stats  # noqa: E402
-from longcat_jax.optim import OptimizerSettings, make_optimizer  # noqa: E402
+from longcat_jax.hf.config import FLASH, config_to_hf  # noqa: E402
+from longcat_jax.training.host_allocator import keep_freed_host_memory  # noqa: E402
+from longcat_jax.training.lm_loss import lm_head_stats  # noqa: E402
+from longcat_jax.training.optim import OptimizerSettings, make_optimizer  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_cpu.json")
 LR, BETAS, EPS, WD, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -220,7 +221,7 @@ def parse_args(argv=None):
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="also time ours with capacity-factor MoE dispatch (drops overflow) as a third side")
     p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc malloc as it is (no longcat_jax.host_allocator.keep_freed_host_memory)")
+                   help="leave glibc malloc as it is (no keep_freed_host_memory)")
     p.add_argument("--json", default=DEFAULT_JSON, help="result file ('' to skip)")
     p.add_argument("--png", default="", help="optional bar chart of tokens/s")
     a = p.parse_args(argv)

@@ -7,9 +7,17 @@ Public API:
   load_hf, save_hf               Hugging Face checkpoints
 """
 
-from longcat_jax.checkpoint import load_hf, save_hf
 from longcat_jax.config import Config
-from longcat_jax.model import LongCat, Output, abstract_model, build_model, decode_step, forward, prefill
+from longcat_jax.hf.weights import load_hf, save_hf
+from longcat_jax.model.longcat import (
+    LongCat,
+    Output,
+    abstract_model,
+    build_model,
+    decode_step,
+    forward,
+    prefill,
+)
 
 __all__ = [
     "Config", "LongCat", "Output", "abstract_model", "build_model", "decode_step", "forward", "load_hf",

@@ -18,11 +18,11 @@ import sys
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from longcat_jax import expert_layout
-from longcat_jax.checkpoint import hf_expert_layout, load_hf, save_hf
 from longcat_jax.config import Config
-from longcat_jax.hf_config import architecture_of, config_from_hf, config_to_hf
-from longcat_jax.model import LongCat, abstract_model
+from longcat_jax.hf import expert_layout
+from longcat_jax.hf.config import architecture_of, config_from_hf, config_to_hf
+from longcat_jax.hf.weights import hf_expert_layout, load_hf, save_hf
+from longcat_jax.model.longcat import LongCat, abstract_model
 
 
 def save_orbax(model: LongCat, path: str, architecture: str | None = None):

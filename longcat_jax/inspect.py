@@ -18,7 +18,7 @@ import math
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.model import abstract_model
+from longcat_jax.model.longcat import abstract_model
 
 
 def _sizes(cfg: Config) -> dict[tuple, int]:

@@ -41,8 +41,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from longcat_jax.config import Config
-from longcat_jax.indexer import forced_keys, indexer_scores
-from longcat_jax.mla import attention_mask
+from longcat_jax.model.indexer import forced_keys, indexer_scores
+from longcat_jax.model.mla import attention_mask
 from pallas_kernels.impl import compiler_params, interpret, resolve
 from pallas_kernels.tile_dot import tile_dot
 

@@ -7,7 +7,7 @@ attention's head-mean probabilities at those slots, no gradient) and z_t the lig
 (SPEC 3.8). Only the K selected keys count, so scores are computed at the gathered key rows only. It equals
     indexer_kl(indexer_scores(q, k, w, ...), target scattered to [B,T,S],
                indices_to_mask(indices, S) & causal, query_mask)
-in value and in its gradients for q, k and w (longcat_jax/indexer_loss.py). Indices must be valid keys of
+in value and in its gradients for q, k and w (model/indexer_loss.py). Indices must be valid keys of
 their query or -1 (as every selector returns them) and distinct within a row; a slot outside [0, S) counts
 as empty. An all-empty row contributes KL 0 and still counts in the mean (as in the dense loss).
 

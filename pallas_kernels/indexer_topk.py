@@ -1,6 +1,6 @@
 """Fused lightning-indexer scoring and top-k selection (SPEC 3.8, 3.9, 7.1-7.5, 7.12).
 
-Computes the int32 [B,T,K] key indices of `longcat_jax.indexer.select` (the reference, which materialises
+Computes the int32 [B,T,K] key indices of `model.indexer.select` (the reference, which materialises
 [B,T,S] scores) without ever holding the scores of the whole problem:
 
   score[t,s] = sum_i w[t,i] ReLU(q[t,i] . k[s])       in f32, i over indexer heads (SPEC 3.8)
@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from longcat_jax import indexer as ix
 from longcat_jax.config import Config
+from longcat_jax.model import indexer as ix
 from pallas_kernels import bitonic
 from pallas_kernels.impl import compiler_params, interpret, resolve
 from pallas_kernels.indexer_hi import (  # block_keys is re-exported: part of this module's public API
@@ -81,7 +81,7 @@ TILES = {"xla": (64, 128), "pallas": (16, 64)}
 def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_segment_ids=None,
            k_segment_ids=None, window_apart: bool = False, impl: str = "auto", block_q: int | None = None,
            block_k: int | None = None):
-    """LSA key indices without a [T, S] score tensor; identical to `longcat_jax.indexer.select`.
+    """LSA key indices without a [T, S] score tensor; identical to `longcat_jax.model.indexer.select`.
 
     Args:
       q: [B,T,I,J], k: [B,S,J], w: [B,T,I], float32 or bfloat16 (scores are f32).

@@ -2,7 +2,7 @@
 
     out[b, t] = sum_g  T[off_g + id_g(b, t)] @ P_g          [B, T, D], f32 accumulation, cfg dtype out
 
-equal to `ngram_embed(tables, proj, hash_ids(tokens, cfg, history), cfg)` in longcat_jax/ngram.py. The ids are
+equal to `ngram_embed(tables, proj, hash_ids(tokens, cfg, history), cfg)` in model/ngram.py. The ids are
 the same exact uint32 mulmod with the `_hash_plan` constants, so they are bit-identical to `hash_ids`.
 
 Kernel ("pallas"): one `pl.pallas_call` over (token block, output-column block). Only the EOS-segmented
@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from longcat_jax.config import Config
-from longcat_jax.ngram import _hash_plan, _segment_windows, table_offsets
+from longcat_jax.model.ngram import _hash_plan, _segment_windows, table_offsets
 from pallas_kernels.impl import compiler_params, interpret, resolve
 
 ROWS_AXIS = "vp"  # mesh axis of "ngram_rows" in sharding/rules.py
@@ -57,7 +57,7 @@ class _Plan:
     mesh: object  # jax Mesh / AbstractMesh with a "vp" axis of size > 1, or None (unsharded)
 
 
-# --- hash: the uint32 mulmod of longcat_jax/ngram.py, per branch, shared by the kernel and XLA ------------
+# --- hash: the uint32 mulmod of model/ngram.py, per branch, shared by the kernel and XLA -----------------
 
 
 def _hash_branch(cols: list[jax.Array], branch: int, cfg: Config) -> jax.Array:
@@ -291,7 +291,7 @@ def ngram_lookup(
       proj: [G, ngram_dim, D] per-branch projections.
       tokens: int [B, T] token ids in [0, V).
       cfg: static Config with the N-gram embedding on.
-      history: optional int [B, N-1], the previous N-1 tokens (see longcat_jax.ngram.next_history).
+      history: optional int [B, N-1], the previous N-1 tokens (see longcat_jax.model.ngram.next_history).
       impl: "auto" | "xla" | "pallas" (pallas_kernels/impl.py).
       block_t: tokens per kernel block (power of two >= 16; smaller inputs use one smaller block).
       block_d: output columns per kernel block (power of two dividing D); None = largest such <= 128

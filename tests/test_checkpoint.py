@@ -13,8 +13,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import longcat_jax as lj
-from longcat_jax import convert, expert_layout
-from longcat_jax.checkpoint import SafetensorsFolder, hf_expert_layout
+from longcat_jax import convert
+from longcat_jax.hf import expert_layout
+from longcat_jax.hf.weights import SafetensorsFolder, hf_expert_layout
 from tests.hf_reference import random_flash
 
 

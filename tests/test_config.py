@@ -12,7 +12,7 @@ import torch
 
 from longcat_jax import Config, abstract_model
 from longcat_jax.inspect import param_report
-from longcat_jax.layers import rms_norm, rope_inv_freq
+from longcat_jax.model.layers import rms_norm, rope_inv_freq
 
 
 def test_longcat2_derived_constants():

@@ -1,4 +1,4 @@
-"""Tests for longcat_jax.data: corpus split and loading, tokenizer, packing, and resumable grain iterators."""
+"""longcat_jax.training.data: corpus split and loading, tokenizer, packing, resumable grain iterators."""
 
 import os
 
@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from tokenizers import Tokenizer, models
 
-from longcat_jax import data
+from longcat_jax.training import data
 
 EOS = 2
 KEYS = data.BATCH_KEYS

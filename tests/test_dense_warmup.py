@@ -1,4 +1,4 @@
-"""The blockwise dense warm-up (longcat_jax.dense_warmup) equals the quadratic reference, in values and
+"""The blockwise dense warm-up (longcat_jax.model.dense_warmup) equals the quadratic reference, in values and
 gradients, and never forms a [T, S] array."""
 
 import jax
@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longcat_jax.dense_warmup import dense_attention, dense_indexer_stats
-from longcat_jax.indexer import indexer_scores, indices_to_mask
-from longcat_jax.indexer_loss import attention_recall, indexer_kl
-from longcat_jax.mla import attention_mask, softmax_f32
+from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
+from longcat_jax.model.indexer import indexer_scores, indices_to_mask
+from longcat_jax.model.indexer_loss import attention_recall, indexer_kl
+from longcat_jax.model.mla import attention_mask, softmax_f32
 from tests.hf_reference import rel_err
 from tests.jaxpr_sizes import largest_intermediate
 

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # heap may still grow once in a while as blocks fragment; it does not shrink).
 _FAULTS_PER_RERUN = """
 import resource, sys
-from longcat_jax.host_allocator import keep_freed_host_memory
+from longcat_jax.training.host_allocator import keep_freed_host_memory
 if sys.argv[1] == "keep":
     assert keep_freed_host_memory()
 import jax, jax.numpy as jnp

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from longcat_jax import indexer as ix
 from longcat_jax.config import Config
+from longcat_jax.model import indexer as ix
 
 torch = pytest.importorskip("torch", reason="torch is needed for the HF parity tests")
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_ds  # noqa: E402

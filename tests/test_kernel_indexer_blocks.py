@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longcat_jax import indexer as ix
 from longcat_jax.config import Config
+from longcat_jax.model import indexer as ix
 from pallas_kernels import indexer_blocks as ib
 from tests.jaxpr_sizes import largest_intermediate
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longcat_jax import indexer as ix
 from longcat_jax.config import Config
-from longcat_jax.indexer_loss import indexer_kl
-from longcat_jax.mla import attention_mask
+from longcat_jax.model import indexer as ix
+from longcat_jax.model.indexer_loss import indexer_kl
+from longcat_jax.model.mla import attention_mask
 from pallas_kernels.indexer_blocks import select_blocks_reference
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from tests.jaxpr_sizes import largest_intermediate

@@ -1,4 +1,4 @@
-"""Fused indexer scoring + streaming top-k (pallas_kernels/indexer_topk.py) vs longcat_jax.indexer.select.
+"""Fused indexer scoring + streaming top-k (pallas_kernels/indexer_topk.py) vs model.indexer.select.
 
 Both paths ("xla" chunked over query blocks, "pallas" in interpret mode) must give the reference's exact
 int32 indices, slot order included, across SI/HI on and off, dense short rows, ragged key validity, packed
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longcat_jax import indexer as ix
 from longcat_jax.config import Config
+from longcat_jax.model import indexer as ix
 from pallas_kernels import indexer_topk as kt
 from pallas_kernels.si_window import window_indices
 
@@ -237,7 +237,7 @@ HI_CFG = Config.tiny(index_topk=32, index_local_tokens=16, index_init_tokens=2, 
 
 def packed_rows(T, pieces):
     """Segment ids (1, 2, ... per piece length in `pieces`, 0 = padding after) and positions restarting per
-    piece, as longcat_jax.data packs training rows."""
+    piece, as longcat_jax.training.data packs training rows."""
     seg = np.zeros((len(pieces), T), np.int32)
     for row, lengths in enumerate(pieces):
         seg[row, : sum(lengths)] = np.repeat(np.arange(1, len(lengths) + 1), lengths)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import longcat_jax as lj
-from longcat_jax.train_step import LossSettings, compute_loss
+from longcat_jax.training.train_step import LossSettings, compute_loss
 from tests.hf_reference import rel_err
 
 CFG = lj.Config.tiny()  # every feature on; HI engages above 24 keys, top-k 16
@@ -88,7 +88,7 @@ def test_forward_equals_reference(reference_results, impl):
 def test_training_loss_and_gradients_equal_reference(reference_results, impl, stage):
     """On packed documents, every loss term and every gradient match. Sparse stage: the indexer KL over the
     selected keys and the measured selection recall. Dense warm-up: blockwise dense attention, the KL over
-    every allowed key and the recall (longcat_jax.dense_warmup)."""
+    every allowed key and the recall (longcat_jax.model.dense_warmup)."""
     want_terms, want_grads = reference_results["training" if stage == "sparse" else "warmup"]
     got_terms, got_grads = _loss_and_grads(_model(impl), dense=stage == "warmup")
     assert got_terms.keys() == want_terms.keys() and 0.5 < float(got_terms["indexer_recall"]) < 1.0

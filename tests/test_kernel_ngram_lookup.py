@@ -1,4 +1,4 @@
-"""Fused N-gram lookup (pallas_kernels/ngram_lookup.py) vs the reference in longcat_jax/ngram.py."""
+"""Fused N-gram lookup (pallas_kernels/ngram_lookup.py) vs the reference in longcat_jax/model/ngram.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from longcat_jax.config import Config
-from longcat_jax.ngram import _segment_windows, ngram_embed, table_offsets
-from longcat_jax.ngram import hash_ids as hash_ids_eager
+from longcat_jax.model.ngram import _segment_windows, ngram_embed, table_offsets
+from longcat_jax.model.ngram import hash_ids as hash_ids_eager
 from pallas_kernels.ngram_lookup import _hash_windows, _sorted_row_sum, ngram_lookup
 from sharding.mesh import make_mesh
 

@@ -1,11 +1,11 @@
-"""The fused LM head (longcat_jax.lm_loss) against autodiff through the plain logits."""
+"""The fused LM head (longcat_jax.training.lm_loss) against autodiff through the plain logits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longcat_jax.lm_loss import lm_head_stats, stats_from_logits
+from longcat_jax.training.lm_loss import lm_head_stats, stats_from_logits
 
 
 def _loss(stats_fn, h, w, targets, mask):

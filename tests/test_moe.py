@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.moe import MoE, capacity, expert_load, moe_capacity, moe_dropless, route
+from longcat_jax.model.moe import MoE, capacity, expert_load, moe_capacity, moe_dropless, route
 
 CFG = Config.tiny()  # D 64, Fe 32, 6 routed + 2 zero experts, top-3, rsf 2.0
 
@@ -318,8 +318,8 @@ def test_tiled_grouped_ffn_equals_ragged_dot(routing):
     """The CPU path (a loop over expert row tiles, hand-written backward) computes exactly what ragged_dot's
     grouped matmul does, gradients included: random groups (some empty, some identity rows), every row on one
     expert (full tiles then a partial one), and no routed row at all (zero tiles)."""
-    from longcat_jax.expert_tiles import tiled_expert_ffn
-    from longcat_jax.moe import _sort_assignments
+    from longcat_jax.model.expert_tiles import tiled_expert_ffn
+    from longcat_jax.model.moe import _sort_assignments
 
     E, D, F, N, K = 5, 8, 12, 37, 3
     keys = jax.random.split(jax.random.key(11), 5)

@@ -8,9 +8,9 @@ import numpy as np
 from flax import nnx
 
 import longcat_jax as lj
-from longcat_jax.optim import OptimizerSettings, make_optimizer
-from longcat_jax.reliability import init_guard
-from longcat_jax.train_step import LossSettings, TrainState, train_step
+from longcat_jax.training.optim import OptimizerSettings, make_optimizer
+from longcat_jax.training.reliability import init_guard
+from longcat_jax.training.train_step import LossSettings, TrainState, train_step
 
 
 def _batch(cfg, B=2, T=24, seed=0):

@@ -12,7 +12,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import longcat_jax as lj
-from longcat_jax import optim
+from longcat_jax.training import optim
 
 # Constant learning rate, no clipping, no decay: the update is Muon / AdamW alone.
 PLAIN = dict(lr=0.05, warmup_steps=0, total_steps=100, min_lr_ratio=1.0, clip_norm=None, weight_decay=0.0)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import longcat_jax as lj
-from longcat_jax.block import Context
-from longcat_jax.layers import config_inv_freq
-from longcat_jax.moe import route
+from longcat_jax.model.block import Context
+from longcat_jax.model.layers import config_inv_freq
+from longcat_jax.model.moe import route
 from tests.hf_reference import causal_mask, layer_of, random_flash, rel_err
 
 YARN = dict(

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longcat_jax import reliability as R
+from longcat_jax.training import reliability as R
 from sharding import make_mesh
 
 # ----------------------------------------------------------------------------------------------- guard

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from longcat_jax.run_checkpoint import (
+from longcat_jax.training.run_checkpoint import (
     MANIFEST,
     CheckpointIntegrityError,
     RunCheckpointer,

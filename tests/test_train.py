@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import train
-from longcat_jax import data
-from longcat_jax.run_log import read_metrics
+from longcat_jax.training import data
+from longcat_jax.training.run_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5",

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.layers import apply_rope, config_inv_freq, param, rms_norm
-from longcat_jax.mla import attention_mask
+from longcat_jax.model.layers import apply_rope, config_inv_freq, param, rms_norm
+from longcat_jax.model.mla import attention_mask
 
 
 class Indexer(nnx.Module):

@@ -17,12 +17,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
-from longcat_jax.dense_warmup import dense_attention, dense_indexer_stats
-from longcat_jax.indexer import Indexer, indexer_scores, indices_to_mask, select
-from longcat_jax.indexer_loss import attention_recall, indexer_kl, selection_recall
-from longcat_jax.layers import MLP, RMSNorm
-from longcat_jax.mla import MLA, absorb_query, attention_mask
-from longcat_jax.moe import MoE
+from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
+from longcat_jax.model.indexer import Indexer, indexer_scores, indices_to_mask, select
+from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
+from longcat_jax.model.layers import MLP, RMSNorm
+from longcat_jax.model.mla import MLA, absorb_query, attention_mask
+from longcat_jax.model.moe import MoE
 from pallas_kernels import si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from pallas_kernels.sparse_mla import sparse_mla
@@ -63,7 +63,7 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
 
     With cfg.kernel_impl set (not "reference"), selection and attention run through memory-bounded paths (no
     [T, S] tensor): past the dense warm-up the pallas_kernels ones, and aux then holds the slot probabilities
-    instead; in the warm-up (no cache) the blockwise dense attention of longcat_jax.dense_warmup, and aux then
+    instead; in the warm-up (no cache) the blockwise dense attention of `dense_warmup`, and aux then
     holds the latents, from which `indexer_aux` recomputes the attention block by block.
 
     Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux

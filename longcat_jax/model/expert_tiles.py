@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longcat_jax.layers import swiglu_backward
+from longcat_jax.model.layers import swiglu_backward
 
 
 def _tile_plan(starts, tile: int, max_tiles: int):

@@ -22,9 +22,9 @@ import optax
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.lm_loss import lm_head_stats, stats_from_logits
-from longcat_jax.model import forward
-from longcat_jax.reliability import (
+from longcat_jax.model.longcat import forward
+from longcat_jax.training.lm_loss import lm_head_stats, stats_from_logits
+from longcat_jax.training.reliability import (
     GuardState,
     abft_check,
     flip_bit,
@@ -79,7 +79,7 @@ def mtp_targets(batch, k: int):
 
 def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *, dense_attention=False,
                  measure_recall=False, remat=None, fault_flip=False):
-    """Total loss and its terms for one batch (dict of [B, T] arrays from longcat_jax.data).
+    """Total loss and its terms for one batch (dict of [B, T] arrays from longcat_jax.training.data).
 
     The terms hold indexer_recall in the dense warm-up, and in the sparse stage with measure_recall (static,
     see `forward`).

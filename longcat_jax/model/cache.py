@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from longcat_jax.config import Config
-from longcat_jax.ngram import next_history
+from longcat_jax.model.ngram import next_history
 
 
 @flax.struct.dataclass

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.expert_tiles import tiled_expert_ffn
-from longcat_jax.layers import expert_swiglu, param
+from longcat_jax.model.expert_tiles import tiled_expert_ffn
+from longcat_jax.model.layers import expert_swiglu, param
 
 # --- Router ------------------------------------------------------------------------------------------------
 

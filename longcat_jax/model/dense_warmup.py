@@ -28,10 +28,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longcat_jax.indexer import indexer_scores, indices_to_mask
-from longcat_jax.indexer_loss import kl_rows, query_mean, recall_rows
-from longcat_jax.mla import absorbed_scores, attention_mask, softmax_f32
-from longcat_jax.query_blocks import merge_queries, split_queries
+from longcat_jax.model.indexer import indexer_scores, indices_to_mask
+from longcat_jax.model.indexer_loss import kl_rows, query_mean, recall_rows
+from longcat_jax.model.mla import absorbed_scores, attention_mask, softmax_f32
+from longcat_jax.ops.query_blocks import merge_queries, split_queries
 
 
 def _allowed(q_pos, q_seg, positions, segment_ids):

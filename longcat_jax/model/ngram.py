@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.layers import param
+from longcat_jax.model.layers import param
 
 _U32_MAX = 2**32 - 1
 

@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longcat_jax.block import Context, DecoderLayer
-from longcat_jax.cache import Cache, init_cache
 from longcat_jax.config import Config
-from longcat_jax.layers import RMSNorm, config_inv_freq, param
-from longcat_jax.mtp import MTP
-from longcat_jax.ngram import NgramEmbedding, next_history
+from longcat_jax.model.block import Context, DecoderLayer
+from longcat_jax.model.cache import Cache, init_cache
+from longcat_jax.model.layers import RMSNorm, config_inv_freq, param
+from longcat_jax.model.mtp import MTP
+from longcat_jax.model.ngram import NgramEmbedding, next_history
 from pallas_kernels.ngram_lookup import ngram_lookup
 from sharding.constrain import constrain
 from sharding.rules import RULES

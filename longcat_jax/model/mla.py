@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.layers import apply_rope, param, rms_norm
+from longcat_jax.model.layers import apply_rope, param, rms_norm
 
 
 class MLA(nnx.Module):

@@ -26,11 +26,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from longcat_jax import expert_layout
 from longcat_jax.config import Config
-from longcat_jax.hf_config import FLASH, LITE, LONGCAT2, architecture_of, config_from_hf, config_to_hf
-from longcat_jax.model import LongCat, abstract_model
-from longcat_jax.ngram import table_offsets
+from longcat_jax.hf import expert_layout
+from longcat_jax.hf.config import FLASH, LITE, LONGCAT2, architecture_of, config_from_hf, config_to_hf
+from longcat_jax.model.longcat import LongCat, abstract_model
+from longcat_jax.model.ngram import table_offsets
 from sharding.rules import logical_to_spec
 
 INDEX_FILE = "model.safetensors.index.json"

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longcat_jax.block import Context, attention_sublayer, indexer_aux
 from longcat_jax.config import Config
-from longcat_jax.indexer import Indexer
-from longcat_jax.layers import MLP, RMSNorm, param
-from longcat_jax.mla import MLA
+from longcat_jax.model.block import Context, attention_sublayer, indexer_aux
+from longcat_jax.model.indexer import Indexer
+from longcat_jax.model.layers import MLP, RMSNorm, param
+from longcat_jax.model.mla import MLA
 
 
 class MTP(nnx.Module):
