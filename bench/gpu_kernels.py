@@ -3,7 +3,7 @@
     python bench/gpu_kernels.py --json bench/results/gpu_kernels.json          # on the GPU machine
     python bench/gpu_kernels.py --allow-cpu --seq-len 64                       # checks this script on CPU
 
-One run, every case of `pallas_kernels/gpu_cases.py` at the `small` preset's tiles: the compiled kernels
+One run, every case of `bench/gpu_cases.py` at the `small` preset's tiles: the compiled kernels
 (impl="pallas") against the XLA path (impl="xla") on the same inputs, then both timed (median of --reps
 runs after a warm-up). FLOPs are the kernel's useful work counted from the shapes (`FLOPS` below), bytes the
 least HBM traffic it needs (its inputs and outputs, gathered rows counted per read); the ratios are against
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.gpu_cases import CASES, kernel_cases  # noqa: E402
 from longcat_jax.config import Config  # noqa: E402
-from pallas_kernels.gpu_cases import CASES, kernel_cases  # noqa: E402
 
 H200_FLOPS, H200_BYTES = 989e12, 4.8e12
 

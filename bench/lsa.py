@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 
 from longcat_jax.config import Config  # noqa: E402
 from longcat_jax.model import indexer as ix  # noqa: E402
-from longcat_jax.model.mla import attention_mask  # noqa: E402
+from longcat_jax.ops.masks import attention_mask  # noqa: E402
 from pallas_kernels import si_window, sparse_mla  # noqa: E402
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lsa_cpu.json")

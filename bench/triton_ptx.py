@@ -3,7 +3,7 @@
     pip install triton==3.9.0   # not a project dependency (1 GB); any machine, no GPU needed
     python bench/triton_ptx.py [--preset small] [--seq-len 512] [--json bench/results/triton_ptx.json]
 
-For each case of `pallas_kernels/gpu_cases.py` (forward and backward) the kernels are lowered as on a GPU
+For each case of `bench/gpu_cases.py` (forward and backward) the kernels are lowered as on a GPU
 (`impl.lowering_for("gpu")`, Pallas' Triton lowering), the Triton IR of each pallas_call is compiled by the
 `triton` package for sm_90 with the kernels' launch parameters; the ptxas triton uses reports registers and
 spills. A kernel fails when Triton rejects it or when its shared memory exceeds what one H200 block may use
@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 
+from bench.gpu_cases import CASES, kernel_cases  # noqa: E402
 from longcat_jax.config import Config  # noqa: E402
 from pallas_kernels import impl  # noqa: E402
-from pallas_kernels.gpu_cases import CASES, kernel_cases  # noqa: E402
 
 SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on H100 / H200
 

@@ -1,5 +1,12 @@
 """Pallas kernels (sparse indexer, sparse MLA attention, N-gram lookup), each beside its plain-JAX path.
 
-Every entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`); the dense references they are tested
-against live in longcat_jax/model/indexer.py, mla.py and ngram.py.
+Every entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`). The kernels import only
+`longcat_jax.ops` (math they share with the model), `longcat_jax.config` and `sharding`; the model imports
+the kernels, never the other way round.
+
+Each kernel module's docstring names its plain-jnp reference on a "Reference:" line. Where the model's own
+path computes the same thing, that path is the reference (`longcat_jax.model.indexer.select`,
+`longcat_jax.model.ngram.ngram_embed`, `longcat_jax.model.indexer_loss.indexer_kl`); otherwise the reference
+sits beside the kernel as `<entry point>_reference` (`indexer_blocks.select_blocks_reference`,
+`sparse_mla.sparse_mla_reference`).
 """

@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 
 import jax
-from jax.experimental.pallas import triton as plt
 
 IMPLS = ("auto", "xla", "pallas")
 PLATFORMS = ("gpu", "tpu")
@@ -59,4 +58,10 @@ def interpret() -> bool:
 
 def compiler_params(num_warps: int = 4, num_stages: int = 2):
     """Triton's launch parameters on a GPU (which also selects the Triton lowering); None elsewhere."""
-    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages) if platform() == "gpu" else None
+    if platform() != "gpu":
+        return None
+    # Imported here, not at the top: loading Pallas' Triton backend is needed only to build GPU kernels, and
+    # `import longcat_jax` on a CPU or TPU machine should not pay for it.
+    from jax.experimental.pallas import triton as plt
+
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)

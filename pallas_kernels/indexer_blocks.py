@@ -1,7 +1,7 @@
 """Block-aligned ("hardware-aligned") LSA selection (SPEC 3.9, 7.1): whole key blocks, not single tokens.
 
 Key block b holds the key positions [b * block_size, (b + 1) * block_size). For query t
-    block_score[t, b] = max of the lightning-indexer scores I[t, s] (`indexer_scores`, SPEC 3.8) over
+    block_score[t, b] = max of the lightning-indexer scores I[t, s] (`ops.indexer_scores`, SPEC 3.8) over
                         the keys s of block b that are valid for t (causal, k_valid); -inf if there is none;
     SI (cfg.si_enabled): a block holding a valid sink (pos < index_init_tokens) or a valid key of the
                         local window (pos > t - index_local_tokens) scores +inf, i.e. the forced set is
@@ -17,6 +17,9 @@ a short row can touch more blocks than fit; it then keeps the best of them.)
 Key positions must be the slot index 0..S-1 (training from position 0, or a linear cache whose unwritten
 rows are masked by k_valid [B, S]); packed documents with restarting positions need the token-level
 selection. This is checked when k_positions is a concrete array; under jit it is assumed.
+
+Reference: `pallas_kernels.indexer_blocks.select_blocks_reference`, beside the kernel because the model has no
+block-aligned selection path of its own; it scores with `longcat_jax.ops.indexer_scores`.
 
 Implementations (`impl`, see pallas_kernels/impl.py):
   select_blocks_reference  the plain dense definition; materialises the [B, T, S] scores. The test oracle.
@@ -41,8 +44,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from longcat_jax.config import Config
-from longcat_jax.model.indexer import forced_keys, indexer_scores
-from longcat_jax.model.mla import attention_mask
+from longcat_jax.ops.indexer_scores import indexer_scores
+from longcat_jax.ops.lsa_rules import forced_keys
+from longcat_jax.ops.masks import attention_mask
 from pallas_kernels.impl import compiler_params, interpret, resolve
 from pallas_kernels.tile_dot import tile_dot
 

@@ -1,15 +1,15 @@
-"""Hierarchical indexing (HI, SPEC 7.4) for `indexer_topk`: block means, block stage, sorted key index.
+"""Hierarchical indexing (HI, SPEC 7.4) for `indexer_topk`: block stage, sorted key index, tile plan.
 
-`block_keys` pools the block means in linear memory (the reference's one-hot is [B,S,S/Bh]); each query block
-scores them and keeps the top M candidates, as the reference (`_block_stage`). The xla path finds a row's keys
-through a sorted key index, the valid keys sorted by (segment, position), where a block, the window or a
-document prefix is a contiguous run found by binary search: this serves linear caches and packed training
-rows (positions restarting per document). It needs unique positions >= 0 in key order within the query's
-document and, at positions >= K, more than K valid keys and the whole SI forced set; a query block with a row
-that breaks this (ring-buffer cache, padding repeating a position, holes in k_valid) takes the full-row path
-instead (`_row_plan` marks it, `indexer_topk` branches with `lax.cond`). The gathered rows
-(`_hi_sparse_rows`) score [bq, G*Bh] keys, G*Bh ~ M*Bh, instead of [bq, S]. The Pallas path instead gets
-its chosen blocks and the list of key tiles worth visiting from `_hi_tile_plan`.
+The block means come from `longcat_jax.ops.block_keys` (linear memory, the same function as the reference);
+each query block scores them and keeps the top M candidates, as the reference (`_block_stage`). The xla path
+finds a row's keys through a sorted key index, the valid keys sorted by (segment, position), where a block,
+the window or a document prefix is a contiguous run found by binary search: this serves linear caches and
+packed training rows (positions restarting per document). It needs unique positions >= 0 in key order within
+the query's document and, at positions >= K, more than K valid keys and the whole SI forced set; a query block
+with a row that breaks this (ring-buffer cache, padding repeating a position, holes in k_valid) takes the
+full-row path instead (`_row_plan` marks it, `indexer_topk` branches with `lax.cond`). The gathered rows
+(`_hi_sparse_rows`) score [bq, G*Bh] keys, G*Bh ~ M*Bh, instead of [bq, S]. The Pallas path instead gets its
+chosen blocks and the list of key tiles worth visiting from `_hi_tile_plan`.
 """
 
 from __future__ import annotations
@@ -20,35 +20,9 @@ import jax
 import jax.numpy as jnp
 
 from longcat_jax.config import Config
-from pallas_kernels.indexer_rules import (
-    _INT_MAX,
-    _INT_MIN,
-    _pad_to,
-    _streaming,
-    _take,
-    _top_k_indices,
-    _weighted_relu,
-    _window_start,
-)
-
-
-def block_keys(k, k_positions, block_size: int, k_valid=None):
-    """`indexer.block_keys` (mean indexer key per block of positions, SPEC 7.4) by a scatter-add: O(S * J).
-
-    k [B,S,J], k_positions int [B,S], k_valid bool [B,S] or None. Returns (k_bar [B,NB,J] f32, count int32
-    [B,NB]), NB = ceil(S / block_size); invalid keys and positions outside [0, NB * block_size) count nowhere.
-    """
-    B, S, J = k.shape
-    nb = -(-S // block_size)
-    block = k_positions // block_size
-    member = (block >= 0) & (block < nb)
-    if k_valid is not None:
-        member = member & k_valid
-    block = jnp.where(member, block, nb)  # bucket nb collects the non-members and is dropped
-    rows = jnp.arange(B)[:, None]
-    k_sum = jnp.zeros((B, nb + 1, J), jnp.float32).at[rows, block].add(k.astype(jnp.float32))[:, :nb]
-    count = jnp.zeros((B, nb + 1), jnp.float32).at[rows, block].add(1.0)[:, :nb]
-    return k_sum / jnp.maximum(count, 1.0)[..., None], count.astype(jnp.int32)
+from longcat_jax.ops.indexer_scores import weighted_relu_scores
+from longcat_jax.ops.lsa_rules import top_k_indices
+from pallas_kernels.indexer_rules import _INT_MAX, _INT_MIN, _pad_to, _streaming, _take, _window_start
 
 
 class _KeyIndex(NamedTuple):
@@ -83,7 +57,7 @@ def _block_stage(q, w, qp, k_bar, count, cfg: Config):
     end = start + cfg.hi_block_size - 1
     qpc = qp[..., :, None]
     candidate = (start <= qpc - local) & (end >= init) & (end <= qpc) & (count[..., None, :] > 0)
-    scores = jnp.where(candidate, _weighted_relu(q, k_bar, w), -jnp.inf)
+    scores = jnp.where(candidate, weighted_relu_scores(q, k_bar, w), -jnp.inf)
     vals, ids = jax.lax.top_k(scores, min(cfg.hi_top_blocks, nb))
     return jnp.where(vals > -jnp.inf, ids, -1)
 
@@ -201,7 +175,7 @@ def _hi_sparse_rows(qb, wb, qpb, qsb, startb, k_sorted, table, hier: _Hier, cfg:
     # Keys-major contractions: on CPU several times faster than the reference's heads-major layout.
     logits = jnp.einsum("bqnj,bqij->bqni", keys, qb.astype(jnp.float32))
     scores = jnp.einsum("bqni,bqi->bqn", jax.nn.relu(logits), wb.astype(jnp.float32))
-    dynamic = _top_k_indices(jnp.where(valid, scores, -jnp.inf), D, info[..., 3])
+    dynamic = top_k_indices(jnp.where(valid, scores, -jnp.inf), D, info[..., 3])
     if not si:
         return dynamic
 
@@ -257,5 +231,3 @@ def _hi_tile_plan(q, w, qp, real, dense, kp, k_ok, hier: _Hier, cfg: Config, bq:
     chosen, need = jax.lax.map(one_block, tuple(map(blocks, (q, w, qp, real, dense))))
     return jnp.moveaxis(chosen, 0, 1).reshape(B, T_pad, -1), jnp.moveaxis(need, 0, 1)
 
-
-__all__ = ["block_keys"]

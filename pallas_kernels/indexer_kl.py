@@ -4,10 +4,13 @@ In the sparse stage the indexer is distilled only over the selected set S_t (K k
     loss = mean_t KL( p_t || softmax(z_t) ),   z_t[k] = sum_i w[t,i] ReLU(q[t,i] . k[idx[t,k]])
 with both distributions renormalised over the valid slots of S_t: p_t = target / sum(target) (the main
 attention's head-mean probabilities at those slots, no gradient) and z_t the lightning-indexer scores
-(SPEC 3.8). Only the K selected keys count, so scores are computed at the gathered key rows only. It equals
+(SPEC 3.8). Only the K selected keys count, so scores are computed at the gathered key rows only.
+
+Reference: `longcat_jax.model.indexer_loss.indexer_kl`, the model's dense loss, composed as
     indexer_kl(indexer_scores(q, k, w, ...), target scattered to [B,T,S],
                indices_to_mask(indices, S) & causal, query_mask)
-in value and in its gradients for q, k and w (model/indexer_loss.py). Indices must be valid keys of
+(`indexer_scores` and `indices_to_mask` from `longcat_jax.ops`); this equals it in value and in its
+gradients for q, k and w. Indices must be valid keys of
 their query or -1 (as every selector returns them) and distinct within a row; a slot outside [0, S) counts
 as empty. An all-empty row contributes KL 0 and still counts in the mean (as in the dense loss).
 

@@ -1,14 +1,15 @@
 """Selection rules shared by both paths of `indexer_topk` (xla and the Pallas kernel), and small helpers.
 
 A key's top-k value (the table in `indexer_topk`'s docstring) is built here from the same functions on both
-paths: validity (causal, k_valid, same document), the SI forced set, the HI keep set around the chosen blocks,
-the reference's weighted-ReLU score contraction and the top-K with -1 for -inf picks. Leading batch dims
-broadcast: [..., T] queries, [..., S] keys, so the same code serves a [B, bq, S] block and a [bq, bk] tile.
+paths: validity (causal, k_valid, same document), the SI forced set and the HI keep set around the chosen
+blocks. Leading batch dims broadcast: [..., T] queries, [..., S] keys, so the same code serves a [B, bq, S]
+block and a [bq, bk] tile. Only the kernel imports this file, so it stays beside it; what the model's
+reference shares with both paths (the score contraction, the top-K with -1, the block means) is in
+`longcat_jax.ops`.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from longcat_jax.config import Config
@@ -73,7 +74,8 @@ def _values(scores, valid, keep, qp, kp, cfg: Config, apart: bool = False):
     if keep is not None:
         scores = jnp.where(keep, scores, -jnp.inf)
     if cfg.si_enabled:
-        # SI forced set, as `indexer.forced_keys`: sinks and the local window (which holds the query itself).
+        # SI forced set, `ops.lsa_rules.forced_keys` written to broadcast over tiles: sinks and the local
+        # window (which holds the query itself).
         kp, qp = kp[..., None, :], qp[..., :, None]
         window = kp > qp - cfg.index_local_tokens
         scores = jnp.where((kp < cfg.index_init_tokens) | window, jnp.inf, scores)
@@ -85,22 +87,3 @@ def _values(scores, valid, keep, qp, kp, cfg: Config, apart: bool = False):
 def _width(cfg: Config, apart: bool) -> int:
     """Slots of a selection: K, or K - local when the local window is kept apart."""
     return cfg.index_topk - cfg.index_local_tokens if apart else cfg.index_topk
-
-
-# --- Scores and top-k ---------------------------------------------------------------------------------------
-
-
-def _weighted_relu(q, k, w):
-    """[B,T,S] scores, the reference's contraction (`indexer._weighted_relu`) on one query block."""
-    logits = jnp.einsum("btij,bsj->btis", q.astype(jnp.float32), k.astype(jnp.float32))
-    return jnp.einsum("bti,btis->bts", w.astype(jnp.float32), jax.nn.relu(logits))
-
-
-def _top_k_indices(values, K: int, idx=None):
-    """Top-K of values [..., N] as positions on the last axis (or idx [..., N] at them); -1 for -inf picks."""
-    if values.shape[-1] < K:
-        values = _pad_to(values, values.ndim - 1, K, -jnp.inf)
-    vals, pos = jax.lax.top_k(values, K)
-    if idx is not None:
-        pos = jnp.take_along_axis(idx, pos, axis=-1)
-    return jnp.where(vals == -jnp.inf, -1, pos).astype(jnp.int32)

@@ -1,7 +1,7 @@
 """Fused lightning-indexer scoring and top-k selection (SPEC 3.8, 3.9, 7.1-7.5, 7.12).
 
-Computes the int32 [B,T,K] key indices of `model.indexer.select` (the reference, which materialises
-[B,T,S] scores) without ever holding the scores of the whole problem:
+Reference: `longcat_jax.model.indexer.select` (the model's own selection path, which materialises [B,T,S]
+scores). This computes its int32 [B,T,K] key indices without ever holding the scores of the whole problem:
 
   score[t,s] = sum_i w[t,i] ReLU(q[t,i] . k[s])       in f32, i over indexer heads (SPEC 3.8)
   value[t,s] = -inf   s is not a valid key for t (future key, k_valid False, another document)
@@ -20,16 +20,17 @@ Computes the int32 [B,T,K] key indices of `model.indexer.select` (the reference,
           the block can keep (a compacted tile list): causally reachable and, under HI, holding a chosen
           block of a row, a window key or a sink (every tile when a row is dense).
 
-HI (SPEC 7.4) lives in `indexer_hi` (block means, block stage, sorted key index, gathered rows, tile plan);
-the rules both paths apply to a key live in `indexer_rules`.
+HI (SPEC 7.4) lives in `indexer_hi` (block stage, sorted key index, gathered rows, tile plan); the rules both
+paths apply to a key live in `indexer_rules`; the score contraction, top-K with -1 and block means are the
+reference's own, from `longcat_jax.ops`.
 
 Selection is discrete: the inputs pass through `stop_gradient`, so the entry point may sit inside a
 differentiated function (a bare pallas_call has no JVP). Scores equal the reference's up to rounding: the
-backend's dot kernels sum in a shape-dependent order (the gathered [bq, n] contractions and the kernel's
-tiles are not the reference's GEMM) and HI block means are summed by a scatter-add, so indices are
+backend's dot kernels sum in a shape-dependent order (the gathered [bq, n] contractions and the kernel's tiles
+are not the reference's GEMM; the HI block means are the reference's own `block_keys`), so indices are
 identical unless two keys' (or blocks') scores lie within a few ulp, which reorders or swaps those two.
-Exactly representable inputs give bit-identical scores. Ties follow lax.top_k: total order (0.0 above
--0.0), lower index first, so every candidate list is kept in ascending key order.
+Exactly representable inputs give bit-identical scores. Ties follow lax.top_k: total order (0.0 above -0.0),
+lower index first, so every candidate list is kept in ascending key order.
 
 The kernel uses the generic `pl.pallas_call` + grid + BlockSpec API with power-of-two tiles, f32 scores and
 only operations Pallas lowers for Triton (no lax.top_k, sort, gather or value slicing: heads are read from
@@ -45,10 +46,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from longcat_jax.config import Config
-from longcat_jax.model import indexer as ix
+from longcat_jax.ops.block_keys import block_keys
+from longcat_jax.ops.indexer_scores import weighted_relu_scores
+from longcat_jax.ops.lsa_rules import top_k_indices, use_hierarchical
 from pallas_kernels import bitonic
 from pallas_kernels.impl import compiler_params, interpret, resolve
-from pallas_kernels.indexer_hi import (  # block_keys is re-exported: part of this module's public API
+from pallas_kernels.indexer_hi import (
     _block_stage,
     _gather_ok,
     _hi_sparse_rows,
@@ -56,7 +59,6 @@ from pallas_kernels.indexer_hi import (  # block_keys is re-exported: part of th
     _Hier,
     _key_index,
     _row_plan,
-    block_keys,
 )
 from pallas_kernels.indexer_rules import (
     _INT_MAX,
@@ -64,10 +66,8 @@ from pallas_kernels.indexer_rules import (
     _next_pow2,
     _pad_to,
     _streaming,
-    _top_k_indices,
     _valid_keys,
     _values,
-    _weighted_relu,
     _width,
 )
 from pallas_kernels.tile_dot import tile_dot
@@ -86,7 +86,7 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
     Args:
       q: [B,T,I,J], k: [B,S,J], w: [B,T,I], float32 or bfloat16 (scores are f32).
       q_positions: int [B,T]; k_positions: int [B,S] (keys may come from a cache, so S may exceed T).
-      cfg: K = cfg.index_topk, SI and HI settings; HI runs when `indexer.use_hierarchical(cfg, S)`.
+      cfg: K = cfg.index_topk, SI and HI settings; HI runs when `ops.lsa_rules.use_hierarchical(cfg, S)`.
       k_valid: bool [B,S] or None (unwritten cache rows, padding).
       q_segment_ids, k_segment_ids: int [B,T] and [B,S], both or neither (packed documents: a key counts for a
         query only when the ids are equal).
@@ -127,7 +127,7 @@ def _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment
     k_ok = k_valid.astype(bool) if k_valid is not None else jnp.ones((B, S), bool)
 
     hier = None
-    if ix.use_hierarchical(cfg, S):
+    if use_hierarchical(cfg, S):
         # The reference pools with k_valid only when its mask is 2-D; with segments its mask is [B,T,S] and
         # the means pool every key. Mirror that so the chosen blocks are the same.
         pool_valid = None if has_segments else k_valid
@@ -177,8 +177,8 @@ def _full_rows(qb, wb, qpb, qsb, k, kp, k_ok, k_seg, hier, cfg: Config, apart: b
     if hier is not None:
         chosen = _block_stage(qb, wb, qpb, hier.k_bar, hier.count, cfg)
         keep = _hi_keep(chosen, valid.sum(-1) <= cfg.index_topk, qpb, kp, hier.k_bar.shape[1], cfg)
-    values = _values(_weighted_relu(qb, k, wb), valid, keep, qpb, kp, cfg, apart)
-    return _top_k_indices(values, _width(cfg, apart))
+    values = _values(weighted_relu_scores(qb, k, wb), valid, keep, qpb, kp, cfg, apart)
+    return top_k_indices(values, _width(cfg, apart))
 
 
 def _select_xla(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq):
@@ -317,4 +317,4 @@ def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq, bk
     return out[:, :T, : _width(cfg, apart)]
 
 
-__all__ = ["select", "block_keys"]
+__all__ = ["select"]

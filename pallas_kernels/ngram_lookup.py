@@ -2,11 +2,12 @@
 
     out[b, t] = sum_g  T[off_g + id_g(b, t)] @ P_g          [B, T, D], f32 accumulation, cfg dtype out
 
-equal to `ngram_embed(tables, proj, hash_ids(tokens, cfg, history), cfg)` in model/ngram.py. The ids are
-the same exact uint32 mulmod with the `_hash_plan` constants, so they are bit-identical to `hash_ids`.
+Reference: `longcat_jax.model.ngram.ngram_embed(tables, proj, hash_ids(tokens, cfg, history), cfg)`, the
+model's own embedding path. The ids are the same exact uint32 mulmod with the `ops.ngram_hash.hash_plan`
+constants, so they are bit-identical to `hash_ids`.
 
 Kernel ("pallas"): one `pl.pallas_call` over (token block, output-column block). Only the EOS-segmented
-windows [N, tokens] (a cheap integer op, the reference `_segment_windows`) are computed outside. For every
+windows [N, tokens] (a cheap integer op, `ops.ngram_hash.segment_windows`) are computed outside. For every
 branch g the kernel hashes the window, gathers the block's rows straight from the table ref by dynamic index,
 multiplies by P_g and accumulates in f32, so neither the ids [tokens, G] nor the gathered embeddings
 [tokens, G, ngram_dim] ever reach HBM: memory is the tables, the projections and the output only.
@@ -19,11 +20,12 @@ Backward (`jax.custom_vjp`, plain XLA for both impls): d P_g = sum_t emb_g(t)^T 
 sort-and-segment-sum whose result does not depend on scatter order (`_sorted_row_sum`): bit-identical across
 runs and backends, and nothing of size [rows, tokens] is formed (SPEC 7.12).
 
-Row-sharded tables (embedding parallelism, "ngram_rows" -> mesh axis "vp"): with a mesh whose "vp" axis has
-size > 1 (the `mesh` argument, else the mesh set with `jax.set_mesh`), forward and backward run under
-`jax.shard_map` over "vp" only. Each shard hashes every token, looks up only the rows it owns (others give 0),
-projects, and the f32 partial outputs are psum-ed; in the backward each shard builds the gradient of its own
-rows and the projection gradient is psum-ed. Projections stay replicated (SPEC 7.13).
+Row-sharded tables (embedding parallelism): the rows' logical name "ngram_rows" (`ops.ngram_hash.TABLE_AXES`)
+resolves through the rules table (sharding/rules.py) to the rows' mesh axis, "vp" by default. With a mesh
+whose rows axis has size > 1 (the `mesh` argument, else the mesh set with `jax.set_mesh`), forward and
+backward run under `jax.shard_map` over that axis only. Each shard hashes every token, looks up only the rows
+it owns (others give 0), projects, and the f32 partial outputs are psum-ed; in the backward each shard builds
+the gradient of its own rows and the projection gradient is psum-ed. Projections stay replicated (SPEC 7.13).
 
 GPU lowering: written for the Triton backend (Triton compiler params, power-of-two blocks, all loads are
 contiguous rows or a row gather, f32 dot accumulation); verified here only with interpret=True on CPU.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +43,9 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from longcat_jax.config import Config
-from longcat_jax.model.ngram import _hash_plan, _segment_windows, table_offsets
+from longcat_jax.ops.ngram_hash import TABLE_AXES, hash_plan, segment_windows, table_offsets
 from pallas_kernels.impl import compiler_params, interpret, resolve
-
-ROWS_AXIS = "vp"  # mesh axis of "ngram_rows" in sharding/rules.py
+from sharding.rules import RULES, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +56,11 @@ class _Plan:
     impl: str
     block_t: int
     block_d: int
-    mesh: object  # jax Mesh / AbstractMesh with a "vp" axis of size > 1, or None (unsharded)
+    mesh: object  # jax Mesh / AbstractMesh whose rows axis has size > 1, or None (unsharded)
+    rows_axis: str | tuple[str, ...] | None  # mesh axis (or axes) of the table rows; None when unsharded
 
 
-# --- hash: the uint32 mulmod of model/ngram.py, per branch, shared by the kernel and XLA -----------------
+# --- hash: the uint32 mulmod of ops/ngram_hash.py, per branch, shared by the kernel and XLA -------------
 
 
 def _hash_branch(cols: list[jax.Array], branch: int, cfg: Config) -> jax.Array:
@@ -66,7 +69,7 @@ def _hash_branch(cols: list[jax.Array], branch: int, cfg: Config) -> jax.Array:
     Exactly `hash_ids` restricted to one branch: terms with a zero coefficient (orders that do not reach d
     steps back) are skipped at trace time, which leaves the reduced sum unchanged.
     """
-    coef, moduli, w, chunks, reduce_tokens = _hash_plan(cfg)
+    coef, moduli, w, chunks, reduce_tokens = hash_plan(cfg)
     r = jnp.uint32(int(moduli[branch]))
     mask = jnp.uint32((1 << w) - 1)
     acc = jnp.zeros_like(cols[0])
@@ -207,11 +210,21 @@ def _backward_local(tables, proj, windows_t, start, d_out, plan: _Plan):
     return d_tables.astype(tables.dtype), d_proj
 
 
-# --- custom_vjp over (tables, proj); sharded over "vp" when the plan has a mesh ----------------------------
+# --- custom_vjp over (tables, proj); sharded over the rows axis when the plan has a mesh -------------------
 
 
-def _shard_start(tables_local) -> jax.Array:
-    return (jax.lax.axis_index(ROWS_AXIS) * tables_local.shape[0]).astype(jnp.int32).reshape(1)
+def _shard_start(tables_local, plan: _Plan) -> jax.Array:
+    return (jax.lax.axis_index(plan.rows_axis) * tables_local.shape[0]).astype(jnp.int32).reshape(1)
+
+
+def _axis_names(rows_axis) -> tuple[str, ...]:
+    """A PartitionSpec entry (one mesh axis, several, or None) as a tuple of mesh axis names."""
+    return () if rows_axis is None else (rows_axis,) if isinstance(rows_axis, str) else tuple(rows_axis)
+
+
+def _shard_count(mesh, rows_axis) -> int:
+    """How many slices the rows split into: the product of the rows axes' sizes in `mesh`."""
+    return math.prod(dict(mesh.shape)[a] for a in _axis_names(rows_axis))
 
 
 def _forward(tables, proj, windows_t, plan: _Plan):
@@ -221,13 +234,16 @@ def _forward(tables, proj, windows_t, plan: _Plan):
 
     def shard(tables_local, proj, windows_t):
         # Partials are summed in f32 and rounded once, as the unsharded kernel does.
-        part = _forward_local(tables_local, proj, windows_t, _shard_start(tables_local), plan, jnp.float32)
-        return jax.lax.psum(part, ROWS_AXIS).astype(dt)
+        start = _shard_start(tables_local, plan)
+        part = _forward_local(tables_local, proj, windows_t, start, plan, jnp.float32)
+        return jax.lax.psum(part, plan.rows_axis).astype(dt)
 
     # check_vma=False: pallas_call out_shapes carry no varying-axes annotation; replication of the outputs is
-    # by construction (psum), and the shard-local table gradient is declared P("vp") below.
-    return jax.shard_map(shard, mesh=plan.mesh, in_specs=(P(ROWS_AXIS, None), P(), P()), out_specs=P(),
-                         axis_names={ROWS_AXIS}, check_vma=False)(tables, proj, windows_t)
+    # by construction (psum), and the shard-local table gradient is declared row-sharded below.
+    rows = P(plan.rows_axis, None)
+    sharded = jax.shard_map(shard, mesh=plan.mesh, in_specs=(rows, P(), P()), out_specs=P(),
+                            axis_names=set(_axis_names(plan.rows_axis)), check_vma=False)
+    return sharded(tables, proj, windows_t)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -246,13 +262,14 @@ def _lookup_bwd(plan: _Plan, residuals, d_out):
     else:
 
         def shard(tables_local, proj, windows_t, d_out):
-            start = _shard_start(tables_local)
+            start = _shard_start(tables_local, plan)
             d_tab, d_proj = _backward_local(tables_local, proj, windows_t, start, d_out, plan)
-            return d_tab, jax.lax.psum(d_proj, ROWS_AXIS)
+            return d_tab, jax.lax.psum(d_proj, plan.rows_axis)
 
+        rows = P(plan.rows_axis, None)
         d_tables, d_proj = jax.shard_map(
-            shard, mesh=plan.mesh, in_specs=(P(ROWS_AXIS, None), P(), P(), P()),
-            out_specs=(P(ROWS_AXIS, None), P()), axis_names={ROWS_AXIS}, check_vma=False,
+            shard, mesh=plan.mesh, in_specs=(rows, P(), P(), P()), out_specs=(rows, P()),
+            axis_names=set(_axis_names(plan.rows_axis)), check_vma=False,
         )(tables, proj, windows_t, d_out)
     return d_tables, d_proj.astype(proj.dtype), None
 
@@ -263,13 +280,19 @@ _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 # --- public entry point ------------------------------------------------------------------------------------
 
 
-def _rows_mesh(mesh):
-    """The mesh to shard rows over, or None: `mesh`, else the `jax.set_mesh` one, when its "vp" size > 1."""
+def _rows_sharding(mesh, rules):
+    """(mesh, rows axis) to shard the table rows over, or (None, None): `mesh`, else the `jax.set_mesh` one,
+    when the mesh axes `rules` gives the rows' logical name have a total size > 1.
+
+    The rows axis is a PartitionSpec entry: "vp" under the default rules, None where the rules (or the mesh)
+    leave the rows unsharded, a tuple where they shard them over several axes.
+    """
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
-            return None
-    return mesh if dict(mesh.shape).get(ROWS_AXIS, 1) > 1 else None
+            return None, None
+    rows_axis = logical_to_spec(TABLE_AXES[:1], rules, mesh.axis_names)[0]
+    return (mesh, rows_axis) if _shard_count(mesh, rows_axis) > 1 else (None, None)
 
 
 def ngram_lookup(
@@ -283,6 +306,7 @@ def ngram_lookup(
     block_t: int = 32,
     block_d: int | None = None,
     mesh=None,
+    rules=RULES,
 ) -> jax.Array:
     """sum_g P_g T[off_g + id_g]: the N-gram part of the input embedding, fused (see module docstring).
 
@@ -296,8 +320,11 @@ def ngram_lookup(
       block_t: tokens per kernel block (power of two >= 16; smaller inputs use one smaller block).
       block_d: output columns per kernel block (power of two dividing D); None = largest such <= 128
         (512 needs 272 KiB of shared memory on sm_90, over the 227 KiB limit; bench/triton_ptx.py).
-      mesh: a mesh with a "vp" axis; tables are sharded by rows over it when its size is > 1. None = the mesh
-        set with `jax.set_mesh`, if any. Sum R_i must be divisible by the "vp" size.
+      mesh: a mesh holding the rows axis ("vp" under the default rules); tables are sharded by rows over it
+        when its size is > 1. None = the mesh set with `jax.set_mesh`, if any. Sum R_i must be divisible by
+        the rows axis' size.
+      rules: the logical-to-mesh rules table (sharding/rules.py) that names the rows axis; pass the table the
+        tables were placed by.
     Returns:
       [B, T, D] in cfg.jnp_dtype; differentiable in tables and proj.
     """
@@ -320,14 +347,15 @@ def ngram_lookup(
         block_d = next((b for b in (128, 64, 32, 16) if D % b == 0), D)
     elif block_d < 1 or block_d & (block_d - 1) or D % block_d:
         raise ValueError(f"block_d must be a power of two dividing D = {D}, got {block_d}")
-    rows_mesh = _rows_mesh(mesh)
-    if rows_mesh is not None and total_rows % rows_mesh.shape[ROWS_AXIS]:
-        vp = rows_mesh.shape[ROWS_AXIS]
-        raise ValueError(f"{total_rows} table rows do not split evenly over vp = {vp}")
+    rows_mesh, rows_axis = _rows_sharding(mesh, rules)
+    if rows_mesh is not None:
+        shards = _shard_count(rows_mesh, rows_axis)
+        if total_rows % shards:
+            raise ValueError(f"{total_rows} table rows do not split evenly over {rows_axis} = {shards}")
 
     B, T = tokens.shape
-    windows = _segment_windows(tokens, history, cfg)  # [B, T, N] uint32; raises on a bad history shape
+    windows = segment_windows(tokens, history, cfg)  # [B, T, N] uint32; raises on a bad history shape
     windows_t = windows.reshape(B * T, cfg.ngram_n).T  # [N, B*T]: contiguous per-column loads in the kernel
     block_t = min(block_t, max(16, int(pl.next_power_of_2(B * T))))
-    plan = _Plan(cfg=cfg, impl=impl, block_t=block_t, block_d=block_d, mesh=rows_mesh)
+    plan = _Plan(cfg=cfg, impl=impl, block_t=block_t, block_d=block_d, mesh=rows_mesh, rows_axis=rows_axis)
     return _lookup(tables, proj, windows_t, plan).reshape(B, T, D)

@@ -3,7 +3,11 @@
 For query t, head n and slot k of the index set (indices[t, k] = -1 marks an empty slot):
     s[t,n,k] = scale * (q_lat[t,n] . c_kv[idx[t,k]] + q_rope[t,n] . k_rope[idx[t,k]])
     o_lat[t,n] = sum_k softmax_k(s[t,n,:])[k] * c_kv[idx[t,k]]      (a row with no valid slot gives zeros)
-which is `model.mla.attend_absorbed` before W_UV, with the boolean mask `indices_to_mask(indices, S)`.
+which is `longcat_jax.model.mla.attend_absorbed` before W_UV, with the boolean mask
+`indices_to_mask(indices, S)`.
+
+Reference: `pallas_kernels.sparse_mla.sparse_mla_reference`, beside the kernel because the model's dense
+attention (`attend_absorbed`) also applies W_UV and gives probabilities per key, not per slot.
 
 Memory is bounded by the selection, never by [T, S]: the kernel gathers only the selected rows, block_k slots
 at a time, and keeps an online softmax (running max, running sum, f32 [N, R] accumulator) per query; the XLA
@@ -37,8 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from longcat_jax.model.indexer import indices_to_mask
-from longcat_jax.model.mla import softmax_f32
+from longcat_jax.ops.masks import indices_to_mask, softmax_f32
 from pallas_kernels import si_window
 from pallas_kernels.impl import compiler_params, interpret, resolve
 from pallas_kernels.tile_dot import einsum_2d

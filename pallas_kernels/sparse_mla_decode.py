@@ -3,6 +3,9 @@
 The one-query form of `sparse_mla.sparse_mla`: it reads only the selected latent rows, through the page table,
 with the same online softmax (inference only, no gradient). The XLA path gathers the rows and attends at once;
 the Pallas kernel streams them block_k slots at a time.
+
+Reference: `pallas_kernels.sparse_mla.sparse_mla_reference` over the pages gathered into linear rows, with
+one query per sequence.
 """
 
 from __future__ import annotations

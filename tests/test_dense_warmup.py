@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
-from longcat_jax.model.indexer import indexer_scores, indices_to_mask
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl
-from longcat_jax.model.mla import attention_mask, softmax_f32
+from longcat_jax.ops.indexer_scores import indexer_scores
+from longcat_jax.ops.masks import attention_mask, indices_to_mask, softmax_f32
 from tests.hf_reference import rel_err
 from tests.jaxpr_sizes import largest_intermediate
 

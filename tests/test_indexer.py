@@ -20,6 +20,7 @@ from flax import nnx
 
 from longcat_jax.config import Config
 from longcat_jax.model import indexer as ix
+from longcat_jax.ops.masks import indices_to_mask
 
 torch = pytest.importorskip("torch", reason="torch is needed for the HF parity tests")
 from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_ds  # noqa: E402
@@ -303,7 +304,7 @@ def test_k_valid_and_cache_decode_matches_prefill():
 
 def test_indices_to_mask():
     idx = jnp.array([[[2, 0, -1], [-1, -1, -1]], [[4, 1, 3], [3, -1, 3]]], jnp.int32)
-    mask = np.asarray(ix.indices_to_mask(idx, 5))
+    mask = np.asarray(indices_to_mask(idx, 5))
     want = np.zeros((2, 2, 5), bool)
     want[0, 0, [0, 2]] = True
     want[1, 0, [1, 3, 4]] = True

@@ -20,7 +20,7 @@ import pytest
 from longcat_jax.config import Config
 from longcat_jax.model import indexer as ix
 from longcat_jax.model.indexer_loss import indexer_kl
-from longcat_jax.model.mla import attention_mask
+from longcat_jax.ops.masks import attention_mask, indices_to_mask
 from pallas_kernels.indexer_blocks import select_blocks_reference
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from tests.jaxpr_sizes import largest_intermediate
@@ -89,7 +89,7 @@ def dense_kl(q, k, w, qp, kp, kv, idx, target, qmask):
     safe = jnp.where(idx < 0, S, idx)
     rows = (jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], safe)
     dense_target = jnp.zeros((B, T, S)).at[rows].set(target, mode="drop")
-    allowed = ix.indices_to_mask(idx, S) & attention_mask(qp, kp, kv)
+    allowed = indices_to_mask(idx, S) & attention_mask(qp, kp, kv)
     return indexer_kl(ix.indexer_scores(q, k, w, qp, kp, kv), dense_target, allowed, qmask)
 
 

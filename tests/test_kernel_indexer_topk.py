@@ -19,6 +19,7 @@ import pytest
 
 from longcat_jax.config import Config
 from longcat_jax.model import indexer as ix
+from longcat_jax.ops.block_keys import block_keys
 from pallas_kernels import indexer_topk as kt
 from pallas_kernels.si_window import window_indices
 
@@ -254,24 +255,37 @@ def row_plan(qp, kp, cfg, k_valid=None, q_seg=None, k_seg=None):
     return np.asarray(kt._row_plan(kt._key_index(kp, k_ok, k_seg), qp, q_seg, cfg)[2])
 
 
-def test_block_keys_matches_reference():
-    """Scatter-add pooling equals the one-hot reference: exactly on dyadic inputs (every sum exact, so the
-    order cannot matter), to rounding on random ones; invalid keys and positions outside the blocks drop."""
+def test_block_keys_is_the_mean_of_each_blocks_valid_keys():
+    """block_keys against an explicit loop: per block of Bh positions, the mean and the count of the valid
+    keys whose position falls in it; an empty block has mean 0 and count 0, and a position outside
+    [0, NB * Bh) (NB = ceil(S / Bh)) counts in no block. Dyadic inputs make every sum exact."""
     rng = np.random.default_rng(10)
-    B, S, J = 2, 45, 8
-    # Unordered positions; negative ones and a short last block.
-    kp = jnp.asarray(np.stack([rng.permutation(S), np.arange(S) - 3]), jnp.int32)
-    k_valid = jnp.asarray(rng.random((B, S)) < 0.8)
-    dyadic = jnp.asarray(rng.integers(-64, 64, (B, S, J)) / 8, jnp.float32)
+    B, S, J, Bh = 2, 45, 8, 4
+    nb = -(-S // Bh)  # 12 blocks; the last, [44, 48), reaches past S
+    # Row 0: unordered positions -6..38, the negative ones in no block (-6 // 4 = -2 must not wrap around to
+    # the last block). Row 1: 6..50, so block 0 is empty, 45..47 land in the last block and 48..50 in none.
+    kp = np.stack([rng.permutation(S) - 6, np.arange(S) + 6])
+    k_valid = rng.random((B, S)) < 0.8
+    k = rng.integers(-64, 64, (B, S, J)) / 8
+
+    def loop(valid):
+        k_sum, count = np.zeros((B, nb, J)), np.zeros((B, nb), np.int64)
+        for b in range(B):
+            for s in range(S):
+                if valid[b, s] and 0 <= kp[b, s] < nb * Bh:
+                    k_sum[b, kp[b, s] // Bh] += k[b, s]
+                    count[b, kp[b, s] // Bh] += 1
+        return k_sum / np.maximum(count, 1)[..., None], count
+
     for valid in (None, k_valid):
-        bar, count = kt.block_keys(dyadic, kp, 4, valid)
-        ref_bar, ref_count = ix.block_keys(dyadic, kp, 4, valid)
-        np.testing.assert_array_equal(np.asarray(count), np.asarray(ref_count))
-        np.testing.assert_array_equal(np.asarray(bar), np.asarray(ref_bar))
-    assert (np.asarray(count) == 0).any() and (np.asarray(count) > 1).any()
-    k = inputs(11, B, 4, S, J=J)[1]
-    np.testing.assert_allclose(np.asarray(kt.block_keys(k, kp, 4)[0]),
-                               np.asarray(ix.block_keys(k, kp, 4)[0]), rtol=1e-6, atol=1e-6)
+        bar, count = block_keys(jnp.asarray(k, jnp.float32), jnp.asarray(kp, jnp.int32), Bh,
+                                None if valid is None else jnp.asarray(valid))
+        want_bar, want_count = loop(np.ones((B, S), bool) if valid is None else valid)
+        assert bar.shape == (B, nb, J) and bar.dtype == jnp.float32 and count.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(count), want_count)
+        np.testing.assert_allclose(np.asarray(bar), want_bar, rtol=1e-6, atol=0)
+    # The cases the loop must see: an empty block, a block of several keys, keys counted nowhere.
+    assert (want_count == 0).any() and (want_count > 1).any() and want_count.sum() < k_valid.sum()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -347,7 +361,7 @@ def test_hi_pallas_skips_tiles():
     pos = arange_positions(B, T)
     ones, zeros = jnp.ones((B, T), bool), jnp.zeros((B, T), jnp.int32)
     index = kt._key_index(pos, ones, zeros)
-    k_bar, count = kt.block_keys(k, pos, HI_CFG.hi_block_size)
+    k_bar, count = block_keys(k, pos, HI_CFG.hi_block_size)
     hier = kt._Hier(k_bar, count, index, *kt._row_plan(index, pos, zeros, HI_CFG))
     dense = hier.n_valid <= HI_CFG.index_topk
     _, need = kt._hi_tile_plan(q, w, pos, ones, dense, pos, ones, hier, HI_CFG, bq, bk)

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bench.gpu_cases import CASES, kernel_cases
 
 from longcat_jax.config import Config
 from pallas_kernels import impl
-from pallas_kernels.gpu_cases import CASES, kernel_cases
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from longcat_jax.config import Config
-from longcat_jax.model.ngram import _segment_windows, ngram_embed, table_offsets
 from longcat_jax.model.ngram import hash_ids as hash_ids_eager
+from longcat_jax.model.ngram import ngram_embed
+from longcat_jax.ops.ngram_hash import segment_windows, table_offsets
 from pallas_kernels.ngram_lookup import _hash_windows, _sorted_row_sum, ngram_lookup
 from sharding.mesh import make_mesh
+from sharding.rules import RULES
 
 TINY = Config.tiny()
 # M = int(0.2 * 256) = 51: every modulus (52..58) is below the vocab, so tokens are reduced mod R first; the
@@ -82,7 +84,7 @@ def test_hash_windows_bit_identical_to_hash_ids(cfg_name, case):
 
     @jax.jit
     def kernel_hash(tokens, history):
-        windows_t = _segment_windows(tokens, history, cfg).reshape(B * T, cfg.ngram_n).T
+        windows_t = segment_windows(tokens, history, cfg).reshape(B * T, cfg.ngram_n).T
         return _hash_windows(windows_t, cfg).reshape(B, T, -1)
 
     got = np.asarray(kernel_hash(tokens, history))
@@ -244,6 +246,38 @@ def test_row_sharding_taken_from_set_mesh():
         text = xla_fn.lower(tables, proj).as_text()
     assert "all-reduce" in text or "all_reduce" in text  # the psum of the vp partials is really there
     np.testing.assert_allclose(f32(out), f32(reference(tables, proj, tokens, TINY)), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_axis_follows_the_rules_table():
+    """The rows shard over whatever mesh axis the rules table gives "ngram_rows": mapped to "tp" instead of
+    "vp", a tp mesh shards them (the psum of the partials is there, the table gradient comes back row-sharded
+    over tp, values unchanged) and a vp mesh no longer does."""
+    rules = tuple((name, "tp" if name == "ngram_rows" else axes) for name, axes in RULES)
+    tables, proj = make_params(TINY)
+    tokens, history = make_case("prefill", TINY)
+    d_out = jax.random.normal(jax.random.key(3), tokens.shape + (TINY.hidden_size,))
+
+    def run(mesh):
+        return ngram_lookup(tables, proj, tokens, TINY, history, impl="xla", mesh=mesh, rules=rules)
+
+    def all_reduces(mesh):
+        text = jax.jit(lambda: run(mesh)).lower().as_text()
+        return "all-reduce" in text or "all_reduce" in text
+
+    def grads(mesh):
+        def loss(t, p):
+            out = ngram_lookup(t, p, tokens, TINY, history, impl="xla", mesh=mesh, rules=rules)
+            return jnp.sum(out.astype(jnp.float32) * d_out)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(tables, proj)
+
+    tp, vp = make_mesh({"tp": 8}), make_mesh({"vp": 8})
+    assert all_reduces(tp) and not all_reduces(vp)
+    got = grads(tp)
+    want = reference_grads(tables, proj, tokens, history, d_out, cfg=TINY)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(f32(g), f32(w), rtol=0, atol=1e-5 * float(np.abs(f32(w)).max()))
+    assert got[0].sharding.spec[0] == "tp"
 
 
 # --- errors ------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from longcat_jax.config import Config
-from longcat_jax.model.indexer import indices_to_mask
-from longcat_jax.model.mla import attend_absorbed, attention_mask
+from longcat_jax.model.mla import attend_absorbed
+from longcat_jax.ops.masks import attention_mask, indices_to_mask
 from pallas_kernels.si_window import window_indices
 from pallas_kernels.sparse_mla import _scatter_add_slots, sparse_mla, sparse_mla_reference
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode_paged

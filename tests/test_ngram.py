@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.model.ngram import NgramEmbedding, next_history, ngram_embed, table_offsets
+from longcat_jax.model.ngram import NgramEmbedding, next_history, ngram_embed
 from longcat_jax.model.ngram import hash_ids as hash_ids_eager
+from longcat_jax.ops.ngram_hash import table_offsets
 
 # Jitted once per (shape, config): far fewer compilations than op-by-op eager dispatch, so tests stay fast.
 hash_ids = jax.jit(hash_ids_eager, static_argnums=1)

@@ -28,9 +28,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longcat_jax.model.indexer import indexer_scores, indices_to_mask
 from longcat_jax.model.indexer_loss import kl_rows, query_mean, recall_rows
-from longcat_jax.model.mla import absorbed_scores, attention_mask, softmax_f32
+from longcat_jax.model.mla import absorbed_scores
+from longcat_jax.ops.indexer_scores import indexer_scores
+from longcat_jax.ops.masks import attention_mask, indices_to_mask, softmax_f32
 from longcat_jax.ops.query_blocks import merge_queries, split_queries
 
 

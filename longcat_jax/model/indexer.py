@@ -9,8 +9,10 @@ and LSA turns those scores into K = index_topk key indices per query:
   HI      mean-pooled block keys give a coarse block score; tokens are scored only inside the best
           hi_top_blocks blocks of the non-streaming region, then the SI rule runs (SPEC 7.4, a design choice);
   CLI     the reuse sublayer takes its owner's indices; no code here (block.py threads them).
-This is the reference path: it materialises [B, T, S] scores. Indices point into the key axis of the given
-keys (a cache slot, not a position), -1 marks an empty slot, and ties go to the lowest key index.
+This is the reference path: it materialises [B, T, S] scores, and `select` is the reference of the fused
+kernel `pallas_kernels.indexer_topk.select`. The scores, the SI forced set, the top-K rule and the HI block
+means are `longcat_jax.ops` functions the kernel uses too. Indices point into the key axis of the given keys
+(a cache slot, not a position), -1 marks an empty slot, and ties go to the lowest key index.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from flax import nnx
 
 from longcat_jax.config import Config
 from longcat_jax.model.layers import apply_rope, config_inv_freq, param, rms_norm
-from longcat_jax.model.mla import attention_mask
+from longcat_jax.ops.block_keys import block_keys
+from longcat_jax.ops.indexer_scores import indexer_scores, weighted_relu_scores
+from longcat_jax.ops.lsa_rules import forced_keys, top_k_indices, use_hierarchical
+from longcat_jax.ops.masks import attention_mask
 
 
 class Indexer(nnx.Module):
@@ -72,45 +77,6 @@ def indexer_project(x, c_q, positions, wq_b, wk, k_norm, weights_proj, cfg: Conf
     return q, k, w
 
 
-def _weighted_relu(q, k, w):
-    """sum_j w[t,j] ReLU(q[t,j] . k[s]) in f32: q [B,T,I,J], k [B,S,J], w [B,T,I] -> [B,T,S], unmasked."""
-    logits = jnp.einsum("btij,bsj->btis", q.astype(jnp.float32), k.astype(jnp.float32))
-    return jnp.einsum("bti,btis->bts", w.astype(jnp.float32), jax.nn.relu(logits))
-
-
-def indexer_scores(q, k, w, q_positions, k_positions, k_valid=None):
-    """Index scores I [B,T,S] float32 (SPEC 3.8); -inf at future keys (k_pos > q_pos) and where k_valid is
-    False.
-
-    q [B,T,I,J], k [B,S,J], w [B,T,I] from `indexer_project`; q_positions [B,T], k_positions [B,S] (keys may
-    come from a cache, so positions are explicit); k_valid bool [B,S], [B,T,S] or None.
-    """
-    scores = _weighted_relu(q, k, w)
-    return jnp.where(attention_mask(q_positions, k_positions, k_valid), scores, -jnp.inf)
-
-
-def forced_keys(q_positions, k_positions, cfg: Config):
-    """SI forced set F_t [B,T,S]: sinks (pos < index_init_tokens) and the local window (pos > t - local).
-
-    The window includes the query's own token; callers intersect with causality.
-    """
-    kp, qp = k_positions[:, None, :], q_positions[:, :, None]
-    return (kp < cfg.index_init_tokens) | (kp > qp - cfg.index_local_tokens)
-
-
-def _top_k_indices(scores, K: int):
-    """Indices int32 [B,T,K] of the K largest scores; -1 where the score is -inf (no valid key).
-
-    jax.lax.top_k puts the lower index first among equal values, which is the deterministic tie-break
-    (SPEC 7.12). Fewer than K keys are padded with -inf columns so the output is always K wide.
-    """
-    S = scores.shape[-1]
-    if S < K:
-        scores = jnp.pad(scores, ((0, 0), (0, 0), (0, K - S)), constant_values=-jnp.inf)
-    vals, idx = jax.lax.top_k(scores, K)
-    return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
-
-
 def select_topk(scores, q_positions, k_positions, cfg: Config, k_valid=None):
     """Token-level LSA selection (SPEC 3.9.1): indices int32 [B,T,K], K = cfg.index_topk, -1 in empty slots.
 
@@ -123,24 +89,7 @@ def select_topk(scores, q_positions, k_positions, cfg: Config, k_valid=None):
     if cfg.si_enabled:
         scores = jnp.where(forced_keys(q_positions, k_positions, cfg), jnp.inf, scores)
     # The dense rule needs no branch: valid scores are finite, so top-K takes them all when there are <= K.
-    return _top_k_indices(jnp.where(valid, scores, -jnp.inf), cfg.index_topk)
-
-
-def block_keys(k, k_positions, block_size: int, k_valid=None):
-    """Mean-pooled indexer keys per block of `block_size` absolute positions (SPEC 7.4).
-
-    k [B,S,J] (post-norm, post-RoPE), k_positions int [B,S], assumed in [0, S) as in training from position 0
-    and in a linear cache; a key at a position >= S belongs to no block. Returns (k_bar [B,NB,J] float32,
-    count int32 [B,NB]) with NB = ceil(S / block_size); an empty block has a zero mean and count 0.
-    """
-    S = k.shape[1]
-    nb = -(-S // block_size)
-    member = jax.nn.one_hot(k_positions // block_size, nb, dtype=jnp.float32)  # [B, S, NB]
-    if k_valid is not None:
-        member = member * k_valid[..., None].astype(jnp.float32)
-    count = member.sum(axis=1)  # [B, NB]
-    k_sum = jnp.einsum("bsn,bsj->bnj", member, k.astype(jnp.float32))
-    return k_sum / jnp.maximum(count, 1.0)[..., None], count.astype(jnp.int32)
+    return top_k_indices(jnp.where(valid, scores, -jnp.inf), cfg.index_topk)
 
 
 def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
@@ -173,7 +122,7 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
         & (end[None, None, :] <= qp)
         & (count[:, None, :] > 0)
     )  # [B, T, NB]
-    block_scores = jnp.where(candidate, _weighted_relu(q, k_bar, w), -jnp.inf)
+    block_scores = jnp.where(candidate, weighted_relu_scores(q, k_bar, w), -jnp.inf)
     m = min(cfg.hi_top_blocks, nb)
     _, top_blocks = jax.lax.top_k(block_scores, m)  # [B, T, M]; -inf picks are dropped by `& candidate`
     B, T, _ = candidate.shape
@@ -196,11 +145,6 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     return select_topk(jnp.where(keep, scores, -jnp.inf), q_positions, k_positions, cfg, k_valid)
 
 
-def use_hierarchical(cfg: Config, num_keys: int) -> bool:
-    """HI runs only when switched on and the key length exceeds cfg.hi_min_len (a static shape test)."""
-    return cfg.hi_enabled and num_keys > cfg.hi_min_len
-
-
 def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
     """The model's entry point: indices int32 [B,T,K] from the indexer outputs, dispatching dense / SI / HI.
 
@@ -214,19 +158,4 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
     return select_topk(scores, q_positions, k_positions, cfg, k_valid)
 
 
-def indices_to_mask(indices, num_keys: int):
-    """bool [B,T,S] with True at the selected keys (HF-style scatter); -1 slots select nothing.
-
-    indices int [B,T,K]; the caller still ANDs this with the causal / validity mask.
-    """
-    B, T, _ = indices.shape
-    # -1 must not wrap around to the last key: send it out of range and let the scatter drop it.
-    safe = jnp.where(indices < 0, num_keys, indices)
-    mask = jnp.zeros((B, T, num_keys), dtype=bool)
-    return mask.at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], safe].set(True, mode="drop")
-
-
-__all__ = [
-    "Indexer", "indexer_project", "indexer_scores", "forced_keys", "select_topk", "block_keys",
-    "select_topk_hierarchical", "use_hierarchical", "select", "indices_to_mask",
-]
+__all__ = ["Indexer", "indexer_project", "select_topk", "select_topk_hierarchical", "select"]

@@ -17,8 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longcat_jax.model.indexer import indices_to_mask
-from longcat_jax.model.mla import attention_mask
+from longcat_jax.ops.masks import attention_mask, indices_to_mask
 from longcat_jax.ops.query_blocks import merge_queries, split_queries
 
 _MASKED = -1e9  # finite, so masked entries contribute exactly 0 and no NaN reaches the gradient
