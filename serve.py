@@ -12,24 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import jax
 import jax.numpy as jnp
 
 import longcat_jax as lj
-
-
-def generate(model: lj.LongCat, prompt: jax.Array, max_new_tokens: int) -> jax.Array:
-    """Greedy continuation of prompt [B, T]; returns [B, max_new_tokens] token ids."""
-    B, T = prompt.shape
-    logits, cache = jax.jit(lj.prefill, static_argnums=2)(model, prompt, T + max_new_tokens)
-    step = jax.jit(lj.decode_step)
-    token = jnp.argmax(logits[:, -1], axis=-1)[:, None]
-    out = [token]
-    for _ in range(max_new_tokens - 1):
-        logits, cache = step(model, token, cache)
-        token = jnp.argmax(logits[:, -1], axis=-1)[:, None]
-        out.append(token)
-    return jnp.concatenate(out, axis=1)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -64,7 +49,7 @@ def main(argv=None) -> int:
     bad = [i for i in args.prompt_ids if not 0 <= i < cfg.vocab_size]
     if bad:
         parser.error(f"prompt ids {bad} are outside the vocabulary [0, {cfg.vocab_size})")
-    out = generate(model, jnp.asarray([args.prompt_ids], jnp.int32), args.max_new_tokens)
+    out = lj.generate(model, jnp.asarray([args.prompt_ids], jnp.int32), args.max_new_tokens)
     print(",".join(str(int(t)) for t in out[0]))
     return 0
 

@@ -18,14 +18,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bench.train import jax_matmul_rates  # noqa: E402
-from longcat_jax import Config  # noqa: E402
-from longcat_jax.model.layers import swiglu  # noqa: E402
+from longcat_jax import Config
+from longcat_jax.model.layers import swiglu
+from longcat_jax.training.matmul_rate import matmul_rates
 
 
 def autodiff_swiglu(x, w_gate, w_up, w_down):
@@ -61,7 +59,7 @@ def main(argv=None) -> int:
             jax.block_until_ready(f(dy, x, *weights))
             times[name].append(time.perf_counter() - t)
     flops = 9 * 2 * a.batch_size * a.seq_len * D * F
-    rate = max(jax_matmul_rates(2048, 5))
+    rate = max(matmul_rates(2048, 5))
     result = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   jax=jax.__version__, cpu_count=os.cpu_count(),
                   shape=dict(M=a.batch_size * a.seq_len, D=D, F=F), flops=flops,

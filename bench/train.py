@@ -47,20 +47,18 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from longcat_jax import Config, build_model, forward  # noqa: E402
-from longcat_jax.hf.config import FLASH, config_to_hf  # noqa: E402
-from longcat_jax.training.host_allocator import keep_freed_host_memory  # noqa: E402
-from longcat_jax.training.lm_loss import lm_head_stats  # noqa: E402
-from longcat_jax.training.optim import OptimizerSettings, make_optimizer  # noqa: E402
+from longcat_jax import Config, build_model, forward
+from longcat_jax.hf.config import FLASH, config_to_hf
+from longcat_jax.training.host_allocator import keep_freed_host_memory
+from longcat_jax.training.lm_loss import lm_head_stats
+from longcat_jax.training.matmul_rate import matmul_rates
+from longcat_jax.training.optim import OptimizerSettings, make_optimizer
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_cpu.json")
 LR, BETAS, EPS, WD, CLIP = 3e-4, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -105,20 +103,6 @@ def random_batch(cfg: Config, batch: int, seq: int, seed: int = 0):
 
 
 # --- Matmul peak ------------------------------------------------------------------------------------------
-
-
-def jax_matmul_rates(n: int, reps: int) -> list[float]:
-    """FLOP/s of reps jitted f32 [n, n] @ [n, n] products."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    rates = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        rates.append(2 * n**3 / (time.perf_counter() - t))
-    return rates
 
 
 def torch_matmul_rates(n: int, reps: int) -> list[float]:
@@ -272,7 +256,7 @@ def run(args) -> dict:
     # with see the same load from other users of the machine.
     times, mm = {name: [] for name in sides}, []
     faults, system_s = {name: [] for name in sides}, {name: [] for name in sides}  # process-wide, per step
-    jax_matmul_rates(args.matmul_size, 1)  # compile outside the timed rounds
+    matmul_rates(args.matmul_size, 1)  # compile outside the timed rounds
     # The pause lets the previous side's worker threads stop spinning (OpenMP and MKL spin-wait after each
     # parallel region) before the next side is timed, so no side pays for another's idle threads.
     for _ in range(args.steps):
@@ -286,7 +270,7 @@ def run(args) -> dict:
             faults[name].append(after.ru_minflt - before.ru_minflt)
             system_s[name].append(after.ru_stime - before.ru_stime)
         time.sleep(args.pause)
-        mm.append(max(jax_matmul_rates(args.matmul_size, 3)))
+        mm.append(max(matmul_rates(args.matmul_size, 3)))
     torch_mm = torch_matmul_rates(args.matmul_size, 5)
     fl = analytic_flops(cfg, B, T)
     mm_rate = statistics.median(mm)

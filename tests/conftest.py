@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # `train.py --deterministic` adds these flags when a run starts; XLA reads them when the backend starts, into
 # the compile options that key the compilation cache. Starting every test process with them makes this process
 # and the train.py subprocesses compile with the same options, so each reuses the other's programs.
-from train import with_deterministic_flags  # noqa: E402  (importing jax does not start a backend)
+from longcat_jax.training.loop import with_deterministic_flags  # noqa: E402  (jax starts no backend on import)
 
 os.environ["XLA_FLAGS"] = with_deterministic_flags(os.environ["XLA_FLAGS"])
 

@@ -3,7 +3,7 @@
 The kernel is this interpreter (the project's venv), launched from a kernelspec written to a temporary folder
 and found through a kernel-spec manager that looks only there: a user-level or system "python3" kernelspec
 pointing at another Python cannot shadow it. The kernel inherits this process's environment (conftest XLA
-flags and compilation cache) and runs in the repository root, where `import serve` works.
+flags and compilation cache) and runs in the repository root.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ def test_greedy_generation_is_consistent_with_forward():
     cfg = lj.Config.tiny()
     model = lj.build_model(cfg, seed=0)
     prompt = jnp.asarray([[5, 17, 42, 9]], jnp.int32)
-    new = serve.generate(model, prompt, 6)
+    new = lj.generate(model, prompt, 6)
     full = jnp.concatenate([prompt, new], axis=1)
     greedy = np.asarray(jnp.argmax(lj.forward(model, full).logits, -1))
     np.testing.assert_array_equal(greedy[0, 3:-1], np.asarray(new[0]))

@@ -13,6 +13,7 @@ import pytest
 
 import train
 from longcat_jax.training import data
+from longcat_jax.training.loop import DETERMINISTIC_XLA_FLAGS
 from longcat_jax.training.run_log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,7 +114,7 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
     proc.wait()
     assert _run(c, corpus, *REFERENCE, "--resume", steps=12) == 0
     # Repeated runs in one process add the deterministic XLA flags once (they key the compilation cache).
-    assert os.environ["XLA_FLAGS"].split().count(train.DETERMINISTIC_XLA_FLAGS[0]) == 1
+    assert os.environ["XLA_FLAGS"].split().count(DETERMINISTIC_XLA_FLAGS[0]) == 1
     step_c, params_c = _checkpoint_arrays(c)
     assert step_a == step_c == 12 and params_a.keys() == params_c.keys()
     for k in params_a:

@@ -1,0 +1,367 @@
+"""The training run behind `train.py`: data, model and mesh, optimizer state, the jitted steps, the loop.
+
+`train(args)` takes the parsed command line of `train.py` (`parse_args`); the functions below read top to
+bottom in the order a run happens. It writes OUT/metrics.jsonl, OUT/tensorboard/, OUT/events.log,
+OUT/checkpoints/, OUT/tokenizer.json, OUT/loss_curve.png, OUT/sample.txt and OUT/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+import longcat_jax as lj
+from longcat_jax.training import data
+from longcat_jax.training.optim import (
+    OptimizerSettings,
+    learning_rate_schedule,
+    make_optimizer,
+    zero1_state_shardings,
+)
+from longcat_jax.training.reliability import (
+    fingerprint_mismatch,
+    flip_bit_on_device,
+    init_guard,
+    needs_restore,
+    odd_replicas,
+    replica_fingerprints,
+)
+from longcat_jax.training.run_checkpoint import RunCheckpointer, install_stop_signals
+from longcat_jax.training.run_log import RunLog, plot_loss_curve
+from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
+from sharding.mesh import make_mesh
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "names": jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out", "moe_out"),
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["attn_out", "mlp_out", "moe_out"],
+        offload_src="device", offload_dst="pinned_host"),
+}
+
+DETERMINISTIC_XLA_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
+
+
+def with_deterministic_flags(xla_flags: str) -> str:
+    """`xla_flags` plus those of DETERMINISTIC_XLA_FLAGS it lacks (each added once)."""
+    flags = xla_flags.split()
+    return " ".join(flags + [f for f in DETERMINISTIC_XLA_FLAGS if f not in flags])
+
+
+class TooManyRestores(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Data:
+    tokenizer: object  # tokenizers.Tokenizer
+    train_iter: object  # grain iterator of packed batches (its state is checkpointed)
+    eval_batches: list
+
+
+@dataclasses.dataclass
+class Steps:
+    """The compiled programs of a run and what they run on."""
+
+    cfg: lj.Config
+    mesh: jax.sharding.Mesh | None
+    graphdef: nnx.GraphDef
+    step_fn: Callable
+    held_out_loss: Callable  # params -> mean held-out loss per token
+    to_device: Callable  # host batch -> device batch
+    schedule: Callable  # step -> learning rate
+
+
+def train(args: argparse.Namespace) -> int:
+    """Run training as `args` says; 0 on success, 2 when OUT holds a run and --resume was not given, and
+    raises TooManyRestores when a failure keeps coming back (see `run`)."""
+    if args.deterministic:
+        # CPU XLA is already deterministic; these make GPU reductions and scatters deterministic too (read
+        # when the backend starts). Added once: XLA_FLAGS is part of the compilation-cache key, so appending
+        # them again on every in-process call would make each later run recompile everything.
+        os.environ["XLA_FLAGS"] = with_deterministic_flags(os.environ.get("XLA_FLAGS", ""))
+    os.makedirs(args.out, exist_ok=True)
+    ckpt = RunCheckpointer(os.path.join(args.out, "checkpoints"), keep=args.keep, save_every=args.save_every,
+                           log=lambda s: print(s, file=sys.stderr))
+    if ckpt.all_steps() and not args.resume:
+        print(f"error: {args.out} already holds checkpoints {ckpt.all_steps()}; pass --resume to continue it "
+              "or choose another --out", file=sys.stderr)
+        return 2
+    corpus = load_data(args)
+    steps, state = build(args, corpus, ckpt)
+    log = RunLog(args.out, resume=args.resume)
+    state, step, first_eval, timing = loop(args, steps, state, corpus, ckpt, log)
+    finish(args, steps, state, step, first_eval, timing, corpus.tokenizer, log)
+    log.close()
+    ckpt.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """`train` with a non-transient failure (restores exhausted) reported as exit status 3."""
+    try:
+        return train(args)
+    except TooManyRestores as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+
+
+def load_data(args) -> Data:
+    """The corpus (stdlib or --data) split into train and held-out, a tokenizer, and packed batches."""
+    if args.data:
+        train_texts, eval_texts = data.split_documents(data.load_documents(args.data))
+    else:
+        train_files, eval_files = data.split_by_file(data.stdlib_files())
+        train_texts, eval_texts = data.read_text_files(train_files), data.read_text_files(eval_files)
+    tokenizer = data.load_or_train_tokenizer(args.out, train_texts, args.vocab_size, args.tokenizer)
+    eos = data.eos_id(tokenizer)
+    train_docs, eval_docs = data.tokenize(tokenizer, train_texts), data.tokenize(tokenizer, eval_texts)
+    train_iter = data.make_train_iterator(train_docs, args.seq_len, args.batch_size, args.seed, eos)
+    eval_batches = data.make_eval_batches(eval_docs, args.seq_len, args.batch_size, eos, args.eval_batches)
+    return Data(tokenizer, train_iter, eval_batches)
+
+
+def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]:
+    """Model and mesh, optimizer and train state (restored with --resume), and the jitted steps."""
+    vocab = -(-corpus.tokenizer.get_vocab_size() // 128) * 128
+    cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=data.eos_id(corpus.tokenizer),
+                           bos_token_id=1, kernel_impl=args.kernel_impl)
+    mesh = make_mesh(args.mesh_sizes) if args.mesh else None
+    model = lj.build_model(cfg, seed=args.seed, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    batch_sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
+
+    def to_device(batch):
+        return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v)
+                for k, v in batch.items()}
+
+    opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=min(args.warmup_steps, args.steps - 1),
+                                     total_steps=args.steps, schedule=args.schedule,
+                                     use_muon=args.optimizer == "muon")
+    optimizer = make_optimizer(opt_settings, params)
+    with mesh_context(mesh):
+        opt_state = jax.jit(optimizer.init)(params)  # initialised once, then placed
+    if mesh is not None:  # ZeRO-1: the state is sharded over dp
+        opt_state = jax.device_put(opt_state, zero1_state_shardings(opt_state, mesh))
+    host_opt_shardings = None
+    if args.offload_optimizer:
+        host_opt_shardings = _in_host_memory(jax.tree.map(lambda x: x.sharding, opt_state))
+        opt_state = jax.device_put(opt_state, host_opt_shardings)
+    state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32), guard=init_guard())
+    if args.resume:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = ckpt.restore_latest(abstract, corpus.train_iter)
+        if restored is None:
+            print(f"--resume: no checkpoint in {args.out}; starting from step 0", file=sys.stderr)
+        else:
+            state = _like(restored[1], state)
+
+    settings = LossSettings(mtp_weight=args.mtp_weight, z_loss=args.z_loss,
+                            indexer_weight=args.indexer_weight, balance_weight=args.balance_weight,
+                            bias_update_rate=args.bias_update_rate, abft=args.abft)
+    # Params keep their own layout (the step must not drift them onto dp); the optimizer state is ZeRO-1
+    # sharded on a mesh and waits in host memory with --offload-optimizer.
+    replicated = NamedSharding(mesh, P()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+    state_shardings = TrainState(params=jax.tree.map(lambda x: x.sharding, state.params),
+                                 opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
+                                 step=replicated, guard=jax.tree.map(lambda _: replicated, state.guard))
+    # Donation needs every leaf in its own buffer (fresh zeros and the opt-state init may share some); a
+    # jitted copy writes each output to its own buffer, on its final sharding.
+    state = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_shardings)(state)
+    step_fn = jax.jit(functools.partial(
+        train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
+        remat=REMAT_POLICIES[args.remat], host_opt_shardings=host_opt_shardings,
+    ), static_argnames=("dense_attention", "measure_recall"), donate_argnums=0,
+        out_shardings=(state_shardings, None, None))
+    eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef))
+
+    def held_out_loss(params):
+        losses = [eval_fn(params, batch=to_device(b)) for b in corpus.eval_batches]
+        total = sum(float(l) * float(n) for l, n in losses)
+        return total / max(sum(float(n) for _, n in losses), 1.0)
+
+    schedule = learning_rate_schedule(opt_settings)
+    return Steps(cfg, mesh, graphdef, step_fn, held_out_loss, to_device, schedule), state
+
+
+def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpointer, log: RunLog):
+    """Train from the state's step to args.steps, with evals, guards, restores, faults and checkpoints.
+
+    Returns (state, step reached, held-out loss at the start, (start time, steps done))."""
+    cfg, mesh = steps.cfg, steps.mesh
+    start_step = int(state.step)
+    log.event(start_step, f"{args.preset}: {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
+              f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
+              f"mesh {args.mesh or '1 device'}")
+    with mesh_context(mesh):
+        first_eval = steps.held_out_loss(state.params)
+    log.metrics(start_step, {"eval_loss": first_eval})
+    stop = install_stop_signals()
+    tokens_per_step = args.batch_size * args.seq_len
+    bar = tqdm(total=args.steps, initial=start_step, disable=args.no_progress, dynamic_ncols=True)
+    fault = args.fault
+    load_sum = None
+    fault_fired = False
+    restores_left = [args.max_restores]
+    t0, done = time.time(), 0
+    step = start_step
+    with mesh_context(mesh):
+        while step < args.steps:
+            batch = steps.to_device(next(corpus.train_iter))
+            # An injected fault is transient, like a real one: it fires once, not again after a restore.
+            armed = fault is not None and not fault_fired and step == fault.step
+            fault_fired = fault_fired or armed
+            nan_at = jnp.int32(step if armed and fault.kind == "nan-grad" else -1)
+            flip_at = jnp.int32(step if armed and fault.kind == "bitflip" else -1)
+            dense = step < args.indexer_warmup_steps
+            # Held-out loss and expert statistics at the eval steps; there, the sparse stage also measures its
+            # selection recall (a dense-attention pass, its own compiled program).
+            at_eval = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
+            state, metrics, load = steps.step_fn(state, batch, nan_fault_step=nan_at, flip_fault_step=flip_at,
+                                                 dense_attention=dense, measure_recall=at_eval and not dense)
+            metrics = jax.device_get(metrics)
+            done += 1
+            step += 1
+            tok_s = done * tokens_per_step / (time.time() - t0)
+            metrics.update(lr=float(steps.schedule(step - 1)), tokens_per_sec=tok_s)
+            load_sum = np.asarray(load) if load_sum is None else load_sum + np.asarray(load)
+            if bool(metrics["skipped"]):
+                log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
+                          f"{float(metrics['grad_norm']):.4g}, abft mismatch "
+                          f"{bool(metrics['abft_mismatch'])}")
+            if at_eval:
+                metrics["eval_loss"] = steps.held_out_loss(state.params)
+                metrics.update(_load_stats(load_sum, cfg))
+                load_sum = None
+            log.metrics(step, metrics)
+            bar.update(max(step - bar.n, 0))
+            bar.set_postfix(loss=f"{float(metrics['ce']):.3f}", tok_s=f"{tok_s:.0f}")
+            flipped = armed and fault.kind == "bitflip" and mesh is not None
+            if flipped:
+                state = _corrupt_one_replica(state, mesh, log, step)
+            if mesh is not None and args.mesh_sizes.get("dp", 1) > 1 and (
+                    step % args.fingerprint_every == 0 or flipped):
+                fps = replica_fingerprints(state.params, mesh)
+                if bool(fingerprint_mismatch(fps)):
+                    log.event(step, f"parameter fingerprint mismatch across dp replicas {odd_replicas(fps)}: "
+                              "restoring the last good checkpoint")
+                    state, step = _restore(ckpt, state, corpus.train_iter, log, step, restores_left)
+                    continue
+            if needs_restore(state.guard, args.max_bad_steps):
+                log.event(step, f"{args.max_bad_steps} bad steps in a row: restoring the last good "
+                          "checkpoint")
+                state, step = _restore(ckpt, state, corpus.train_iter, log, step, restores_left)
+                continue
+            ckpt.maybe_save(step, state, corpus.train_iter, force=stop.requested or step == args.steps)
+            if stop.requested:
+                log.event(step, f"{stop.signal_name}: checkpoint saved, stopping")
+                break
+    bar.close()
+    ckpt.wait()
+    stop.uninstall()
+    return state, step, first_eval, (t0, done)
+
+
+def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, timing, tokenizer,
+           log: RunLog):
+    """The closing held-out loss, a sample, the loss curve and summary.json."""
+    t0, done = timing
+    with mesh_context(steps.mesh):
+        final_eval = steps.held_out_loss(state.params)
+    sample = ""
+    if args.sample_tokens:
+        sample = _sample(nnx.merge(steps.graphdef, state.params), tokenizer, args.prompt, args.sample_tokens)
+        with open(os.path.join(args.out, "sample.txt"), "w") as f:
+            f.write(sample)
+    curve = plot_loss_curve(args.out)
+    summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
+               "held_out_loss_end": final_eval,
+               "tokens_per_sec": done * args.batch_size * args.seq_len / (time.time() - t0),
+               "seconds": time.time() - t0}
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log.event(step, f"held-out loss {first_eval:.3f} -> {final_eval:.3f}; curve {curve}")
+    if sample:
+        print(f"--- sample ---\n{sample}\n--------------")
+
+
+# --- Helpers ------------------------------------------------------------------------------------------------
+
+
+def mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _restore(ckpt, state, train_iter, log, step, budget: list):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise TooManyRestores(f"more than the allowed restores at step {step}: the failure is not transient")
+    restored = ckpt.restore_latest(jax.tree.map(ocp.utils.to_shape_dtype_struct, state), train_iter)
+    if restored is None:
+        log.event(step, "no checkpoint to restore: continuing from the current state")
+        return state.replace(guard=state.guard.replace(consecutive_bad=jnp.zeros((), jnp.int32))), step
+    new_step, new_state = restored
+    log.event(step, f"restored checkpoint of step {new_step}")
+    return _like(new_state, state), int(new_step)
+
+
+def _in_host_memory(shardings):
+    """The same layouts in pinned host memory: the optimizer state waits there between steps."""
+    return jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), shardings)
+
+
+def _like(restored, live):
+    """Place restored arrays exactly as the live ones (same shardings): the same executable runs on them."""
+    return jax.device_put(restored, jax.tree.map(lambda x: x.sharding, live))
+
+
+def _corrupt_one_replica(state, mesh, log, step):
+    """The bitflip fault on a mesh: one device's copy of a replicated parameter silently differs."""
+    params = state.params
+    leaves, treedef = jax.tree.flatten(params)
+    replicated = [j for j, x in enumerate(leaves) if x.sharding.is_fully_replicated]
+    i = max(replicated, key=lambda j: leaves[j].size)
+    device = mesh.devices.flat[-1]
+    leaves[i] = flip_bit_on_device(leaves[i], device)
+    log.event(step, f"injected a bit flip into one replica of a parameter on {device}")
+    return state.replace(params=jax.tree.unflatten(treedef, leaves))
+
+
+def _load_stats(load_sum, cfg) -> dict:
+    """Expert-load summary over the interval: real experts per token, zero-expert share, imbalance."""
+    if load_sum is None:
+        return {}
+    load = load_sum.astype(np.float64)
+    per_layer = load.sum(-1, keepdims=True)
+    real = load[:, : cfg.n_routed_experts]
+    share = real / np.maximum(real.sum(-1, keepdims=True), 1.0)
+    return {
+        "real_experts_per_token": float((real.sum(-1) / np.maximum(per_layer[:, 0], 1.0)).mean()
+                                        * cfg.moe_topk),
+        "zero_expert_share": float(1.0 - real.sum() / max(load.sum(), 1.0)),
+        "expert_load_max_over_mean": float((share.max(-1) * cfg.n_routed_experts).mean()),
+    }
+
+
+def _sample(model, tokenizer, prompt: str, n: int) -> str:
+    ids = tokenizer.encode(prompt).ids or [1]
+    out = lj.generate(model, jnp.asarray([ids], jnp.int32), n)
+    return prompt + tokenizer.decode([int(t) for t in out[0]])
