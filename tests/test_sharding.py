@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import longcat_jax as lj
 from longcat_jax import Config, abstract_model
-from sharding import constrain, logical_to_spec, make_mesh, parse_mesh
+from sharding import RULES, constrain, logical_to_spec, make_mesh, parse_mesh
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sharding_tiny.json")
 
@@ -63,6 +64,41 @@ def test_constrain_applies_under_a_mesh():
     assert y.sharding.spec == P("dp", None, "tp")
     assert constrain(x, ("batch", None, "mlp")) is x  # no mesh: nothing to constrain to
 
+
+def test_custom_rules_reach_parameters_activations_and_loaded_checkpoints(tmp_path, monkeypatch):
+    """build_model(rules=...) places the parameters by that table, the forward constrains its activations by
+    it, and load_hf(rules=...) places what it reads by it: no place falls back to the default table."""
+    from longcat_jax.model import longcat
+
+    experts_on_tp = {"experts": "tp", "mlp": None, "expert_mlp": None, "vocab": None, "heads": None}
+    rules = tuple((name, experts_on_tp.get(name, axes)) for name, axes in RULES)
+    cfg = Config.tiny()
+    mesh = make_mesh({"dp": 2, "ep": 2, "tp": 2})
+
+    def split(x):  # mesh axes of size > 1 that split each dimension of x
+        spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+        axes = [() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec]
+        return tuple(tuple(a for a in d if mesh.shape[a] > 1) for d in axes)
+
+    model = lj.build_model(cfg, seed=0, mesh=mesh, rules=rules)
+    custom, default = ((), ("tp",), (), ()), ((), ("ep",), (), ("tp",))  # [layers, experts, embed, mlp]
+    assert split(model.layers.moe.w_gate[...]) == custom
+    assert split(lj.build_model(cfg, seed=0, mesh=mesh).layers.moe.w_gate[...]) == default
+
+    seen = []
+
+    def spy(x, names, rules=RULES):
+        seen.append(rules)
+        return constrain(x, names, rules)
+
+    monkeypatch.setattr(longcat, "constrain", spy)
+    with jax.set_mesh(mesh):
+        jax.jit(lambda m, t: m(t))(model, jax.numpy.zeros((2, 8), jax.numpy.int32))
+    assert seen and all(r == rules for r in seen)
+
+    lj.save_hf(model, str(tmp_path))
+    _, loaded = lj.load_hf(str(tmp_path), mesh=mesh, rules=rules)
+    assert split(loaded.layers.moe.w_gate[...]) == custom
 
 if __name__ == "__main__":
     lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in resolved_specs(Config.tiny()).items()]

@@ -30,8 +30,8 @@ from longcat_jax.config import Config
 from longcat_jax.hf import expert_layout
 from longcat_jax.hf.config import FLASH, LITE, LONGCAT2, architecture_of, config_from_hf, config_to_hf
 from longcat_jax.model.longcat import LongCat, abstract_model
-from longcat_jax.model.ngram import table_offsets
-from sharding.rules import logical_to_spec
+from longcat_jax.ops.ngram_hash import table_offsets
+from sharding.rules import RULES, logical_to_spec
 
 INDEX_FILE = "model.safetensors.index.json"
 log = logging.getLogger(__name__)
@@ -273,12 +273,14 @@ def _leaf_reader(folder: SafetensorsFolder, entry: Entry, path, shape, dtype, cf
     return read
 
 
-def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, **overrides) -> tuple[Config, LongCat]:
+def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, *, rules=RULES,
+            **overrides) -> tuple[Config, LongCat]:
     """Load a HF LongCat folder (Flash, Flash-Lite N-gram or LongCat-2.0 layout) -> (config, model).
 
     `overrides` replace Config fields (for example mla_norm_eps=1e-6 to match transformers exactly, or a
-    compute dtype). With a mesh, every parameter is created directly on its shards. The experts may be stored
-    in any `expert_layout.LAYOUTS`; the one found is logged (and returned by `hf_expert_layout`).
+    compute dtype). With a mesh, every parameter is created directly on its shards, placed by `rules` (the
+    logical -> mesh axis table, as for `build_model`). The experts may be stored in any
+    `expert_layout.LAYOUTS`; the one found is logged (and returned by `hf_expert_layout`).
     """
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
@@ -287,7 +289,7 @@ def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, **overrides) -> tu
     folder = SafetensorsFolder(path)
     experts = _detect_experts(folder, cfg)
     log.info("%s: experts stored %s (%s)", path, experts, expert_layout.LAYOUTS[experts])
-    abstract = abstract_model(cfg)
+    abstract = abstract_model(cfg, rules)
     graphdef, abs_state = nnx.split(abstract)
     pure = nnx.to_pure_dict(abs_state)
     shapes = {p: tuple(v.shape) for p, v in _flat(pure).items()}
@@ -296,7 +298,7 @@ def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, **overrides) -> tu
         raise AssertionError(f"tensor_map out of date: {sorted(set(mapping) ^ set(shapes))}")
     check_tensors(folder, mapping, shapes, cfg, experts)
 
-    specs = _partition_specs(abs_state) if mesh is not None else {}
+    specs = _partition_specs(abs_state, rules) if mesh is not None else {}
     leaves = _flat(pure)
     values = {}
     for p, entry in mapping.items():
@@ -336,11 +338,11 @@ def _unflat(flat: dict) -> dict:
     return out
 
 
-def _partition_specs(abs_state) -> dict:
+def _partition_specs(abs_state, rules) -> dict:
     out = {}
     for path, var in nnx.to_flat_state(abs_state):
         names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        out[tuple(path)] = logical_to_spec(tuple(names))
+        out[tuple(path)] = logical_to_spec(tuple(names), rules)
     return out
 
 

@@ -26,7 +26,7 @@ from sharding.rules import RULES
 
 
 class LongCat(nnx.Module):
-    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, rules=RULES):
         pd, D, V = cfg.jnp_param_dtype, cfg.hidden_size, cfg.vocab_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), pd)
         self.ngram = NgramEmbedding(cfg, rngs) if cfg.ngram_n else None
@@ -35,6 +35,8 @@ class LongCat(nnx.Module):
         self.lm_head = param(rngs, (D, V), ("embed", "vocab"), pd)
         self.mtp = MTP(cfg, rngs) if cfg.mtp_num_steps else None
         self.cfg = cfg
+        # The logical -> mesh axis table the parameters were created under; activations follow it too.
+        self.rules = rules
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """Main-head logits [B, T, V] for int token ids [B, T]."""
@@ -77,7 +79,7 @@ def embed_tokens(model: LongCat, tokens, history=None):
             ngram = model.ngram(tokens, history)
         else:  # hash + gather + project + sum in one pass; row-sharded tables stay on their vp shards
             ngram = ngram_lookup(model.ngram.tables[...], model.ngram.proj[...], tokens, cfg, history,
-                                 impl=cfg.kernel_impl)
+                                 impl=cfg.kernel_impl, rules=model.rules)
         e = (e + ngram) / jnp.asarray(1 + cfg.ngram_branches, e.dtype)
     return e
 
@@ -97,7 +99,7 @@ def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None, remat=None
     def body(h, xs):
         layer_state, layer_cache = xs
         layer = nnx.merge(graphdef, layer_state)
-        h, new_cache, aux = layer(constrain(h, ("batch", "seq", "embed")), ctx, layer_cache)
+        h, new_cache, aux = layer(constrain(h, ("batch", "seq", "embed"), model.rules), ctx, layer_cache)
         return h, (new_cache, aux)
 
     if remat is not None:
@@ -174,13 +176,13 @@ def build_model(cfg: Config, seed: int = 0, mesh: jax.sharding.Mesh | None = Non
     default device with the logical names kept as metadata."""
     if mesh is None:
         with nnx.use_eager_sharding(False):
-            return LongCat(cfg, nnx.Rngs(seed))
+            return LongCat(cfg, nnx.Rngs(seed), rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        return jax.jit(lambda: LongCat(cfg, nnx.Rngs(seed)))()
+        return jax.jit(lambda: LongCat(cfg, nnx.Rngs(seed), rules))()
 
 
-def abstract_model(cfg: Config) -> LongCat:
+def abstract_model(cfg: Config, rules=RULES) -> LongCat:
     """The model with ShapeDtypeStruct leaves: nothing allocated (parameter counts, checkpoint restore)."""
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: LongCat(cfg, nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: LongCat(cfg, nnx.Rngs(0), rules))
 
