@@ -10,7 +10,8 @@ from flax import nnx
 import longcat_jax as lj
 from longcat_jax.model.block import Context
 from longcat_jax.model.layers import config_inv_freq, expert_swiglu, swiglu
-from longcat_jax.model.mla import attend_absorbed, attend_naive, attention_mask
+from longcat_jax.model.mla import attend_absorbed, attend_naive
+from longcat_jax.ops.masks import attention_mask
 from tests.hf_reference import rel_err
 
 

@@ -311,6 +311,8 @@ def test_gradients_match_hf_autograd():
 def test_expert_load_counts():
     idx = jnp.array([[0, 7, 3], [3, 1, 7]], jnp.int32)
     np.testing.assert_array_equal(expert_load(idx, CFG), [1, 1, 0, 2, 0, 0, 0, 2])
+    # The second token is padding: its assignments count nowhere.
+    np.testing.assert_array_equal(expert_load(idx, CFG, jnp.array([True, False])), [1, 0, 0, 1, 0, 0, 0, 1])
 
 
 @pytest.mark.parametrize("routing", ["random", "one_expert", "identity_only"])

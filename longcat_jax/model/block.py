@@ -18,11 +18,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
 from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
-from longcat_jax.model.indexer import Indexer, indexer_scores, indices_to_mask, select
+from longcat_jax.model.indexer import Indexer, select
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.model.layers import MLP, RMSNorm
-from longcat_jax.model.mla import MLA, absorb_query, attention_mask
+from longcat_jax.model.mla import MLA, absorb_query
 from longcat_jax.model.moe import MoE
+from longcat_jax.ops.indexer_scores import indexer_scores
+from longcat_jax.ops.masks import attention_mask, indices_to_mask
 from pallas_kernels import si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from pallas_kernels.sparse_mla import sparse_mla
@@ -51,6 +53,55 @@ class Context:
         return None if self.segment_ids is None else self.segment_ids > 0
 
 
+# --- What each attention path reports (with ctx.collect_aux) for the indexer's loss and the recall ---------
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceAux:
+    """The reference path's [T, S] tensors."""
+
+    probs: jax.Array  # [B,T,S] head-mean attention (stop-gradient)
+    allowed: jax.Array  # [B,T,S] causal, valid, same-document keys
+    selected: jax.Array | None  # [B,T,S] the LSA selection within `allowed`; None without an indexer
+    scores: jax.Array | None = None  # [B,T,S] indexer logits, owner sublayers only
+    recall: jax.Array | None = None  # measured selection recall (sparse stage with ctx.measure_recall)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseKernelAux:
+    """The kernel path past the warm-up: attention only at the K selected slots."""
+
+    slot_probs: jax.Array  # [B,T,K] head-mean attention of each slot (stop-gradient)
+    indices: jax.Array  # [B,T,K] the selection
+    index_qkw: tuple | None  # the owner's indexer (q, k, w); None for a reuse sublayer
+    recall: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseWarmupAux:
+    """The kernel path in the warm-up: the latents, from which `indexer_aux` recomputes the dense attention
+    one query block at a time."""
+
+    latents: tuple  # (q_lat, q_rope, c_kv, k_rope)
+    indices: jax.Array
+    index_qkw: tuple | None
+
+
+SublayerAux = ReferenceAux | SparseKernelAux | DenseWarmupAux
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The keys one sublayer attends over, after its cache (if any) took the new rows."""
+
+    c_kv: jax.Array  # [B,S,R]
+    k_rope: jax.Array  # [B,S,Hr]
+    index_k: jax.Array | None  # [B,S,J] the owner's indexer keys
+    positions: jax.Array  # [B,S]
+    valid: jax.Array | None  # [B,S] rows of the cache filled so far; None without a cache
+    q_offset: int | jax.Array  # the new tokens' first row (0 without a cache)
+
+
 def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg: Config,
                        cache: dict | None = None, indices=None):
     """One MLA sublayer with LSA selection.
@@ -59,101 +110,131 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     this sublayer's c_kv [B,S,R], k_rope [B,S,Hr] and, for an owner, index_k [B,S,J]) the new rows are written
     at ctx.cache_len and attention runs in absorbed form over the cache. An owner (indexer given) computes the
     top-k indices; a reuse sublayer receives its owner's `indices`. The indexer reads detached inputs: its
-    selection is discrete, and it learns only from its own KL loss (SPEC 3.10).
+    selection is discrete, and it learns only from its own KL loss.
 
-    With cfg.kernel_impl set (not "reference"), selection and attention run through memory-bounded paths (no
-    [T, S] tensor): past the dense warm-up the pallas_kernels ones, and aux then holds the slot probabilities
-    instead; in the warm-up (no cache) the blockwise dense attention of `dense_warmup`, and aux then
-    holds the latents, from which `indexer_aux` recomputes the attention block by block.
-
-    Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux). With ctx.collect_aux, aux
-    holds "probs" (head-mean attention [B,T,S]), "allowed" (causal and same-document keys), "selected" (the
-    LSA mask) and, for an owner, "scores" (indexer logits); with ctx.measure_recall in the sparse stage, on
-    either path, also "recall" (`_measured_recall`); otherwise aux is empty.
+    One of three paths attends (`attention_path`): the reference, the kernels' sparse path, or the kernels'
+    dense warm-up. Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux): aux is None
+    unless ctx.collect_aux, else the path's `SublayerAux`.
     """
-    B, T, _ = x.shape
     q_nope, q_rope, c_q, c_kv, k_rope = attn.latents(x, ctx.positions, ctx.inv_freq)
+    index_qkw = None
     if indexer is not None:
-        q_i, k_i, w_i = indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), ctx.positions)
-    new_cache = None
-    q_pos = ctx.positions
-    if cache is None:
-        k_pos, k_valid = q_pos, None
-    else:
-        start = (0, ctx.cache_len, 0)
-        c_kv = jax.lax.dynamic_update_slice(cache["c_kv"], c_kv.astype(cache["c_kv"].dtype), start)
-        k_rope = jax.lax.dynamic_update_slice(cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), start)
-        new_cache = {"c_kv": c_kv, "k_rope": k_rope}
-        if indexer is not None:
-            k_i = jax.lax.dynamic_update_slice(cache["index_k"], k_i.astype(cache["index_k"].dtype), start)
-            new_cache["index_k"] = k_i
-        S = c_kv.shape[1]
-        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        k_valid = k_pos < ctx.cache_len + T
-    if cfg.use_indexer and cfg.kernel_impl != "reference" and not (ctx.dense_attention and cache is not None):
-        seg = ctx.segment_ids if cache is None else None
-        q_offset = 0 if cache is None else ctx.cache_len
-        if indexer is not None:
-            # Under SI the local window is read as a contiguous band (pallas_kernels.si_window), so it leads
-            # the index set by offset and the indexer ranks only the other K - window slots.
-            indices = si_window.select(q_i, k_i, w_i, q_pos, k_pos, cfg, q_offset, k_valid=k_valid,
-                                       q_segment_ids=seg, k_segment_ids=seg, impl=cfg.kernel_impl)
-        if ctx.dense_attention:  # the warm-up attends to every key; the selection only feeds the recall
-            q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
-            o_lat = dense_attention(q_lat, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype),
-                                    cfg.softmax_scale, q_pos, ctx.segment_ids)
-            aux = {}
-            if ctx.collect_aux:
-                aux = {"latents": (q_lat, q_rope, c_kv, k_rope), "indices": indices}
-                if indexer is not None:
-                    aux["index_qkw"] = (q_i, k_i, w_i)
-            return latent_output(attn, o_lat), new_cache, indices, aux
-        out, slot_probs = attend_selected(attn, q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype),
-                                          indices, ctx.collect_aux, si_window.window_size(cfg), q_offset)
-        aux = {}
-        if ctx.collect_aux:
-            aux = {"slot_probs": jax.lax.stop_gradient(slot_probs), "indices": indices}
-            if indexer is not None:
-                aux["index_qkw"] = (q_i, k_i, w_i)
-            latents = (q_nope, q_rope, c_kv, k_rope)
-            aux.update(_measured_recall(attn, latents, indices, q_pos, k_pos, k_valid, ctx))
-        return out, new_cache, indices, aux
-    key_valid = k_valid  # [B, S] or None, before packed documents make it per query
-    if cache is None and ctx.segment_ids is not None:
-        k_valid = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]  # [B, T, S]
-    allowed = attention_mask(q_pos, k_pos, k_valid)
-    mask, selected = allowed, None
-    if cfg.use_indexer:
-        if indexer is not None:
-            indices = select(q_i, k_i, w_i, q_pos, k_pos, cfg, k_valid)
-        selected = indices_to_mask(indices, allowed.shape[-1]) & allowed
-        if not ctx.dense_attention:
-            mask = selected
-    out, probs = attn.attend(q_nope, q_rope, c_kv.astype(x.dtype), k_rope.astype(x.dtype), mask,
-                             absorbed=cache is not None)
-    aux = {}
-    if ctx.collect_aux:
-        aux = {"probs": jax.lax.stop_gradient(probs), "allowed": allowed, "selected": selected}
-        if indexer is not None:
-            aux["scores"] = indexer_scores(q_i, k_i, w_i, q_pos, k_pos, k_valid)
-        if cfg.use_indexer:
-            latents = (q_nope, q_rope, c_kv, k_rope)
-            aux.update(_measured_recall(attn, latents, indices, q_pos, k_pos, key_valid, ctx))
+        index_qkw = indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), ctx.positions)
+    index_k = None if index_qkw is None else index_qkw[1]
+    keys, new_cache = _write_cache(cache, c_kv, k_rope, index_k, ctx)
+    keys = dataclasses.replace(keys, c_kv=keys.c_kv.astype(x.dtype), k_rope=keys.k_rope.astype(x.dtype))
+    if index_qkw is not None:
+        index_qkw = (index_qkw[0], keys.index_k, index_qkw[2])
+    path = attention_path(cfg, ctx, cache is not None)
+    out, indices, aux = path(attn, q_nope, q_rope, keys, index_qkw, indices, ctx)
     return out, new_cache, indices, aux
 
 
-def _measured_recall(attn: MLA, latents, indices, q_pos, k_pos, k_valid, ctx: Context):
-    """{"recall": scalar} in the sparse stage with ctx.measure_recall, else {}. This sublayer attended over
-    its selection only, so the dense scores are recomputed from latents = (q_nope, q_rope, c_kv, k_rope) in
-    absorbed form."""
+def attention_path(cfg: Config, ctx: Context, has_cache: bool):
+    """The reference path (materialises [T, S] scores, the selection as a mask) unless cfg.kernel_impl asks
+    for the memory-bounded paths of an indexed model; those never form a [T, S] tensor: the dense warm-up
+    without a cache, else sparse attention over the selected rows. The warm-up extending a cache (a decode
+    test of a warm-up model) stays on the reference path."""
+    if not cfg.use_indexer or cfg.kernel_impl == "reference" or (ctx.dense_attention and has_cache):
+        return reference_attention
+    return dense_warmup_attention if ctx.dense_attention else sparse_kernel_attention
+
+
+def _write_cache(cache, c_kv, k_rope, index_k, ctx: Context) -> tuple[Keys, dict | None]:
+    """The keys to attend over and the new cache (None without one)."""
+    B, T = ctx.positions.shape
+    if cache is None:
+        return Keys(c_kv, k_rope, index_k, ctx.positions, None, 0), None
+
+    def write(name, rows):
+        start = (0, ctx.cache_len, 0)
+        return jax.lax.dynamic_update_slice(cache[name], rows.astype(cache[name].dtype), start)
+
+    c_kv, k_rope = write("c_kv", c_kv), write("k_rope", k_rope)
+    new_cache = {"c_kv": c_kv, "k_rope": k_rope}
+    if index_k is not None:
+        index_k = new_cache["index_k"] = write("index_k", index_k)
+    S = c_kv.shape[1]
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    return Keys(c_kv, k_rope, index_k, k_pos, k_pos < ctx.cache_len + T, ctx.cache_len), new_cache
+
+
+def reference_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
+    """Selection by `indexer.select` over [T, S] scores, applied as a mask to dense MLA (absorbed form over a
+    cache). Returns (out [B,T,D], indices or None, ReferenceAux or None)."""
+    cfg = attn.cfg
+    q_pos, k_valid = ctx.positions, keys.valid
+    if keys.valid is None and ctx.segment_ids is not None:
+        k_valid = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]  # [B, T, S]: same document
+    allowed = attention_mask(q_pos, keys.positions, k_valid)
+    mask, selected = allowed, None
+    if cfg.use_indexer:
+        if index_qkw is not None:
+            indices = select(*index_qkw, q_pos, keys.positions, cfg, k_valid)
+        selected = indices_to_mask(indices, allowed.shape[-1]) & allowed
+        if not ctx.dense_attention:
+            mask = selected
+    out, probs = attn.attend(q_nope, q_rope, keys.c_kv, keys.k_rope, mask, absorbed=keys.valid is not None)
+    if not ctx.collect_aux:
+        return out, indices, None
+    scores = None if index_qkw is None else indexer_scores(*index_qkw, q_pos, keys.positions, k_valid)
+    recall = None
+    if cfg.use_indexer:
+        recall = _measured_recall(attn, (q_nope, q_rope, keys.c_kv, keys.k_rope), indices, keys, ctx)
+    return out, indices, ReferenceAux(jax.lax.stop_gradient(probs), allowed, selected, scores, recall)
+
+
+def sparse_kernel_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
+    """Selection by `si_window.select` and absorbed MLA over the selected latent rows only
+    (`pallas_kernels`, cfg.kernel_impl). Returns (out, indices, SparseKernelAux or None)."""
+    cfg = attn.cfg
+    if index_qkw is not None:
+        indices = _kernel_select(index_qkw, keys, ctx, cfg)
+    out, slot_probs = attend_selected(attn, q_nope, q_rope, keys.c_kv, keys.k_rope, indices, ctx.collect_aux,
+                                      si_window.window_size(cfg), keys.q_offset)
+    if not ctx.collect_aux:
+        return out, indices, None
+    recall = _measured_recall(attn, (q_nope, q_rope, keys.c_kv, keys.k_rope), indices, keys, ctx)
+    return out, indices, SparseKernelAux(jax.lax.stop_gradient(slot_probs), indices, index_qkw, recall)
+
+
+def dense_warmup_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
+    """The warm-up on the kernel path: blockwise dense absorbed MLA over every causal, same-document key
+    (`dense_warmup`); the selection only feeds the indexer's statistics. No cache. Returns (out, indices,
+    DenseWarmupAux or None)."""
+    cfg = attn.cfg
+    if index_qkw is not None:
+        indices = _kernel_select(index_qkw, keys, ctx, cfg)
+    q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+    o_lat = dense_attention(q_lat, q_rope, keys.c_kv, keys.k_rope, cfg.softmax_scale, ctx.positions,
+                            ctx.segment_ids)
+    out = attn.latent_output(o_lat)
+    if not ctx.collect_aux:
+        return out, indices, None
+    return out, indices, DenseWarmupAux((q_lat, q_rope, keys.c_kv, keys.k_rope), indices, index_qkw)
+
+
+def _kernel_select(index_qkw, keys: Keys, ctx: Context, cfg: Config):
+    """The owner's selection in linear memory. Under SI the local window is read as a contiguous band
+    (pallas_kernels.si_window), so it leads the index set by offset and the indexer ranks only the other
+    K - window slots."""
+    seg = ctx.segment_ids if keys.valid is None else None
+    return si_window.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.q_offset, k_valid=keys.valid,
+                            q_segment_ids=seg, k_segment_ids=seg, impl=cfg.kernel_impl)
+
+
+def _measured_recall(attn: MLA, latents, indices, keys: Keys, ctx: Context):
+    """The selection recall in the sparse stage with ctx.measure_recall (no cache), else None. The sublayer
+    attended over its selection only, so the dense scores are recomputed from latents = (q_nope, q_rope, c_kv,
+    k_rope) in absorbed form."""
     if not ctx.measure_recall or ctx.dense_attention or ctx.cache_len is not None:
-        return {}
+        return None
     cfg = attn.cfg
     q_nope, q_rope, c_kv, k_rope = latents
     q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
     args = [jax.lax.stop_gradient(a) for a in (q_lat, q_rope, c_kv, k_rope)]
-    return {"recall": selection_recall(*args, indices, cfg.softmax_scale, q_pos, k_pos, k_valid=k_valid,
-                                       segment_ids=ctx.segment_ids, query_mask=ctx.query_mask)}
+    return selection_recall(*args, indices, cfg.softmax_scale, ctx.positions, keys.positions,
+                            k_valid=keys.valid, segment_ids=ctx.segment_ids, query_mask=ctx.query_mask)
 
 
 def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_probs: bool, window: int = 0,
@@ -166,45 +247,35 @@ def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_pro
     out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window,
                      q_offset=q_offset, impl=cfg.kernel_impl, return_probs=return_probs)
     o_lat, probs = out if return_probs else (out, None)
-    return latent_output(attn, o_lat), probs
+    return attn.latent_output(o_lat), probs
 
 
-def latent_output(attn: MLA, o_lat):
-    """The sublayer output [B,T,D] from absorbed attention's latent sums o_lat [B,T,N,R]: W_UV, then W_O."""
-    dt = o_lat.dtype
-    w_uv = attn.w_kv_up[...][..., attn.cfg.qk_nope_head_dim :]
-    o = jnp.einsum("btnr,rnh->btnh", o_lat, w_uv.astype(dt))
-    return jnp.einsum("btnh,nhd->btd", o, attn.w_o[...].astype(dt))
-
-
-def indexer_aux(owner_aux: dict, served: list[dict], ctx: Context, cfg: Config) -> dict:
+def indexer_aux(owner: SublayerAux, served: list[SublayerAux], ctx: Context, cfg: Config) -> dict:
     """KL loss of one indexer against the mean attention of the sublayers it serves, plus selection recall.
 
-    On the kernel path (cfg.kernel_impl) the served sublayers report their attention at the owner's K slots
-    only, so the sparse-stage KL runs over those slots (pallas_kernels.indexer_kl); in the warm-up they report
-    their latents, and the dense KL and the recall come from one blockwise pass
-    (dense_warmup.dense_indexer_stats). The recall (the share of the dense attention mass the selection keeps)
-    comes from the warm-up's dense attention, or in the sparse stage from the served sublayers' own
-    measurement (ctx.measure_recall); without either it is not reported.
+    On the kernel path the served sublayers report their attention at the owner's K slots only, so the
+    sparse-stage KL runs over those slots (pallas_kernels.indexer_kl); in the warm-up they report their
+    latents, and the dense KL and the recall come from one blockwise pass (dense_warmup.dense_indexer_stats).
+    The recall (the share of the dense attention mass the selection keeps) comes from the warm-up's dense
+    attention, or in the sparse stage from the served sublayers' own measurement (ctx.measure_recall);
+    without either it is not reported.
     """
-    if "latents" in owner_aux:  # the kernel path's warm-up: KL and recall in one blockwise pass
-        kl, recall = dense_indexer_stats(owner_aux["index_qkw"], [a["latents"] for a in served],
-                                         owner_aux["indices"], cfg.softmax_scale, ctx.positions,
-                                         ctx.segment_ids, ctx.query_mask)
+    if isinstance(owner, DenseWarmupAux):  # KL and recall in one blockwise pass
+        kl, recall = dense_indexer_stats(owner.index_qkw, [a.latents for a in served], owner.indices,
+                                         cfg.softmax_scale, ctx.positions, ctx.segment_ids, ctx.query_mask)
         return {"indexer_kl": kl, "indexer_recall": recall}
-    if "slot_probs" in owner_aux:
-        target = sum(a["slot_probs"] for a in served) / len(served)
-        q_i, k_i, w_i = owner_aux["index_qkw"]
-        out = {"indexer_kl": sparse_indexer_kl(q_i, k_i, w_i, owner_aux["indices"], target, ctx.query_mask,
+    if isinstance(owner, SparseKernelAux):
+        target = sum(a.slot_probs for a in served) / len(served)
+        out = {"indexer_kl": sparse_indexer_kl(*owner.index_qkw, owner.indices, target, ctx.query_mask,
                                                impl=cfg.kernel_impl)}
     else:
-        target = sum(a["probs"] for a in served) / len(served)
-        allowed = owner_aux["allowed"] if ctx.dense_attention else owner_aux["selected"]
-        out = {"indexer_kl": indexer_kl(owner_aux["scores"], target, allowed, ctx.query_mask)}
+        target = sum(a.probs for a in served) / len(served)
+        allowed = owner.allowed if ctx.dense_attention else owner.selected
+        out = {"indexer_kl": indexer_kl(owner.scores, target, allowed, ctx.query_mask)}
     if ctx.dense_attention:
-        recalls = [attention_recall(a["probs"], a["selected"], ctx.query_mask) for a in served]
+        recalls = [attention_recall(a.probs, a.selected, ctx.query_mask) for a in served]
     else:  # the sparse stage's probabilities cover the selected keys only: they would always give 1.0
-        recalls = [a["recall"] for a in served if "recall" in a]
+        recalls = [a.recall for a in served if a.recall is not None]
     if recalls:
         out["indexer_recall"] = sum(recalls) / len(recalls)
     return out

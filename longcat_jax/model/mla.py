@@ -14,6 +14,7 @@ from flax import nnx
 
 from longcat_jax.config import Config
 from longcat_jax.model.layers import apply_rope, param, rms_norm
+from longcat_jax.ops.masks import softmax_f32
 
 
 class MLA(nnx.Module):
@@ -58,15 +59,15 @@ class MLA(nnx.Module):
         """
         fn = attend_absorbed if absorbed else attend_naive
         o, probs = fn(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg)
-        return jnp.einsum("btnh,nhd->btd", o, self.w_o[...].astype(o.dtype)), probs
+        return self.project_out(o), probs
 
+    def project_out(self, o):
+        """W_O: per-head values o [B,T,N,Hv] -> [B,T,D]."""
+        return jnp.einsum("btnh,nhd->btd", o, self.w_o[...].astype(o.dtype))
 
-def softmax_f32(scores, mask):
-    """Masked softmax over the last axis in f32; fully masked rows give zeros instead of NaN."""
-    scores = jnp.where(mask, scores.astype(jnp.float32), -jnp.inf)
-    m = jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0))
-    return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    def latent_output(self, o_lat):
+        """The output [B,T,D] from absorbed attention's latent sums o_lat [B,T,N,R]: W_UV, then W_O."""
+        return self.project_out(latent_values(o_lat, self.w_kv_up[...], self.cfg))
 
 
 def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
@@ -91,20 +92,12 @@ def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
 
 def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     """Absorbed form: q~ = W_UK^T q_nope scores against c_kv directly; W_UV maps the latent sum to values."""
-    dt = q_nope.dtype
-    w_uv = w_kv_up[..., cfg.qk_nope_head_dim :].astype(dt)  # [R, N, Hv]
     q_lat = absorb_query(q_nope, w_kv_up, cfg)
     p = softmax_f32(absorbed_scores(q_lat, q_rope, c_kv, k_rope) * cfg.softmax_scale, mask[:, None])
-    o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(dt), c_kv)
-    return jnp.einsum("btnr,rnh->btnh", o_lat, w_uv), p.mean(axis=1)
+    o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(q_nope.dtype), c_kv)
+    return latent_values(o_lat, w_kv_up, cfg), p.mean(axis=1)
 
 
-def attention_mask(q_positions, k_positions, k_valid=None):
-    """Causal mask [B,T,S] from absolute positions (k_pos <= q_pos).
-
-    k_valid is bool [B,S] (e.g. unwritten cache rows) or [B,T,S] (per query, e.g. the same packed document).
-    """
-    mask = k_positions[:, None, :] <= q_positions[:, :, None]
-    if k_valid is not None:
-        mask = mask & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
-    return mask
+def latent_values(o_lat, w_kv_up, cfg: Config):
+    """W_UV: per-head values [B,T,N,Hv] from the latent sums o_lat [B,T,N,R] of absorbed attention."""
+    return jnp.einsum("btnr,rnh->btnh", o_lat, w_kv_up[..., cfg.qk_nope_head_dim :].astype(o_lat.dtype))

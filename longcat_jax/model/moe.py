@@ -56,8 +56,14 @@ def route(u: jax.Array, classifier: jax.Array, bias: jax.Array, cfg: Config):
     return weights, indices, probs
 
 
-def expert_load(indices: jax.Array, cfg: Config) -> jax.Array:
-    """Assignments per slot, [slots] int32, from indices [N, K] (input to the aux-loss-free bias update)."""
+def expert_load(indices: jax.Array, cfg: Config, valid: jax.Array | None = None) -> jax.Array:
+    """Assignments per slot, [slots] int32, from indices [N, K] (input to the aux-loss-free bias update).
+
+    valid [N] (False = padding): a padding token's assignments count as no load.
+    """
+    if valid is not None:
+        # Slot num_slots lies past the end: bincount(length=num_slots) drops it.
+        indices = jnp.where(valid[:, None], indices, cfg.num_slots)
     # Integer scatter-add: exact, so order does not matter.
     return jnp.bincount(indices.reshape(-1), length=cfg.num_slots).astype(jnp.int32)
 
@@ -174,13 +180,6 @@ def moe_capacity(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
     return _combine(y, order, x, weights, indices, n_experts)
 
 
-def moe(x, classifier, bias, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
-    """Route then dispatch [N, D] tokens, picking the path from cfg.capacity_factor (None = dropless)."""
-    weights, indices, _ = route(x, classifier, bias, cfg)
-    dispatch = moe_dropless if cfg.capacity_factor is None else moe_capacity
-    return dispatch(x, weights, indices, w_gate, w_up, w_down, cfg)
-
-
 # --- Module ------------------------------------------------------------------------------------------------
 
 
@@ -217,9 +216,7 @@ class MoE(nnx.Module):
         dispatch = moe_dropless if cfg.capacity_factor is None else moe_capacity
         out = dispatch(x, weights, indices, self.w_gate[...], self.w_up[...], self.w_down[...], cfg)
         valid = None if token_mask is None else token_mask.reshape(-1)
-        # Padding goes to slot num_slots, which one_hot maps to an all-zero row: it counts as no load.
-        counted = indices if valid is None else jnp.where(valid[:, None], indices, cfg.num_slots)
-        load = jax.nn.one_hot(counted, cfg.num_slots, dtype=jnp.int32).sum((0, 1))
+        load = expert_load(indices, cfg, valid)
         return out.reshape(u.shape), load, balance_loss(probs, indices, cfg, valid)
 
     def __call__(self, u):
