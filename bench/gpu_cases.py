@@ -1,6 +1,6 @@
 """Every kernel entry point, forward and backward, on random inputs at a config's tile sizes.
 
-One table for the checks that need a GPU's compiler or a GPU: `tests/test_kernel_lowering.py` lowers each
+One table for the checks that need a GPU's compiler or a GPU: `tests/kernels/test_lowering.py` lowers each
 case for Triton on CPU, `bench/triton_ptx.py` compiles the Triton IR to PTX, `bench/gpu_kernels.py` runs and
 times them on a device against the XLA path. Each case is (fn, args, number of pallas_calls in fn); with
 impl="pallas" (the default), under `impl.lowering_for` or on a GPU, fn runs the compiled kernels.

@@ -34,7 +34,7 @@ lower index first, so every candidate list is kept in ascending key order.
 
 The kernel uses the generic `pl.pallas_call` + grid + BlockSpec API with power-of-two tiles, f32 scores and
 only operations Pallas lowers for Triton (no lax.top_k, sort, gather or value slicing: heads are read from
-their refs and the selection is a sorting network); `tests/test_kernel_lowering.py` lowers it for a GPU.
+their refs and the selection is a sorting network); `tests/kernels/test_lowering.py` lowers it for a GPU.
 """
 
 from __future__ import annotations

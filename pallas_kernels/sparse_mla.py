@@ -28,7 +28,7 @@ gathers only the other slots, in the same softmax; the kernel and the backward t
 `sparse_mla_decode.sparse_mla_decode_paged` is the one-query-per-sequence form over a paged latent cache.
 
 The Pallas kernels use the generic pallas_call + grid + BlockSpec API with power-of-two tiles and f32
-accumulation, and lower with Triton (`tests/test_kernel_lowering.py`; small contractions go through
+accumulation, and lower with Triton (`tests/kernels/test_lowering.py`; small contractions go through
 `tile_dot`); on CPU they run in interpret mode.
 """
 

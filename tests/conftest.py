@@ -39,7 +39,7 @@ def _release_compiled_programs():
 
 # `make test` spreads whole files over two worker processes (pytest-xdist, --dist loadfile). These files take
 # the longest, so they start first and the other files fill the second worker meanwhile.
-_SLOWEST_FILES = ("test_train.py", "test_kernel_model.py", "test_notebook.py")
+_SLOWEST_FILES = ("test_train.py", "test_model_kernel_path.py", "test_notebook.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 import torch
 from flax import nnx
 from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
@@ -38,8 +37,3 @@ def layer_of(model, index: int):
     """Decoder layer `index` of our stacked layers, as a standalone module."""
     graphdef, state = nnx.split(model.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

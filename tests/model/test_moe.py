@@ -13,13 +13,9 @@ from flax import nnx
 
 from longcat_jax.config import Config
 from longcat_jax.model.moe import MoE, capacity, expert_load, moe_capacity, moe_dropless, route
+from tests.helpers import rel_err
 
 CFG = Config.tiny()  # D 64, Fe 32, 6 routed + 2 zero experts, top-3, rsf 2.0
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def random_params(cfg, seed, classifier_std=0.3, bias_std=0.05):

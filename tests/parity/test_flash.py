@@ -9,7 +9,8 @@ import longcat_jax as lj
 from longcat_jax.model.block import Context
 from longcat_jax.model.layers import config_inv_freq
 from longcat_jax.model.moe import route
-from tests.hf_reference import causal_mask, layer_of, random_flash, rel_err
+from tests.helpers import rel_err
+from tests.hf_reference import causal_mask, layer_of, random_flash
 
 YARN = dict(
     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,

@@ -14,7 +14,7 @@ from flax import nnx
 
 import longcat_jax as lj
 from longcat_jax.training.train_step import LossSettings, compute_loss
-from tests.hf_reference import rel_err
+from tests.helpers import rel_err
 
 CFG = lj.Config.tiny()  # every feature on; HI engages above 24 keys, top-k 16
 FORWARD = jax.jit(lj.forward, static_argnames=("with_mtp", "collect_aux", "dense_attention", "remat"))

@@ -21,7 +21,7 @@ import pytest
 from longcat_jax.config import Config
 from longcat_jax.model import indexer as ix
 from pallas_kernels import indexer_blocks as ib
-from tests.jaxpr_sizes import largest_intermediate
+from tests.helpers import largest_intermediate
 
 IMPLS = ["xla", "pallas"]
 CFG = Config.tiny(index_n_heads=4)  # K = 16, sinks 2, local window 4, I = 4, J = 16

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bench.gpu_cases import CASES, kernel_cases
 
+from bench.gpu_cases import CASES, kernel_cases
 from longcat_jax.config import Config
 from pallas_kernels import impl
 

@@ -1,6 +1,13 @@
-"""What a traced program materialises: the memory tests of the kernels check that no [T, S] array appears."""
+"""Helpers shared by the tests: a relative-norm error, and what a traced program materialises (the memory
+tests of the kernels check that no [T, S] array appears)."""
 
 import numpy as np
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def largest_intermediate(jaxpr) -> int:

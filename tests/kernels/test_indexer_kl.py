@@ -23,7 +23,7 @@ from longcat_jax.model.indexer_loss import indexer_kl
 from longcat_jax.ops.masks import attention_mask, indices_to_mask
 from pallas_kernels.indexer_blocks import select_blocks_reference
 from pallas_kernels.indexer_kl import sparse_indexer_kl
-from tests.jaxpr_sizes import largest_intermediate
+from tests.helpers import largest_intermediate
 
 IMPLS = ["xla", "pallas"]
 CFG = Config.tiny(index_n_heads=4)  # K = 16, sinks 2, local window 4, I = 4, J = 16

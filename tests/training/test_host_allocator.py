@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Each run of `f` holds two 36 MiB temporaries, above glibc's largest mmap threshold (32 MiB), as a training
 # step's biggest buffers are. Printed: the minor page faults per rerun over 20 reruns after 20 warm ones (the

@@ -9,7 +9,7 @@ from flax import nnx
 import longcat_jax as lj
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.ops.masks import attention_mask, indices_to_mask
-from tests.hf_reference import rel_err
+from tests.helpers import rel_err
 
 FORWARD = jax.jit(lj.forward, static_argnames=("with_mtp", "collect_aux", "dense_attention", "measure_recall",
                                                "remat"))

@@ -16,7 +16,7 @@ from longcat_jax.training import data
 from longcat_jax.training.loop import DETERMINISTIC_XLA_FLAGS
 from longcat_jax.training.run_log import read_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5",
         "--eval-batches", "2", "--save-every", "4", "--warmup-steps", "2", "--indexer-warmup-steps", "3",
         "--sample-tokens", "4", "--no-progress"]

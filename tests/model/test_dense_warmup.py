@@ -10,8 +10,7 @@ from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl
 from longcat_jax.ops.indexer_scores import indexer_scores
 from longcat_jax.ops.masks import attention_mask, indices_to_mask, softmax_f32
-from tests.hf_reference import rel_err
-from tests.jaxpr_sizes import largest_intermediate
+from tests.helpers import largest_intermediate, rel_err
 
 B, T, N, R, HR, I, J, K = 2, 21, 3, 8, 4, 2, 6, 5  # T is not a multiple of the block of 8
 SCALE = 0.3

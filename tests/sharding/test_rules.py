@@ -28,7 +28,7 @@ def resolved_specs(cfg: Config) -> dict[str, list]:
 
 def test_golden_partition_specs():
     """Any change to a parameter's logical names or to RULES shows up here; regenerate deliberately with
-    `python -m tests.test_sharding`."""
+    `python -m tests.sharding.test_rules`."""
     with open(GOLDEN) as f:
         assert resolved_specs(Config.tiny()) == json.load(f)
 

@@ -12,7 +12,7 @@ from longcat_jax.model.block import Context
 from longcat_jax.model.layers import config_inv_freq, expert_swiglu, swiglu
 from longcat_jax.model.mla import attend_absorbed, attend_naive
 from longcat_jax.ops.masks import attention_mask
-from tests.hf_reference import rel_err
+from tests.helpers import rel_err
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""The network's modules: each against transformers or a numpy reference."""

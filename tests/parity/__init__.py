@@ -1,0 +1,1 @@
+"""Whole-model parity with transformers through the loading code real checkpoints use."""

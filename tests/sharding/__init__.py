@@ -1,0 +1,1 @@
+"""Logical axis rules, meshes and activation constraints."""

@@ -1,0 +1,1 @@
+"""Training: data, optimizer, step, reliability, run checkpoints, train.py end to end."""
