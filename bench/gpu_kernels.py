@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
+from gpu_cases import CASES, kernel_cases
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.gpu_cases import CASES, kernel_cases  # noqa: E402
-from longcat_jax.config import Config  # noqa: E402
+from longcat_jax.config import Config
 
 H200_FLOPS, H200_BYTES = 989e12, 4.8e12
 

@@ -42,19 +42,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from longcat_jax.config import Config  # noqa: E402
-from longcat_jax.model import indexer as ix  # noqa: E402
-from longcat_jax.ops.masks import attention_mask  # noqa: E402
-from pallas_kernels import si_window, sparse_mla  # noqa: E402
+from longcat_jax.config import Config
+from longcat_jax.model import indexer as ix
+from longcat_jax.ops.masks import attention_mask
+from pallas_kernels import si_window, sparse_mla
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lsa_cpu.json")
 VARIANTS = ("dense", "dsa", "lsa", "lsa_hi")

@@ -23,14 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+from gpu_cases import CASES, kernel_cases
+from jax._src.pallas.triton import lowering as triton_lowering
 
-import jax  # noqa: E402
-from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
-
-from bench.gpu_cases import CASES, kernel_cases  # noqa: E402
-from longcat_jax.config import Config  # noqa: E402
-from pallas_kernels import impl  # noqa: E402
+from longcat_jax.config import Config
+from pallas_kernels import impl
 
 SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on H100 / H200
 

@@ -1,8 +1,8 @@
 """The one model configuration: a frozen, hashable dataclass with the published presets.
 
-Field names follow the Hugging Face `config.json` of the LongCat family where one exists (SPEC.md section 1);
-`checkpoint.py` maps the remaining spellings (Flash-Lite `ngram_*`/`emb_*`, LongCat-2.0 `oe_*`).
-Run settings (mesh, optimizer, data) are not model config and live with the scripts.
+Field names follow the Hugging Face `config.json` of the LongCat family where one exists
+(docs/architecture.md#presets); `checkpoint.py` maps the remaining spellings (Flash-Lite `ngram_*`/`emb_*`,
+LongCat-2.0 `oe_*`). Run settings (mesh, optimizer, data) are not model config and live with the scripts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Config:
     ffn_hidden_size: int = 12288  # dense SwiGLU `mlps`
     rms_norm_eps: float = 1e-5
 
-    # --- MLA (SPEC 3.3) ---------------------------------------------------------------------------------
+    # --- MLA (docs/architecture.md#mla) -----------------------------------------------------------------
     num_heads: int = 64
     q_lora_rank: int = 1536
     kv_lora_rank: int = 512
@@ -33,10 +33,10 @@ class Config:
     mla_scale_q_lora: bool = True  # multiply q by sqrt(hidden / q_lora_rank)
     mla_scale_kv_lora: bool = True  # multiply c_kv by sqrt(hidden / kv_lora_rank)
     # HF uses its RMSNorm class default 1e-6 for q_a/kv_a norms; SGLang and mlx-lm use rms_norm_eps
-    # (SPEC 7.7).
+    # (docs/architecture.md#rmsnorm).
     mla_norm_eps: float = 1e-5
 
-    # --- RoPE / DeepSeek-YaRN (SPEC 3.2) --------------------------------------------------------------
+    # --- RoPE / DeepSeek-YaRN (docs/architecture.md#rope) ---------------------------------------------
     rope_theta: float = 1e6
     rope_factor: float = 120.0  # 1.0 = plain RoPE
     rope_original_max_position: int = 8192
@@ -46,7 +46,7 @@ class Config:
     rope_mscale_all_dim: float = 1.0
     max_position_embeddings: int = 262144
 
-    # --- MoE with zero-computation experts (SPEC 3.5) --------------------------------------------------
+    # --- MoE with zero-computation experts (docs/architecture.md#router) -------------------------------
     n_routed_experts: int = 768
     zero_expert_num: int = 128
     moe_topk: int = 12
@@ -54,17 +54,18 @@ class Config:
     routed_scaling_factor: float = 9.0
     # None = dropless (sort + ragged_dot); a float = fixed per-expert capacity ceil(cf * tokens * k / E).
     capacity_factor: float | None = None
-    # Expected real (non-zero) experts per token, for the "average activated" figure only. None assumes
-    # uniform routing over all slots; LongCat-2.0 uses the balancing target K_e (SPEC 7.10).
+    # Expected real (non-zero) experts per token, for the "average activated" figure only. None assumes #
+    # uniform routing over all slots; LongCat-2.0 uses the balancing target K_e
+    # (docs/architecture.md#balance).
     expected_real_experts: float | None = None
 
-    # --- N-gram embedding (SPEC 3.7); ngram_n = 0 switches it off --------------------------------------
+    # --- N-gram embedding (docs/architecture.md#ngram); ngram_n = 0 switches it off --------------------
     ngram_n: int = 5  # oe_neighbor_num: orders 2..n
     ngram_splits: int = 4  # oe_split_num: hash functions per order
     ngram_vocab_ratio: float = 100.567  # table rows M = int(ratio * vocab)
     ngram_dim: int = 512  # width of each branch table
 
-    # --- Lightning indexer and LSA (SPEC 3.8-3.9, 7.1-7.4); use_indexer = False is dense MLA -------------
+    # --- Lightning indexer and LSA (docs/architecture.md#lsa); use_indexer = False is dense MLA -------------
     use_indexer: bool = True
     index_n_heads: int = 32
     index_head_dim: int = 128
@@ -83,7 +84,7 @@ class Config:
     hi_top_blocks: int = 32
     hi_min_len: int = 131072
 
-    # --- MTP (SPEC 3.11); mtp_num_steps = 0 switches it off ---------------------------------------------
+    # --- MTP (docs/architecture.md#mtp); mtp_num_steps = 0 switches it off ------------------------------
     mtp_num_steps: int = 3
     mtp_hidden_source: Literal["pre_norm", "post_norm"] = "pre_norm"
 
@@ -159,7 +160,7 @@ class Config:
 
     @property
     def softmax_scale(self) -> float:
-        """192^-0.5 times the YaRN logit factor mscale(f, mscale_all_dim)^2 (SPEC 3.2-3.3)."""
+        """192^-0.5 times the YaRN logit factor mscale(f, mscale_all_dim)^2 (docs/architecture.md#mla)."""
         m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
         return self.qk_head_dim**-0.5 * m * m
 
@@ -169,7 +170,7 @@ class Config:
 
     @property
     def ngram_table_rows(self) -> tuple[int, ...]:
-        """Rows of branch table i: M + 2i + 1 with M = int(ratio * V) (SPEC 3.7)."""
+        """Rows of branch table i: M + 2i + 1 with M = int(ratio * V) (docs/architecture.md#ngram)."""
         base = int(self.ngram_vocab_ratio * self.vocab_size)
         return tuple(base + 2 * i + 1 for i in range(self.ngram_branches))
 
@@ -192,12 +193,13 @@ class Config:
     # --- Presets -----------------------------------------------------------------------------------------
     @classmethod
     def longcat_2(cls, **changes) -> Config:
-        """LongCat-2.0, 1.6T total / ~48B active (SPEC section 1, right column)."""
+        """LongCat-2.0, 1.6T total / ~48B active (docs/architecture.md#presets)."""
         return cls(expected_real_experts=7.8, **changes)
 
     @classmethod
     def longcat_flash(cls, **changes) -> Config:
-        """LongCat-Flash, 560B: no N-gram embedding, no indexer, one dense MTP block (SPEC section 1)."""
+        """LongCat-Flash, 560B: no N-gram embedding, no indexer, one dense MTP block
+        (docs/architecture.md#presets)."""
         base = dict(
             vocab_size=131072, hidden_size=6144, num_layers=28, n_routed_experts=512, zero_expert_num=256,
             routed_scaling_factor=6.0, rope_theta=1e7, rope_factor=1.0, max_position_embeddings=131072,
@@ -207,7 +209,8 @@ class Config:
 
     @classmethod
     def longcat_flash_lite(cls, **changes) -> Config:
-        """LongCat-Flash-Lite, 68.5B: 12 N-gram branches of 256-d, no indexer (SPEC section 1)."""
+        """LongCat-Flash-Lite, 68.5B: 12 N-gram branches of 256-d, no indexer
+        (docs/architecture.md#presets)."""
         base = dict(
             vocab_size=131072, hidden_size=3072, num_layers=14, num_heads=32, ffn_hidden_size=6144,
             expert_ffn_hidden_size=1024, n_routed_experts=256, zero_expert_num=128, routed_scaling_factor=6.0,
@@ -255,5 +258,5 @@ class Config:
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:
-    """DeepSeek-YaRN magnitude factor: 0.1 * m * ln(f) + 1 for f > 1, else 1 (SPEC 3.2)."""
+    """DeepSeek-YaRN magnitude factor: 0.1 * m * ln(f) + 1 for f > 1, else 1 (docs/architecture.md#rope)."""
     return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1.0 else 1.0

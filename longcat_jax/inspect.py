@@ -2,7 +2,8 @@
 
     python -m longcat_jax.inspect --preset longcat_2 [--json]
 
-total_params excludes the MTP block (reported apart), as the published totals do (SPEC section 1 closure).
+total_params excludes the MTP block (reported apart), as the published totals do
+(docs/architecture.md#presets).
 Activated parameters per token count every weight a token touches: all dense weights, the router, the LM head,
 the one token-embedding row and the G N-gram rows it looks up, and the real experts it is routed to. min
 routes all top-k slots to zero experts, max all to real experts, avg uses cfg.expected_real_experts (or the

@@ -1,8 +1,10 @@
-"""Block-aligned ("hardware-aligned") LSA selection (SPEC 3.9, 7.1): whole key blocks, not single tokens.
+"""Block-aligned ("hardware-aligned") LSA selection (docs/architecture.md#block-selection): whole key blocks,
+not single tokens.
 
 Key block b holds the key positions [b * block_size, (b + 1) * block_size). For query t
-    block_score[t, b] = max of the lightning-indexer scores I[t, s] (`ops.indexer_scores`, SPEC 3.8) over
-                        the keys s of block b that are valid for t (causal, k_valid); -inf if there is none;
+    block_score[t, b] = max of the lightning-indexer scores I[t, s] (`ops.indexer_scores`,
+                        docs/architecture.md#indexer) over the keys s of block b that are valid for t
+                        (causal, k_valid); -inf if there is none;
     SI (cfg.si_enabled): a block holding a valid sink (pos < index_init_tokens) or a valid key of the
                         local window (pos > t - index_local_tokens) scores +inf, i.e. the forced set is
                         rounded out to whole blocks;
@@ -11,8 +13,8 @@ block, in score order, becomes its block_size key indices in ascending order, wi
 valid for the query (future, k_valid False, beyond S). A sparse attention kernel can then read whole
 contiguous tiles (NSA / FlashMLA-style paged access). When k_valid marks a prefix of the rows (a linear
 cache, right padding) a query's valid keys are a prefix, so a row with at most K valid keys touches at most
-K / block_size blocks and covers every valid key: exact dense, as in SPEC 3.9.1. (With holes in k_valid
-a short row can touch more blocks than fit; it then keeps the best of them.)
+K / block_size blocks and covers every valid key: exact dense, as in docs/architecture.md#si. (With holes
+in k_valid a short row can touch more blocks than fit; it then keeps the best of them.)
 
 Key positions must be the slot index 0..S-1 (training from position 0, or a linear cache whose unwritten
 rows are masked by k_valid [B, S]); packed documents with restarting positions need the token-level

@@ -1,4 +1,5 @@
-"""Hierarchical indexing (HI, SPEC 7.4) for `indexer_topk`: block stage, sorted key index, tile plan.
+"""Hierarchical indexing (HI, docs/architecture.md#hi) for `indexer_topk`: block stage, sorted key index,
+tile plan.
 
 The block means come from `longcat_jax.ops.block_keys` (linear memory, the same function as the reference);
 each query block scores them and keeps the top M candidates, as the reference (`_block_stage`). The xla path
@@ -50,7 +51,8 @@ class _Hier(NamedTuple):
 
 def _block_stage(q, w, qp, k_bar, count, cfg: Config):
     """HI block choice int32 [B, bq, M]: the top hi_top_blocks candidate blocks, -1 where top-k picked a
-    non-candidate. A candidate holds a non-streaming key and has ended by the query (SPEC 7.4)."""
+    non-candidate. A candidate holds a non-streaming key and has ended by the query
+    (docs/architecture.md#hi)."""
     init, local = _streaming(cfg)
     nb = k_bar.shape[1]
     start = jnp.arange(nb, dtype=jnp.int32) * cfg.hi_block_size

@@ -1,10 +1,12 @@
-"""Memory-bounded sparse-stage indexer KL loss (SPEC 3.10, 7.3), without any [T, S] tensor.
+"""Memory-bounded sparse-stage indexer KL loss (docs/architecture.md#indexer-training),
+without any [T, S] tensor.
 
 In the sparse stage the indexer is distilled only over the selected set S_t (K keys per query):
     loss = mean_t KL( p_t || softmax(z_t) ),   z_t[k] = sum_i w[t,i] ReLU(q[t,i] . k[idx[t,k]])
 with both distributions renormalised over the valid slots of S_t: p_t = target / sum(target) (the main
 attention's head-mean probabilities at those slots, no gradient) and z_t the lightning-indexer scores
-(SPEC 3.8). Only the K selected keys count, so scores are computed at the gathered key rows only.
+(docs/architecture.md#indexer). Only the K selected keys count, so scores are computed at the gathered key
+rows only.
 
 Reference: `longcat_jax.model.indexer_loss.indexer_kl`, the model's dense loss, composed as
     indexer_kl(indexer_scores(q, k, w, ...), target scattered to [B,T,S],

@@ -54,7 +54,8 @@ def _window_start(qp, cfg: Config):
 
 
 def _hi_keep(chosen, dense_row, qp, kp, num_blocks: int, cfg: Config):
-    """bool [..., T, S]: tokens that may compete under HI (chosen block, own block, dense row; SPEC 7.4).
+    """bool [..., T, S]: tokens that may compete under HI (chosen block, own block, dense row;
+    docs/architecture.md#hi).
 
     chosen int [..., T, M] block ids, dense_row bool [..., T]. A key's block is clipped to [0, NB] like the
     reference, NB meaning "no block"; -1 in `chosen` matches nothing.

@@ -1,9 +1,9 @@
-"""Fused lightning-indexer scoring and top-k selection (SPEC 3.8, 3.9, 7.1-7.5, 7.12).
+"""Fused lightning-indexer scoring and top-k selection (docs/architecture.md#lsa).
 
 Reference: `longcat_jax.model.indexer.select` (the model's own selection path, which materialises [B,T,S]
 scores). This computes its int32 [B,T,K] key indices without ever holding the scores of the whole problem:
 
-  score[t,s] = sum_i w[t,i] ReLU(q[t,i] . k[s])       in f32, i over indexer heads (SPEC 3.8)
+  score[t,s] = sum_i w[t,i] ReLU(q[t,i] . k[s])    in f32, i over indexer heads (docs/architecture.md#indexer)
   value[t,s] = -inf   s is not a valid key for t (future key, k_valid False, another document)
                +inf   SI forces s (sinks, local window)
                -inf   HI: s is outside the query's chosen blocks and own block, in a row with > K valid keys
@@ -20,9 +20,9 @@ scores). This computes its int32 [B,T,K] key indices without ever holding the sc
           the block can keep (a compacted tile list): causally reachable and, under HI, holding a chosen
           block of a row, a window key or a sink (every tile when a row is dense).
 
-HI (SPEC 7.4) lives in `indexer_hi` (block stage, sorted key index, gathered rows, tile plan); the rules both
-paths apply to a key live in `indexer_rules`; the score contraction, top-K with -1 and block means are the
-reference's own, from `longcat_jax.ops`.
+HI (docs/architecture.md#hi) lives in `indexer_hi` (block stage, sorted key index, gathered rows, tile plan);
+the rules both paths apply to a key live in `indexer_rules`; the score contraction, top-K with -1 and block
+means are the reference's own, from `longcat_jax.ops`.
 
 Selection is discrete: the inputs pass through `stop_gradient`, so the entry point may sit inside a
 differentiated function (a bare pallas_call has no JVP). Scores equal the reference's up to rounding: the

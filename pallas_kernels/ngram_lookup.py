@@ -1,4 +1,4 @@
-"""Fused hashed N-gram lookup (SPEC 3.7, 4.2, 4.5, 7.12-7.13): hash + row gather + projection + sum over G.
+"""Fused hashed N-gram lookup (docs/architecture.md#ngram): hash + row gather + projection + sum over G.
 
     out[b, t] = sum_g  T[off_g + id_g(b, t)] @ P_g          [B, T, D], f32 accumulation, cfg dtype out
 
@@ -18,14 +18,15 @@ bounded the same way and needs no chunking.
 Backward (`jax.custom_vjp`, plain XLA for both impls): d P_g = sum_t emb_g(t)^T d_out(t); d T is a dense
 [rows, ngram_dim] array (what the optimizer takes) built from the per-token row gradients d_out(t) P_g^T by a
 sort-and-segment-sum whose result does not depend on scatter order (`_sorted_row_sum`): bit-identical across
-runs and backends, and nothing of size [rows, tokens] is formed (SPEC 7.12).
+runs and backends, and nothing of size [rows, tokens] is formed (docs/architecture.md#determinism).
 
 Row-sharded tables (embedding parallelism): the rows' logical name "ngram_rows" (`ops.ngram_hash.TABLE_AXES`)
 resolves through the rules table (sharding/rules.py) to the rows' mesh axis, "vp" by default. With a mesh
 whose rows axis has size > 1 (the `mesh` argument, else the mesh set with `jax.set_mesh`), forward and
 backward run under `jax.shard_map` over that axis only. Each shard hashes every token, looks up only the rows
 it owns (others give 0), projects, and the f32 partial outputs are psum-ed; in the backward each shard builds
-the gradient of its own rows and the projection gradient is psum-ed. Projections stay replicated (SPEC 7.13).
+the gradient of its own rows and the projection gradient is psum-ed. Projections stay replicated
+(docs/architecture.md#ngram-sharding).
 
 GPU lowering: written for the Triton backend (Triton compiler params, power-of-two blocks, all loads are
 contiguous rows or a row gather, f32 dot accumulation); verified here only with interpret=True on CPU.
@@ -169,12 +170,12 @@ def _forward_local(tables, proj, windows_t, start, plan: _Plan, out_dtype):
 def _sorted_row_sum(rows: jax.Array, keys: jax.Array, values: jax.Array, num_rows: int) -> jax.Array:
     """Dense [num_rows, K] with out[r] = sum of values[p] over pairs with rows[p] == r; rows == num_rows drop.
 
-    Determinism (SPEC 7.12): a scatter-add of colliding rows sums in whatever order the hardware applies the
-    updates (atomics on GPU), so float results can change run to run. Instead the pairs are sorted by
-    (row, key), where key is a unique canonical index of the pair (its token-major position), so the order is
-    a function of the pairs alone, not of how they were laid out. A segmented inclusive scan then sums each
-    row's run in a fixed binary-tree order, and the last element of each run - one per row, unique rows - is
-    written with a plain scatter-set, which has no collisions and so no order. Cost: a sort of the
+    Determinism (docs/architecture.md#determinism): a scatter-add of colliding rows sums in whatever order the
+    hardware applies the updates (atomics on GPU), so float results can change run to run. Instead the pairs
+    are sorted by (row, key), where key is a unique canonical index of the pair (its token-major position), so
+    the order is a function of the pairs alone, not of how they were laid out. A segmented inclusive scan then
+    sums each row's run in a fixed binary-tree order, and the last element of each run - one per row, unique
+    rows - is written with a plain scatter-set, which has no collisions and so no order. Cost: a sort of the
     tokens * G pairs and O(pairs * K) work; nothing of size [rows, tokens] exists.
     """
     # The positions ride along with the (row, key) sort and then gather the values in that order.

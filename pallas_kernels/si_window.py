@@ -1,4 +1,5 @@
-"""SI's local window as a contiguous band (SPEC 3.9: "contiguous KV ~50% budget" + "non-contiguous KV").
+"""SI's local window as a contiguous band: LSA's "contiguous KV ~50% budget" + "non-contiguous KV" split
+(docs/architecture.md#lsa).
 
 Under SI every query's selection holds its local window: the keys at positions p - W + 1 .. p of its
 document, which lie in consecutive rows. `indexer_topk.select(..., window_apart=True)` leaves them out (K - W

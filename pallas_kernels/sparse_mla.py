@@ -1,4 +1,4 @@
-"""Sparse MLA attention over top-k selected latent rows (SPEC 3.3 absorbed form, 3.9.4, 7.12).
+"""Sparse MLA attention over top-k selected latent rows (docs/architecture.md#sparse-attention).
 
 For query t, head n and slot k of the index set (indices[t, k] = -1 marks an empty slot):
     s[t,n,k] = scale * (q_lat[t,n] . c_kv[idx[t,k]] + q_rope[t,n] . k_rope[idx[t,k]])

@@ -1,4 +1,5 @@
-"""Sparse MLA decode over a paged latent cache (SPEC 3.9.4, 7.12): one new query per sequence.
+"""Sparse MLA decode over a paged latent cache (docs/architecture.md#sparse-attention):
+one new query per sequence.
 
 The one-query form of `sparse_mla.sparse_mla`: it reads only the selected latent rows, through the page table,
 with the same online softmax (inference only, no gradient). The XLA path gathers the rows and attends at once;

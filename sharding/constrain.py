@@ -1,4 +1,5 @@
-"""Activation sharding by logical name: the NNX counterpart of Linen's with_logical_constraint (STYLE 7)."""
+"""Activation sharding by logical name: the NNX counterpart of Linen's with_logical_constraint
+(docs/architecture.md#logical-axes)."""
 
 from __future__ import annotations
 

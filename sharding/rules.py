@@ -1,4 +1,4 @@
-"""Logical axis names and the one table that maps them to mesh axes (STYLE.md points 4-7).
+"""Logical axis names and the one table that maps them to mesh axes (docs/architecture.md#logical-axes).
 
 Logical names (what a parameter or activation axis indexes):
   batch          sequences in a batch

@@ -1,4 +1,4 @@
-"""Presets, derived constants from SPEC.md and the inspect report (abstract shapes only)."""
+"""Presets, derived constants (docs/architecture.md#presets) and the inspect report (abstract shapes only)."""
 
 import json
 import math
@@ -33,7 +33,7 @@ def test_flash_scales():
 
 
 def test_yarn_ramp_matches_spec():
-    """SPEC 3.2: for LongCat-2.0 low = 8, high = 17;
+    """YaRN ramp (docs/architecture.md#rope): for LongCat-2.0 low = 8, high = 17;
     pairs <= 8 unchanged, pairs >= 17 divided by the factor."""
     plain = np.asarray(rope_inv_freq(64, 1e6))
     yarn = np.asarray(rope_inv_freq(64, 1e6, 120.0, 8192, 32.0, 1.0))
@@ -86,9 +86,11 @@ def test_published_totals_within_one_percent(name, total_b):
 
 def test_longcat2_activation_and_cache():
     r = param_report(Config.longcat_2())
-    assert math.isclose(r["active_params_avg"] / 1e9, 48.0, rel_tol=0.02)  # "~48B active" (SPEC 1)
+    # "~48B active" (docs/architecture.md#presets)
+    assert math.isclose(r["active_params_avg"] / 1e9, 48.0, rel_tol=0.02)
     assert r["active_params_min"] < r["active_params_avg"] < r["active_params_max"]
-    assert r["kv_cache_bytes_per_token"] == 48_640 * 2  # 76 x 576 + 38 x 128 values in bf16 (SPEC 6)
+    # 76 x 576 + 38 x 128 values in bf16 (docs/architecture.md#cache)
+    assert r["kv_cache_bytes_per_token"] == 48_640 * 2
     assert math.isclose(r["ngram_table_params"] / 1e9, 134.98, rel_tol=1e-3)
     flash = param_report(Config.longcat_flash())
     assert math.isclose(flash["active_params_min"] / 1e9, 18.6, rel_tol=0.01)  # published 18.6-31.3B

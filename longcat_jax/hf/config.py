@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` <-> Config for the three LongCat layouts (SPEC sections 1, 4.1, 4.2, 5).
+"""Hugging Face `config.json` <-> Config for the three LongCat layouts (docs/architecture.md#hf-checkpoints).
 
   LongcatFlashForCausalLM        LongCat-Flash (transformers' `longcat_flash`)
   LongcatFlashNgramForCausalLM   LongCat-Flash-Lite (`ngram_*` / `emb_*` fields)

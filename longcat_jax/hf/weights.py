@@ -1,4 +1,4 @@
-"""Hugging Face safetensors checkpoints in and out (SPEC sections 4.1, 4.2, 5).
+"""Hugging Face safetensors checkpoints in and out (docs/architecture.md#hf-checkpoints).
 
 One table (`tensor_map`) says, for every parameter of our model, which HF tensors hold it and how: per-layer
 and per-expert tensors are stacked on our leading axes, torch Linear weights [out, in] are transposed to our

@@ -1,4 +1,5 @@
-"""The ScMoE decoder layer (SPEC 3.4) and the sparse-attention sublayer it is built from (SPEC 3.9).
+"""The ScMoE decoder layer (docs/architecture.md#scmoe) and the sparse-attention sublayer it is built from
+(docs/architecture.md#lsa).
 
     a = x + Attn0(RMS_in0(x))            # indexer owner
     u = RMS_post0(a);  m = MoE(u)        # shortcut MoE, added at the very end

@@ -1,5 +1,5 @@
 """The decode cache: latent KV rows, indexer keys and N-gram history, passed in and returned
-(SPEC 3.3, 3.7, 6).
+(docs/architecture.md#cache).
 
 Per token and MLA sublayer the cache holds the scaled c_kv [R] and the rotated k_rope [Hr] (576 values at full
 size); each indexer owner adds its keys [J]. Arrays are stacked over the decoder layers so the layer scan can

@@ -1,5 +1,5 @@
-"""The indexer's dense warm-up in linear memory (SPEC 3.10, 7.3): dense MLA attention and the dense indexer
-KL, one block of queries at a time.
+"""The indexer's dense warm-up in linear memory (docs/architecture.md#indexer-training): dense MLA attention
+and the dense indexer KL, one block of queries at a time.
 
 In the warm-up stage attention runs over every allowed key and the indexer learns the full head-mean attention
 distribution. The reference path (`block.attention_sublayer`, cfg.kernel_impl "reference") forms the

@@ -9,7 +9,8 @@ and nothing is padded beyond the last partial tile of each expert.
 
 A loop with a run-time trip count has no autodiff, so the backward pass is written out: it walks the same
 tiles, in the same order, and adds each tile's weight gradient into its expert's slot in f32, one slot per
-update in a fixed order (no colliding scatter-add): the gradients are deterministic (SPEC 7.12).
+update in a fixed order (no colliding scatter-add): the gradients are deterministic
+(docs/architecture.md#determinism).
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""Lightning indexer and LongCat Sparse Attention selection (SPEC 3.8, 3.9, 7.1-7.5).
+"""Lightning indexer and LongCat Sparse Attention selection (docs/architecture.md#lsa).
 
 The indexer scores every causal key s for every query t,
-    I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])            (j over indexer heads, SPEC 3.8)
+    I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s])        (j over indexer heads, docs/architecture.md#indexer)
 and LSA turns those scores into K = index_topk key indices per query:
-  dense   at most K valid keys: take them all, so sparse attention is exactly dense (SPEC 3.9.1);
+  dense   at most K valid keys: take them all, so sparse attention is exactly dense (docs/architecture.md#si);
   SI      sinks {pos < init} and the local window {pos > t - local} are forced in with +inf, then top-K;
           off = the plain DSA token top-k;
   HI      mean-pooled block keys give a coarse block score; tokens are scored only inside the best
-          hi_top_blocks blocks of the non-streaming region, then the SI rule runs (SPEC 7.4, a design choice);
+          hi_top_blocks blocks of the non-streaming region, then the SI rule runs (a design choice,
+          docs/architecture.md#hi);
   CLI     the reuse sublayer takes its owner's indices; no code here (block.py threads them).
 This is the reference path: it materialises [B, T, S] scores, and `select` is the reference of the fused
 kernel `pallas_kernels.indexer_topk.select`. The scores, the SI forced set, the top-K rule and the HI block
@@ -30,14 +31,16 @@ from longcat_jax.ops.masks import attention_mask
 
 
 class Indexer(nnx.Module):
-    """Lightning-indexer weights of one owner sublayer (SPEC 3.8); `project` gives q, k and head weights."""
+    """Lightning-indexer weights of one owner sublayer (docs/architecture.md#indexer); `project` gives q, k
+    and head weights."""
 
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         pd, D, I, J = cfg.jnp_param_dtype, cfg.hidden_size, cfg.index_n_heads, cfg.index_head_dim
         self.wq_b = param(rngs, (cfg.q_lora_rank, I, J), ("q_lora", "indexer_heads", "head_dim"), pd)
         self.wk = param(rngs, (D, J), ("embed", "head_dim"), pd)
         self.k_norm = param(None, (J,), ("head_dim",), pd, init="ones")
-        # weights_proj stays fp32 whatever the model dtype (SPEC 3.8; HF _keep_in_fp32_modules).
+        # weights_proj stays fp32 whatever the model dtype (docs/architecture.md#indexer;
+        # HF _keep_in_fp32_modules).
         self.weights_proj = param(rngs, (D, I), ("embed", "indexer_heads"), jnp.float32)
         self.cfg = cfg
 
@@ -51,11 +54,12 @@ class Indexer(nnx.Module):
 
 
 def indexer_project(x, c_q, positions, wq_b, wk, k_norm, weights_proj, cfg: Config):
-    """Indexer queries, keys and head weights (SPEC 3.8).
+    """Indexer queries, keys and head weights (docs/architecture.md#indexer).
 
     Args:
       x: [B, T, D] normed attention input. c_q: [B, T, Rq] MLA query latent, before the alpha_q scale
-        (HF convention; the scale would only multiply all scores by a positive constant, SPEC 7.6).
+        (HF convention; the scale would only multiply all scores by a positive constant,
+        docs/architecture.md#indexer).
       positions: int [B, T]. wq_b [Rq, I, J], wk [D, J], k_norm [J], weights_proj [D, I].
     Returns:
       q [B, T, I, J], k [B, T, J] (RMS-normed), both with RoPE on dims [0:qk_rope_head_dim] (rope part
@@ -78,7 +82,8 @@ def indexer_project(x, c_q, positions, wq_b, wk, k_norm, weights_proj, cfg: Conf
 
 
 def select_topk(scores, q_positions, k_positions, cfg: Config, k_valid=None):
-    """Token-level LSA selection (SPEC 3.9.1): indices int32 [B,T,K], K = cfg.index_topk, -1 in empty slots.
+    """Token-level LSA selection (docs/architecture.md#si): indices int32 [B,T,K], K = cfg.index_topk,
+    -1 in empty slots.
 
     With at most K valid causal keys every one of them is chosen (exact dense). Otherwise, with
     cfg.si_enabled, the forced set gets +inf so it always sits inside the K slots and the rest are the highest
@@ -93,7 +98,8 @@ def select_topk(scores, q_positions, k_positions, cfg: Config, k_valid=None):
 
 
 def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
-    """HI selection (SPEC 7.4): coarse block scores, token scores inside the best blocks, then the SI rule.
+    """HI selection (docs/architecture.md#hi): coarse block scores, token scores inside the best blocks, then
+    the SI rule.
 
     A block is a candidate for query t when it holds a non-streaming key (init <= pos <= t - local; with SI
     off, init = local = 0) and ends at or before t; keys of the query's own incomplete block compete as

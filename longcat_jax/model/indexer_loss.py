@@ -1,4 +1,4 @@
-"""The indexer's KL distillation loss (SPEC 3.10, 7.3).
+"""The indexer's KL distillation loss (docs/architecture.md#indexer-training).
 
 The indexer learns to predict where the main attention looks: for each query t,
     KL( p_t || softmax(I_t) )
@@ -7,7 +7,8 @@ computed from detached inputs, so the indexer learns only from this loss and the
   dense warm-up: over every causal key;
   sparse stage:  over the selected set S_t only (both distributions renormalised there).
 Cross-layer indexing: an owner's target is the average of the attention of every sublayer that uses its
-indices (IndexCache's training-aware objective, SPEC 7.3); the MTP indexer's target averages its 3 steps.
+indices (IndexCache's training-aware objective, docs/architecture.md#indexer-training); the MTP indexer's
+target averages its 3 steps.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Shared building blocks: parameter creation, RMSNorm, SwiGLU MLP, RoPE with DeepSeek-YaRN (SPEC 3.1-3.2).
+"""Shared building blocks: parameter creation, RMSNorm, SwiGLU MLP, RoPE with DeepSeek-YaRN
+(docs/architecture.md#rmsnorm and docs/architecture.md#rope).
 
 Dimension letters used in einsums across the package:
   B batch, T query length, S key length, D model width, F FFN width, N query heads, H head dim,
@@ -16,7 +17,7 @@ from flax import nnx
 
 from longcat_jax.config import Config
 
-INIT_STD = 0.02  # HF `initializer_range`; SPEC 7.14
+INIT_STD = 0.02  # HF `initializer_range`; docs/architecture.md#init
 
 
 def param(rngs: nnx.Rngs | None, shape, names: tuple, dtype, init: str = "normal") -> nnx.Param:
@@ -46,7 +47,7 @@ def _normal(key, shape) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Normalise in f32, cast back to the input dtype, then scale (HF order, SPEC 3.1)."""
+    """Normalise in f32, cast back to the input dtype, then scale (HF order, docs/architecture.md#rmsnorm)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * y.astype(x.dtype)
@@ -133,7 +134,7 @@ class MLP(nnx.Module):
 
 def rope_inv_freq(dim: int, theta: float, factor: float = 1.0, original_max: int = 8192,
                   beta_fast: float = 32.0, beta_slow: float = 1.0) -> jax.Array:
-    """Inverse frequencies [dim/2] with DeepSeek-YaRN blending when factor > 1 (SPEC 3.2)."""
+    """Inverse frequencies [dim/2] with DeepSeek-YaRN blending when factor > 1 (docs/architecture.md#rope)."""
     inv = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     if factor <= 1.0:
         return inv

@@ -1,4 +1,5 @@
-"""The LongCat model: embeddings, the scanned stack of ScMoE layers, the LM head and MTP (SPEC section 2).
+"""The LongCat model: embeddings, the scanned stack of ScMoE layers, the LM head and MTP
+(docs/architecture.md#model).
 
 Three explicit modes share the same blocks:
   forward(model, tokens)              training / full sequence; main logits, MTP draft logits, hidden states
@@ -172,8 +173,9 @@ def prefill(model: LongCat, tokens: jax.Array, max_len: int) -> tuple[jax.Array,
 
 
 def build_model(cfg: Config, seed: int = 0, mesh: jax.sharding.Mesh | None = None, rules=RULES) -> LongCat:
-    """Initialise a model. With a mesh, parameters are born sharded inside jit (STYLE 8); without one, on the
-    default device with the logical names kept as metadata."""
+    """Initialise a model. With a mesh, parameters are born sharded inside jit
+    (docs/architecture.md#sharded-init); without one, on the default device with the logical names
+    kept as metadata."""
     if mesh is None:
         with nnx.use_eager_sharding(False):
             return LongCat(cfg, nnx.Rngs(seed), rules)

@@ -1,4 +1,4 @@
-"""Multi-head latent attention with the LongCat LoRA scaling factors (SPEC 3.3).
+"""Multi-head latent attention with the LongCat LoRA scaling factors (docs/architecture.md#mla).
 
 Two mathematically equal attention forms over the same latent cache (scaled c_kv [R] plus rotated
 k_rope [Hr]):

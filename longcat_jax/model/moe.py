@@ -1,19 +1,22 @@
-"""Shortcut-MoE expert layer: router over routed + zero-computation experts, then dispatch (SPEC 3.4-3.5).
+"""Shortcut-MoE expert layer: router over routed + zero-computation experts, then dispatch
+(docs/architecture.md#router).
 
 The router scores all `num_slots = n_routed + zero` slots with an f32 softmax and selects the top k of
 `probs + bias` (the aux-loss-free e_score_correction_bias steers selection only). Each pick is weighted by its
 unbiased probability times `routed_scaling_factor`, with no renormalisation. Slots >= n_routed are identity
 ("zero") experts: they return the token itself, and the scaling applies to them too (HF / NPU convention,
-SPEC 3.5; upstream SGLang GPU differs).
+docs/architecture.md#router; upstream SGLang GPU differs).
 
     MoE(u) = sum_{e in idx, e < E} g_e FFN_e(u) + (sum_{e in idx, e >= E} g_e) u
 
-Two dispatch paths (SPEC 7.12 determinism: sort-based, fixed-order combine, no scatter-add):
+Two dispatch paths (deterministic, docs/architecture.md#determinism: sort-based, fixed-order combine,
+no scatter-add):
   * `moe_dropless`: stable sort of the N*K assignments by expert, `jax.lax.ragged_dot` over the E groups
     (on CPU a loop over expert row tiles, `expert_tiles.tiled_expert_ffn`).
   * `moe_capacity`: fixed [E, C, D] buffers, assignments past capacity (token order) dropped.
 Both gather the expert outputs back to [N, K, D] and reduce over K, so results do not depend on atomics.
-Parity reference: `transformers.models.longcat_flash` `LongcatFlashTopkRouter` / `LongcatFlashMoE` (SPEC 4.1).
+Parity reference: `transformers.models.longcat_flash` `LongcatFlashTopkRouter` / `LongcatFlashMoE`
+(docs/architecture.md#parity).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from longcat_jax.model.layers import expert_swiglu, param
 
 
 def route(u: jax.Array, classifier: jax.Array, bias: jax.Array, cfg: Config):
-    """Top-k routing over routed and identity slots (SPEC 3.5).
+    """Top-k routing over routed and identity slots (docs/architecture.md#router).
 
     Args:
       u: [N, D] router input (any dtype; upcast to f32).
@@ -49,7 +52,8 @@ def route(u: jax.Array, classifier: jax.Array, bias: jax.Array, cfg: Config):
     probs = jax.nn.softmax(logits, axis=-1)
     # The bias only decides which slots win; it never receives a gradient.
     choice = probs + jax.lax.stop_gradient(bias.astype(jnp.float32))[None, :]
-    # lax.top_k is stable: equal scores come out lowest index first (SPEC 7.12 tie-break).
+    # lax.top_k is stable: equal scores come out lowest index first (the tie-break of
+    # docs/architecture.md#determinism).
     _, indices = jax.lax.top_k(jax.lax.stop_gradient(choice), cfg.moe_topk)
     indices = indices.astype(jnp.int32)
     weights = jnp.take_along_axis(probs, indices, axis=-1) * cfg.routed_scaling_factor
@@ -233,7 +237,7 @@ def mask_padding(weights, indices, valid, cfg: Config):
 
 
 def balance_loss(probs, indices, cfg: Config, valid=None):
-    """Load-balance loss with the zero experts as one group (SPEC 3.5, 7.10).
+    """Load-balance loss with the zero experts as one group (docs/architecture.md#balance).
 
     Groups are the E routed experts plus one group of all zero experts; with f_g the share of top-k
     assignments and P_g the mean router probability of group g, loss = G * sum_g f_g P_g

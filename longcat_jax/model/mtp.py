@@ -1,4 +1,5 @@
-"""Multi-token prediction: one dense block applied mtp_num_steps times with shared weights (SPEC 3.11, 7.8).
+"""Multi-token prediction: one dense block applied mtp_num_steps times with shared weights
+(docs/architecture.md#mtp).
 
 Step k = 1..S drafts token t+k+1 at position t:
     e   = Emb_mtp(x_{t+k})

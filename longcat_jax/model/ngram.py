@@ -1,4 +1,5 @@
-"""Hashed N-gram embedding ("over-embedding", OE) of LongCat-Flash-Lite / LongCat-2.0 (SPEC.md 3.7, 4.2, 4.5).
+"""Hashed N-gram embedding ("over-embedding", OE) of LongCat-Flash-Lite / LongCat-2.0
+(docs/architecture.md#ngram).
 
 For branch i = (n - 2) * K + j (order n in 2..N, split j in 0..K-1) with modulus R_i = M + 2i + 1:
 

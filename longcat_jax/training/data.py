@@ -14,8 +14,8 @@ a restored iterator continues exactly where the saved one stopped.
 Within a row, a "document piece" is a maximal run of one document's tokens. ``segment_ids`` number the pieces
 1, 2, ... (0 = padding), ``positions`` restart at 0 on each piece, and ``loss_mask`` is 0 where the input is a
 document's EOS (its target is the first token of the next document) and on padding. The EOS belongs to the
-document it ends, as the N-gram reset of SPEC.md section 3.7 expects, so the model can keep attention, the
-N-gram history and the MTP targets inside one document using ``segment_ids``.
+document it ends, as the N-gram reset (docs/architecture.md#ngram) expects, so the model can keep attention,
+the N-gram history and the MTP targets inside one document using ``segment_ids``.
 """
 
 from __future__ import annotations

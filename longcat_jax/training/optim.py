@@ -1,6 +1,6 @@
 """Optimizer: Muon for hidden matrices, AdamW for the rest, warmup + cosine/WSD schedules, ZeRO-1 shardings.
 
-Follows SPEC.md section 7.11 (the Muon proposal):
+Follows docs/architecture.md#optimizer (the Muon proposal):
   - Muon (Nesterov momentum 0.95, 5 Newton-Schulz steps, coefficients (3.4445, -4.7750, 2.0315)) for every
     2-D hidden matrix. Each *logical* matrix is orthogonalised as a whole: leading stacked axes (the scanned
     `layers` axis, the `experts` axis, the N-gram branch axis) are batch axes, and a head-stacked weight is
@@ -11,8 +11,9 @@ Follows SPEC.md section 7.11 (the Muon proposal):
     and both use one learning rate.
   - AdamW for the token embeddings, the N-gram tables, the LM head, every norm weight, the router classifier
     and the indexer's weights projection. Decoupled weight decay applies to matrices, never to norm weights.
-  - The router correction bias `moe.bias` is "frozen" here (SPEC 7.11 lists it under AdamW, but its gradient
-    is zero): the trainer moves it with the aux-loss-free balancing rule (SPEC 7.10).
+  - The router correction bias `moe.bias` is "frozen" here (the design in docs/architecture.md#optimizer lists
+    it under AdamW, but its gradient is zero): the trainer moves it with the aux-loss-free balancing rule
+    (docs/architecture.md#balance).
 
 A parameter's rule comes from its path in a fixed table; an unknown path raises instead of falling back to a
 default, so a new parameter can never silently get the wrong optimizer.
@@ -36,7 +37,8 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 LABELS = ("muon", "adamw", "frozen")
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic Newton-Schulz coefficients (SPEC 7.11)
+# Jordan's quintic Newton-Schulz coefficients (docs/architecture.md#optimizer).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,7 +217,8 @@ def _map(fn, tree):
 
 
 def param_labels(params) -> Any:
-    """Same-structure pytree of "muon" | "adamw" | "frozen" (SPEC 7.11). Raises ValueError on unknown paths.
+    """Same-structure pytree of "muon" | "adamw" | "frozen" (docs/architecture.md#optimizer). Raises
+    ValueError on unknown paths.
 
     Works on nnx.State (leaves stay wrapped in their Variables) and on nested dicts of arrays or
     ShapeDtypeStructs."""

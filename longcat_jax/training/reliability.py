@@ -1,7 +1,7 @@
 """Training reliability: loss-spike/NaN guard, ABFT-checked matmuls, replica fingerprints, fault injection.
 
-SPEC.md §7.12 (the LongCat blog claims bitwise determinism and bit-flip detection; the mechanisms are
-unpublished, so these are our design choices) and issue 3, "Reliability":
+The LongCat blog claims bitwise determinism and bit-flip detection but leaves the mechanisms unpublished, so
+these are our design choices (docs/architecture.md#reliability):
 
 - Guard: a step whose loss or gradient norm is NaN/Inf, or whose loss spikes far above the running
   loss EMA, is skipped (`select_tree` keeps the old params and optimizer state); after N consecutive

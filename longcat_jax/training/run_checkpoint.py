@@ -1,4 +1,4 @@
-"""Training-run checkpoints: orbax state + grain iterator position, with an integrity check (issue 3).
+"""Training-run checkpoints: orbax state + grain iterator position, with an integrity check.
 
 Each saved step is one orbax step directory holding two items: "state" (any pytree of arrays: parameters,
 optimizer state, step counters, guard state) and "data" (the grain `DatasetIterator` position). Saves are

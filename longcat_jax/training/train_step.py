@@ -1,4 +1,4 @@
-"""The loss and the jit-compiled training step (SPEC 3.5, 3.10, 3.12, 7.3, 7.8, 7.10).
+"""The loss and the jit-compiled training step (docs/architecture.md#losses).
 
 Loss terms, each reported on its own:
   ce            next-token cross-entropy over real targets (loss_mask)
@@ -7,7 +7,8 @@ Loss terms, each reported on its own:
   indexer_kl    the indexers' KL to the attention they serve (detached inputs: it trains the indexers only)
   balance       the small load-balance loss with zero experts as one group
 The router correction bias is not trained by gradients: after each step it moves towards the target share of
-real-expert assignments (aux-loss-free balancing, SPEC 7.10); zero-expert biases stay frozen.
+real-expert assignments (aux-loss-free balancing, docs/architecture.md#balance); zero-expert biases stay
+frozen.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *
 
 
 def update_router_bias(params, expert_load, cfg: Config, rate: float):
-    """Aux-loss-free balancing: b_i += mu * (target share - actual share) for real experts (SPEC 7.10).
+    """Aux-loss-free balancing: b_i += mu * (target share - actual share) for real experts
+    (docs/architecture.md#balance).
 
     expert_load [L, slots]: top-k assignments per slot. The target spreads the expected real-expert picks
     (cfg.expected_real_experts, else the uniform share) evenly over the E experts; zero-expert biases stay.

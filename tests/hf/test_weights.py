@@ -217,7 +217,7 @@ def test_safetensors_dtype_kept(tmp_path):
     folder = SafetensorsFolder(str(tmp_path))
     name = "model.layers.0.mlp.router.classifier.weight"
     with safe_open(os.path.join(tmp_path, folder.where[name]), "numpy") as f:
-        assert f.get_tensor(name).dtype == np.float32  # router stays f32 (SPEC 3.5)
+        assert f.get_tensor(name).dtype == np.float32  # router stays f32 (docs/architecture.md#router)
         other = "model.layers.0.mlps.0.gate_proj.weight"
         if other in f.keys():
             assert str(f.get_tensor(other).dtype) == "bfloat16"

@@ -1,4 +1,4 @@
-"""Lightning indexer and LSA selection (SPEC 3.8, 3.9, 4.3-4.5, 7.4).
+"""Lightning indexer and LSA selection (docs/architecture.md#lsa).
 
 Parity: transformers' DeepseekV32Indexer (half-split rope) and GlmMoeDsaIndexer (interleaved rope).
 Both use a LayerNorm k_norm with bias where LongCat uses RMSNorm. Our scores are checked on HF's own q/k/w
@@ -61,7 +61,8 @@ def hf_indexer_run(kind: str, cfg: Config, seed: int, T: int, offsets, rms_like:
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads, index_n_heads=cfg.index_n_heads,
         index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk,
         max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters=dict(  # mscale == mscale_all_dim keeps HF's cos/sin amplitude at 1, as in SPEC 3.2
+        # mscale == mscale_all_dim keeps HF's cos/sin amplitude at 1, as in docs/architecture.md#rope.
+        rope_parameters=dict(
             rope_type="yarn", rope_theta=cfg.rope_theta, factor=cfg.rope_factor,
             original_max_position_embeddings=cfg.rope_original_max_position, beta_fast=cfg.rope_beta_fast,
             beta_slow=cfg.rope_beta_slow, mscale=1.0, mscale_all_dim=1.0),
@@ -225,7 +226,8 @@ def np_topk(row, K):
 
 
 def test_dense_when_few_keys():
-    """Causal length t+1 <= K: exactly all causal keys, SI on or off, the rest -1 (SPEC 3.9.1)."""
+    """Causal length t+1 <= K: exactly all causal keys, SI on or off, the rest -1
+    (docs/architecture.md#si)."""
     for si in (True, False):
         cfg = Config.tiny(si_enabled=si, hi_enabled=False)
         K = cfg.index_topk
@@ -269,7 +271,7 @@ def test_si_off_is_plain_topk():
 
 
 def test_ties_are_deterministic():
-    """Equal scores: the lowest key index wins, identically under jit (SPEC 7.12)."""
+    """Equal scores: the lowest key index wins, identically under jit (docs/architecture.md#determinism)."""
     T = 40
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, T))
     scores = jnp.zeros((1, T, T))

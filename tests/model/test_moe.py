@@ -1,4 +1,4 @@
-"""Router with zero experts and the MoE dispatch paths (SPEC 3.5, 4.1, 4.5, 7.12)."""
+"""Router with zero experts and the MoE dispatch paths (docs/architecture.md#router)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def test_identity_experts_return_input_scaled():
     assert np.all(np.asarray(idx) >= cfg.n_routed_experts)
     np.testing.assert_allclose(out, np.asarray(w).sum(1, keepdims=True) * np.asarray(x), rtol=1e-6)
     _, _, probs = route(x, p["classifier"], bias, cfg)
-    # rsf multiplies the identity-expert weights too (HF convention, SPEC 3.5).
+    # rsf multiplies the identity-expert weights too (HF convention, docs/architecture.md#router).
     np.testing.assert_allclose(
         np.sort(w, 1), np.sort(np.asarray(probs)[:, cfg.n_routed_experts :] * 2.0, 1), rtol=1e-6
     )

@@ -1,4 +1,5 @@
-"""Hashed N-gram embedding (SPEC 3.7): exact ids against an independent big-int reference and literals."""
+"""Hashed N-gram embedding (docs/architecture.md#ngram): exact ids against an independent big-int
+reference and literals."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ YARN = dict(
     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                      "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
                      "mscale": 1.0, "mscale_all_dim": 1.0},
-    # transformers replaces `factor` by max_position / original_max when both are set (SPEC 3.2):
-    # keep them equal.
+    # transformers replaces `factor` by max_position / original_max when both are set
+    # (docs/architecture.md#rope): keep them equal.
     max_position_embeddings=128,
 )
 
@@ -27,7 +27,7 @@ def pair(request, tmp_path_factory):
     ref = random_flash(seed=0, **(YARN if request.param == "yarn" else {}))
     path = tmp_path_factory.mktemp(f"flash_{request.param}")
     ref.save_pretrained(path)
-    # HF's MLA latent norms use the RMSNorm class default eps 1e-6 (SPEC 3.1).
+    # HF's MLA latent norms use the RMSNorm class default eps 1e-6 (docs/architecture.md#rmsnorm).
     cfg, model = lj.load_hf(str(path), mla_norm_eps=1e-6)
     return ref, cfg, model
 

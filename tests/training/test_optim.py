@@ -1,6 +1,6 @@
-"""Optimizer tests: SPEC 7.11 labels, Muon batching and head-flattening against optax's own Muon, schedules,
-frozen router bias and weight-decay mask, a real-loss decrease on Config.tiny(), ZeRO-1 shardings, and updates
-under Auto and Explicit meshes."""
+"""Optimizer tests: the labels of docs/architecture.md#optimizer, Muon batching and head-flattening against
+optax's own Muon, schedules, frozen router bias and weight-decay mask, a real-loss decrease on Config.tiny(),
+ZeRO-1 shardings, and updates under Auto and Explicit meshes."""
 
 import jax
 import jax.numpy as jnp
