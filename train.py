@@ -22,21 +22,32 @@ import longcat_jax as lj
 from longcat_jax.training.host_allocator import keep_freed_host_memory
 from longcat_jax.training.loop import REMAT_POLICIES, run
 from longcat_jax.training.reliability import parse_fault
+from longcat_jax.training.run_settings import DEFINING, steps_or_fraction
 from sharding.mesh import parse_mesh
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    return _checked(p, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train LongCat (JAX).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=lj.Config.PRESETS)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--schedule", default="cosine", choices=("cosine", "wsd"))
-    p.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
-    p.add_argument("--out", default="runs/default")
+    p.add_argument("--preset", default="tiny", choices=lj.Config.PRESETS, help="model size and features")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps of the whole run")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per step (divisible by dp)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per row (documents are packed)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=steps_or_fraction, default=None,
+                   help="learning-rate warm-up: steps, or a fraction (0-1) of the run "
+                        "(default: 50 steps, at most 10%% of the run)")
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "wsd"),
+                   help="learning-rate decay after the warm-up (wsd: warmup-stable-decay)")
+    p.add_argument("--optimizer", default="muon", choices=("muon", "adamw"),
+                   help="muon: Muon for hidden matrices, AdamW for the rest; adamw: AdamW throughout")
+    p.add_argument("--out", default="runs/default", help="run folder: checkpoints, logs, tokenizer, settings")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT")
     p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. dp=2,tp=2 (axes: dp pp cp ep tp vp)")
     p.add_argument("--deterministic", action="store_true",
@@ -45,34 +56,53 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="folder of text files or a .jsonl file with a `text` field (default: stdlib)")
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training a tokenizer")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mtp-weight", type=float, default=0.3)
-    p.add_argument("--z-loss", type=float, default=1e-4)
-    p.add_argument("--indexer-weight", type=float, default=1.0)
-    p.add_argument("--indexer-warmup-steps", type=int, default=50,
-                   help="dense-attention indexer warm-up stage")
-    p.add_argument("--balance-weight", type=float, default=1e-3)
-    p.add_argument("--bias-update-rate", type=float, default=1e-3)
-    p.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the multi-token-prediction loss")
+    p.add_argument("--z-loss", type=float, default=1e-4, help="weight of the logits' log-partition penalty")
+    p.add_argument("--indexer-weight", type=float, default=1.0, help="weight of the indexer's KL loss")
+    p.add_argument("--indexer-warmup-steps", type=steps_or_fraction, default=None,
+                   help="dense-attention indexer warm-up stage: steps, or a fraction (0-1) of the run "
+                        "(default: 50 steps, at most 25%% of the run)")
+    p.add_argument("--balance-weight", type=float, default=1e-3, help="weight of the expert balance loss")
+    p.add_argument("--bias-update-rate", type=float, default=1e-3,
+                   help="step of the aux-loss-free router bias update")
+    p.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES),
+                   help="what each layer keeps for the backward (offload: saved outputs to host memory)")
     p.add_argument("--kernel-impl", default="reference", choices=("reference", "auto", "xla", "pallas"),
                    help="LSA and N-gram implementation after the dense warm-up (see pallas_kernels/)")
     p.add_argument("--offload-optimizer", action="store_true",
                    help="keep the optimizer state in pinned host memory between steps")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--keep", type=int, default=3)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--eval-every", type=int, default=100,
+                   help="steps between held-out losses, expert statistics and the selection recall")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
     p.add_argument("--abft", action="store_true", help="checksum-verify the LM-head matmul every step")
     p.add_argument("--fingerprint-every", type=int, default=50,
                    help="cross-replica check (meshes with dp > 1)")
     p.add_argument("--max-bad-steps", type=int, default=3, help="restore the last checkpoint after this many")
     p.add_argument("--max-restores", type=int, default=3, help="give up after this many restores in one run")
     p.add_argument("--inject-fault", help="nan-grad@STEP or bitflip@STEP (for tests)")
-    p.add_argument("--prompt", default="def fibonacci(n):")
+    p.add_argument("--prompt", default="def fibonacci(n):", help="prompt of the closing sample")
     p.add_argument("--sample-tokens", type=int, default=48, help="0 skips the closing sample")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "save_every", "keep", "eval_every", "max_bad_steps"):
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or periodic progress lines")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between progress lines when stderr is not a terminal")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled programs in the persistent cache (~/.cache/longcat-jax/xla)")
+    p.add_argument("--profile-steps", type=_step_range, help="A:B writes a JAX profiler trace of steps A..B "
+                   "to OUT/profile (TensorBoard's profile plugin or Perfetto reads it)")
+    p.add_argument("--allow-change", type=_setting_names, default=[],
+                   help="with --resume: comma-separated settings that may differ from the saved run "
+                        f"({', '.join(n.replace('_', '-') for n in DEFINING)})")
+    return p
+
+
+def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Checks that span flags or need the machine; p.error exits with a one-line message."""
+    positive = ("steps", "batch_size", "seq_len", "save_every", "keep", "eval_every", "max_bad_steps",
+                "log_every")
+    for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
@@ -93,6 +123,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.fault and args.fault.kind == "bitflip":
         args.abft = True  # the checksum is what must catch the injected flip
     return args
+
+
+def _step_range(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (first and last step), got {text!r}") from None
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"expected 1 <= A <= B, got {text!r}")
+    return a, b
+
+
+def _setting_names(text: str) -> list[str]:
+    names = [n.strip().replace("-", "_") for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DEFINING]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown setting(s) {', '.join(unknown)}; these may change: "
+                                         f"{', '.join(n.replace('_', '-') for n in DEFINING)}")
+    return names
 
 
 def main(argv=None) -> int:

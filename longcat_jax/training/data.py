@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import sysconfig
 import zlib
@@ -145,7 +146,8 @@ def _read_jsonl(path: str) -> list[str]:
 
 
 def load_documents(path: str) -> list[str]:
-    """Loads a corpus: a folder of text files or a ``.jsonl`` file with a string ``text`` field per line.
+    """Loads a corpus: a folder of text files, a ``.jsonl`` file with a string ``text`` field per line, or a
+    single text file, whose paragraphs (split at blank lines) are its documents.
 
     Folders are walked recursively in sorted order; names starting with "." (such as ``.git``) are left out.
     Every other file must be strict UTF-8: one that is not, or cannot be read, is an error naming it (nothing
@@ -160,9 +162,8 @@ def load_documents(path: str) -> list[str]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is another kind of file, holds no files or no lines, a file is unreadable or not
-            UTF-8, a JSONL line is invalid JSON or lacks a string ``text`` (message gives ``path:line``), or
-            every document is empty.
+        ValueError: ``path`` holds no files or no lines, a file is unreadable or not UTF-8, a JSONL line is
+            invalid JSON or lacks a string ``text`` (message gives ``path:line``), or every document is empty.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"data path {path!r} does not exist")
@@ -179,7 +180,8 @@ def load_documents(path: str) -> list[str]:
         if not docs:
             raise ValueError(f"data file {path!r} contains no JSON lines")
     else:
-        raise ValueError(f"data path {path!r} must be a folder of text files or a .jsonl file")
+        # One file holds one corpus: its paragraphs are the documents, so it can be split into train and eval.
+        docs = [d.strip("\n") for d in re.split(r"\n\s*\n", read_text_files([path])[0])]
     docs = [d for d in docs if d]
     if not docs:
         raise ValueError(f"every document in {path!r} is empty")

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import longcat_jax as lj
-from longcat_jax.training import data
+from longcat_jax.training import data, run_settings
 from longcat_jax.training.optim import (
     OptimizerSettings,
     learning_rate_schedule,
@@ -42,7 +43,7 @@ from longcat_jax.training.reliability import (
     odd_replicas,
     replica_fingerprints,
 )
-from longcat_jax.training.run_checkpoint import RunCheckpointer, install_stop_signals
+from longcat_jax.training.run_checkpoint import RunCheckpointer, StopFlag, install_stop_signals
 from longcat_jax.training.run_log import RunLog, plot_loss_curve
 from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
 from sharding.mesh import make_mesh
@@ -88,16 +89,25 @@ class Steps:
     held_out_loss: Callable  # params -> mean held-out loss per token
     to_device: Callable  # host batch -> device batch
     schedule: Callable  # step -> learning rate
+    indexer_warmup: int  # steps of dense attention before the sparse stage
+
+
+COMPILE_CACHE = os.path.expanduser("~/.cache/longcat-jax/xla")
 
 
 def train(args: argparse.Namespace) -> int:
-    """Run training as `args` says; 0 on success, 2 when OUT holds a run and --resume was not given, and
-    raises TooManyRestores when a failure keeps coming back (see `run`)."""
+    """Run training as `args` says. Returns 0 when it reached --steps; 2 on a setting or data error (one line
+    on stderr); 128 + the signal number when SIGINT or SIGTERM stopped it (after the current step, saved, or
+    before the first step, with nothing saved). Raises TooManyRestores when a failure keeps coming back (see
+    `run`)."""
     if args.deterministic:
         # CPU XLA is already deterministic; these make GPU reductions and scatters deterministic too (read
         # when the backend starts). Added once: XLA_FLAGS is part of the compilation-cache key, so appending
         # them again on every in-process call would make each later run recompile everything.
         os.environ["XLA_FLAGS"] = with_deterministic_flags(os.environ.get("XLA_FLAGS", ""))
+    if not args.no_compile_cache and jax.config.jax_compilation_cache_dir is None:
+        # A rerun of the same command loads its compiled programs instead of compiling them again.
+        jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
     os.makedirs(args.out, exist_ok=True)
     ckpt = RunCheckpointer(os.path.join(args.out, "checkpoints"), keep=args.keep, save_every=args.save_every,
                            log=lambda s: print(s, file=sys.stderr))
@@ -105,13 +115,30 @@ def train(args: argparse.Namespace) -> int:
         print(f"error: {args.out} already holds checkpoints {ckpt.all_steps()}; pass --resume to continue it "
               "or choose another --out", file=sys.stderr)
         return 2
-    corpus = load_data(args)
-    steps, state = build(args, corpus, ckpt)
-    log = RunLog(args.out, resume=args.resume)
-    state, step, first_eval, timing = loop(args, steps, state, corpus, ckpt, log)
-    finish(args, steps, state, step, first_eval, timing, corpus.tokenizer, log)
-    log.close()
-    ckpt.close()
+    problem = run_settings.check_resume(args) if args.resume else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    stop = install_stop_signals()  # from here on, Ctrl-C stops the run cleanly at the next chance
+    try:
+        try:
+            corpus = load_data(args)
+        except (ValueError, FileNotFoundError) as e:  # the data layer names the file and what is wrong
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if stop.requested:
+            return _stopped_before_training(stop)
+        run_settings.save(args)
+        steps, state = build(args, corpus, ckpt)
+        log = RunLog(args.out, resume=args.resume)
+        state, step, first_eval, throughput = loop(args, steps, state, corpus, ckpt, log, stop)
+        finish(args, steps, state, step, first_eval, throughput, corpus.tokenizer, log, stop.requested)
+        log.close()
+    finally:
+        stop.uninstall()
+        ckpt.close()
+    if stop.requested:
+        return 128 + signal.Signals[stop.signal_name].value
     return 0
 
 
@@ -126,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
 def load_data(args) -> Data:
     """The corpus (stdlib or --data) split into train and held-out, a tokenizer, and packed batches."""
+    t0 = time.perf_counter()
+    _phase(f"loading data from {args.data or 'the Python standard library'}")
     if args.data:
         train_texts, eval_texts = data.split_documents(data.load_documents(args.data))
     else:
@@ -136,6 +165,9 @@ def load_data(args) -> Data:
     train_docs, eval_docs = data.tokenize(tokenizer, train_texts), data.tokenize(tokenizer, eval_texts)
     train_iter = data.make_train_iterator(train_docs, args.seq_len, args.batch_size, args.seed, eos)
     eval_batches = data.make_eval_batches(eval_docs, args.seq_len, args.batch_size, eos, args.eval_batches)
+    n_tokens = sum(len(d) for d in train_docs)
+    _phase(f"data: {len(train_docs)} train / {len(eval_docs)} held-out documents, {n_tokens:,} train tokens, "
+           f"tokenizer of {tokenizer.get_vocab_size()} tokens ({time.perf_counter() - t0:.1f} s)")
     return Data(tokenizer, train_iter, eval_batches)
 
 
@@ -153,9 +185,12 @@ def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]
         return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v)
                 for k, v in batch.items()}
 
-    opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=min(args.warmup_steps, args.steps - 1),
-                                     total_steps=args.steps, schedule=args.schedule,
-                                     use_muon=args.optimizer == "muon")
+    resolve = functools.partial(run_settings.resolve_warmup, steps=args.steps)
+    warmup = resolve("warmup_steps", args.warmup_steps)
+    indexer_warmup = resolve("indexer_warmup_steps", args.indexer_warmup_steps)
+    _phase(run_settings.describe_schedule(args, warmup, indexer_warmup if cfg.use_indexer else 0))
+    opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=warmup, total_steps=args.steps,
+                                     schedule=args.schedule, use_muon=args.optimizer == "muon")
     optimizer = make_optimizer(opt_settings, params)
     with mesh_context(mesh):
         opt_state = jax.jit(optimizer.init)(params)  # initialised once, then placed
@@ -199,49 +234,68 @@ def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]
         return total / max(sum(float(n) for _, n in losses), 1.0)
 
     schedule = learning_rate_schedule(opt_settings)
-    return Steps(cfg, mesh, graphdef, step_fn, held_out_loss, to_device, schedule), state
+    return Steps(cfg, mesh, graphdef, step_fn, held_out_loss, to_device, schedule, indexer_warmup), state
 
 
-def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpointer, log: RunLog):
+def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpointer, log: RunLog,
+         stop: StopFlag):
     """Train from the state's step to args.steps, with evals, guards, restores, faults and checkpoints.
 
-    Returns (state, step reached, held-out loss at the start, (start time, steps done))."""
+    Returns (state, step reached, held-out loss at the start, the steady-state Throughput)."""
     cfg, mesh = steps.cfg, steps.mesh
     start_step = int(state.step)
     log.event(start_step, f"{args.preset}: {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
               f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
               f"mesh {args.mesh or '1 device'}")
+    _phase("compiling the eval step (the first held-out loss)")
+    t = time.perf_counter()
     with mesh_context(mesh):
         first_eval = steps.held_out_loss(state.params)
+    log.event(start_step, f"held-out loss {first_eval:.3f}; eval step compiled (or loaded) and run in "
+              f"{time.perf_counter() - t:.1f} s")
     log.metrics(start_step, {"eval_loss": first_eval})
-    stop = install_stop_signals()
+    if stop.requested:  # during the build or the first held-out loss
+        log.event(start_step, f"{stop.signal_name} before the first step: nothing saved, stopping")
+        return state, start_step, first_eval, Throughput()
     tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(total=args.steps, initial=start_step, disable=args.no_progress, dynamic_ncols=True)
+    # A terminal gets a progress bar; a file or pipe gets a plain line every --log-every steps.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=args.steps, initial=start_step, disable=args.no_progress or not interactive,
+               dynamic_ncols=True)
     fault = args.fault
     load_sum = None
     fault_fired = False
     restores_left = [args.max_restores]
-    t0, done = time.time(), 0
+    throughput = Throughput()
     step = start_step
     with mesh_context(mesh):
         while step < args.steps:
+            _profile(args, step + 1, start=True)
             batch = steps.to_device(next(corpus.train_iter))
             # An injected fault is transient, like a real one: it fires once, not again after a restore.
             armed = fault is not None and not fault_fired and step == fault.step
             fault_fired = fault_fired or armed
             nan_at = jnp.int32(step if armed and fault.kind == "nan-grad" else -1)
             flip_at = jnp.int32(step if armed and fault.kind == "bitflip" else -1)
-            dense = step < args.indexer_warmup_steps
+            dense = step < steps.indexer_warmup
             # Held-out loss and expert statistics at the eval steps; there, the sparse stage also measures its
             # selection recall (a dense-attention pass, its own compiled program).
             at_eval = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
+            programs, t = steps.step_fn._cache_size(), time.perf_counter()
             state, metrics, load = steps.step_fn(state, batch, nan_fault_step=nan_at, flip_fault_step=flip_at,
                                                  dense_attention=dense, measure_recall=at_eval and not dense)
             metrics = jax.device_get(metrics)
-            done += 1
+            step_time = time.perf_counter() - t
             step += 1
-            tok_s = done * tokens_per_step / (time.time() - t0)
-            metrics.update(lr=float(steps.schedule(step - 1)), tokens_per_sec=tok_s)
+            if steps.step_fn._cache_size() > programs:  # this step compiled a program: not a steady step
+                kind = "dense warm-up" if dense else "sparse, measuring recall" if at_eval else "sparse"
+                log.event(step, f"train step ({kind}): program compiled (or loaded from the cache) and "
+                          f"run in {step_time:.1f} s")
+            else:
+                throughput.add(tokens_per_step, step_time)
+            metrics.update(lr=float(steps.schedule(step - 1)), step_time=step_time)
+            if throughput.seconds:
+                metrics["tokens_per_sec"] = throughput.tokens_per_sec
             load_sum = np.asarray(load) if load_sum is None else load_sum + np.asarray(load)
             if bool(metrics["skipped"]):
                 log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
@@ -252,8 +306,14 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
                 metrics.update(_load_stats(load_sum, cfg))
                 load_sum = None
             log.metrics(step, metrics)
+            _profile(args, step, start=False)
             bar.update(max(step - bar.n, 0))
-            bar.set_postfix(loss=f"{float(metrics['ce']):.3f}", tok_s=f"{tok_s:.0f}")
+            bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", ce=f"{float(metrics['ce']):.3f}",
+                            tok_s=f"{throughput.tokens_per_sec:.0f}")
+            if not (interactive or args.no_progress) and (step % args.log_every == 0 or step == args.steps):
+                print(f"step {step}/{args.steps}  loss {float(metrics['loss']):.4f}  "
+                      f"ce {float(metrics['ce']):.4f}  lr {metrics['lr']:.2e}  "
+                      f"{throughput.tokens_per_sec:.0f} tokens/s  {step_time:.2f} s/step", flush=True)
             flipped = armed and fault.kind == "bitflip" and mesh is not None
             if flipped:
                 state = _corrupt_one_replica(state, mesh, log, step)
@@ -270,40 +330,84 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
                           "checkpoint")
                 state, step = _restore(ckpt, state, corpus.train_iter, log, step, restores_left)
                 continue
+            if stop.requested and step == start_step + 1 and start_step == 0:
+                # The signal came while the first step ran (most likely while it compiled): nothing worth
+                # keeping, and a checkpoint would make rerunning the same command ask for --resume.
+                log.event(step, f"{stop.signal_name} during the first step: nothing saved, stopping")
+                break
             ckpt.maybe_save(step, state, corpus.train_iter, force=stop.requested or step == args.steps)
             if stop.requested:
                 log.event(step, f"{stop.signal_name}: checkpoint saved, stopping")
                 break
     bar.close()
     ckpt.wait()
-    stop.uninstall()
-    return state, step, first_eval, (t0, done)
+    return state, step, first_eval, throughput
 
 
-def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, timing, tokenizer,
-           log: RunLog):
-    """The closing held-out loss, a sample, the loss curve and summary.json."""
-    t0, done = timing
-    with mesh_context(steps.mesh):
-        final_eval = steps.held_out_loss(state.params)
+def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, throughput: Throughput,
+           tokenizer, log: RunLog, stopped: bool):
+    """The loss curve and summary.json; unless a signal stopped the run (it should exit within seconds), the
+    closing held-out loss and a sample too."""
+    final_eval = None
+    if not stopped:
+        with mesh_context(steps.mesh):
+            final_eval = steps.held_out_loss(state.params)
     sample = ""
-    if args.sample_tokens:
+    if args.sample_tokens and not stopped:
         sample = _sample(nnx.merge(steps.graphdef, state.params), tokenizer, args.prompt, args.sample_tokens)
         with open(os.path.join(args.out, "sample.txt"), "w") as f:
             f.write(sample)
     curve = plot_loss_curve(args.out)
     summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
-               "held_out_loss_end": final_eval,
-               "tokens_per_sec": done * args.batch_size * args.seq_len / (time.time() - t0),
-               "seconds": time.time() - t0}
+               "held_out_loss_end": final_eval, "tokens_per_sec": throughput.tokens_per_sec,
+               "steady_steps": throughput.steps, "steady_seconds": throughput.seconds}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    log.event(step, f"held-out loss {first_eval:.3f} -> {final_eval:.3f}; curve {curve}")
+    if final_eval is not None:
+        log.event(step, f"held-out loss {first_eval:.3f} -> {final_eval:.3f}; curve {curve}")
     if sample:
         print(f"--- sample ---\n{sample}\n--------------")
 
 
 # --- Helpers ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Throughput:
+    """Tokens per second over the steady steps only: a step that compiled a program is left out."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, tokens: int, seconds: float):
+        self.tokens, self.seconds, self.steps = self.tokens + tokens, self.seconds + seconds, self.steps + 1
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _stopped_before_training(stop: StopFlag) -> int:
+    print(f"{stop.signal_name} before training started: nothing was saved; run the same command to start "
+          "again", file=sys.stderr)
+    return 128 + signal.Signals[stop.signal_name].value
+
+
+def _phase(text: str):
+    """A start-up phase, on stderr as it begins or ends, so a long load or compile is never silent."""
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+def _profile(args, step: int, start: bool):
+    """--profile-steps A:B: a JAX profiler trace from the start of step A to the end of step B."""
+    if args.profile_steps is None:
+        return
+    first, last = args.profile_steps
+    if start and step == first:
+        jax.profiler.start_trace(os.path.join(args.out, "profile"))
+    elif not start and step == last:
+        jax.profiler.stop_trace()
 
 
 def mesh_context(mesh):

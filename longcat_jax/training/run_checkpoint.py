@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import zlib
 from collections.abc import Callable
@@ -333,6 +334,9 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C while already stopping: the user wants out now
+        if not self.requested:  # acknowledged at once, though the step under way runs to its end
+            print(f"\n{signal.Signals(signum).name} received: stopping after the current step (a running "
+                  "compile finishes first); Ctrl-C again to quit at once", file=sys.stderr, flush=True)
         self.requested = True
         self.signal_name = self.signal_name or signal.Signals(signum).name
 

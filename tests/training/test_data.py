@@ -128,6 +128,12 @@ def test_load_folder_recursive_sorted(tmp_path):
     assert data.load_documents(str(tmp_path)) == ["alpha é", "zeta"]
 
 
+def test_load_single_text_file_as_paragraphs(tmp_path):
+    p = tmp_path / "book.txt"
+    p.write_text("first\nparagraph\n\n  \nsecond\n\n\nthird é\n", encoding="utf-8")
+    assert data.load_documents(str(p)) == ["first\nparagraph", "second", "third é"]
+
+
 def test_load_jsonl(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"text": "one", "id": 1}\n\n{"text": "two\\nlines"}\n{"text": ""}\n', encoding="utf-8")
@@ -142,7 +148,7 @@ def test_load_jsonl(tmp_path):
         ({"x.bin": b"ok\xff"}, ".", ValueError, r"x\.bin: not valid UTF-8"),
         ({"link": None}, ".", ValueError, "link: cannot read"),
         ({"e.txt": b""}, ".", ValueError, "every document"),
-        ({"e.txt": b"text"}, "e.txt", ValueError, "folder of text files or a .jsonl"),
+        ({"e.txt": b"\n \n\n"}, "e.txt", ValueError, "every document"),
         ({"e.jsonl": b"\n"}, "e.jsonl", ValueError, "no JSON lines"),
         ({"e.jsonl": b'{"text": ""}\n'}, "e.jsonl", ValueError, "every document"),
         ({"e.jsonl": b'{"text": "a"}\n{"text": \n'}, "e.jsonl", ValueError, r"e\.jsonl:2: invalid JSON"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import train
-from longcat_jax.training import data
+from longcat_jax.training import data, run_settings
 from longcat_jax.training.loop import DETERMINISTIC_XLA_FLAGS
 from longcat_jax.training.run_log import read_metrics
 
@@ -86,8 +86,15 @@ def test_run_writes_everything_and_learns(reference_run):
     assert "real_experts_per_token" in step_rows[4] and "eval_loss" in step_rows[4]
     summary = json.load(open(out / "summary.json"))
     assert summary["held_out_loss_end"] < summary["held_out_loss_start"] - 0.5
-    for name in ("loss_curve.png", "sample.txt", "tokenizer.json", "events.log"):
+    for name in ("loss_curve.png", "sample.txt", "tokenizer.json", "events.log", "run_config.json"):
         assert (out / name).exists(), name
+    saved = json.load(open(out / "run_config.json"))
+    assert saved["steps"] == 12 and saved["seq_len"] == 32 and saved["data"] == os.path.abspath(saved["data"])
+    # Throughput from steady steps only: the three programs (warm-up, sparse, sparse measuring recall) were
+    # each built in a step that is reported as such and left out.
+    events = (out / "events.log").read_text()
+    assert events.count("program compiled (or loaded from the cache)") == 3
+    assert all(r["step_time"] > 0 for r in step_rows) and summary["steady_steps"] == 12 - 3
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
     assert not any(r["skipped"] for r in step_rows)  # ABFT on, no fault: no false alarm
 
@@ -96,20 +103,59 @@ def test_existing_run_needs_resume(reference_run, corpus):
     assert _run(reference_run, corpus, steps=12) == 2
 
 
+def test_resume_refuses_a_changed_setting(reference_run, corpus, capsys):
+    """Before any data is read or program compiled: one line naming the setting and the way to allow it."""
+    assert _run(reference_run, corpus, *REFERENCE, "--resume", steps=14) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "started with --steps 12, not 14" in err and "--allow-change steps" in err
+    same = ["--out", str(reference_run), "--data", corpus, *REFERENCE, *FAST, "--resume"]
+    args = train.parse_args([*same, "--steps", "14", "--allow-change", "steps"])
+    assert run_settings.check_resume(args) is None
+    args = train.parse_args([*same, "--steps", "12", "--seq-len", "64"])
+    assert "--seq-len 32, not 64" in run_settings.check_resume(args)
+
+
+@pytest.mark.parametrize("steps,warmup,indexer,line", [
+    (600, None, None, "warm-up 50 steps, then cosine decay to step 600; dense indexer warm-up steps 1-50, "
+                      "sparse attention from step 51"),
+    (30, None, None, "warm-up 3 steps, then cosine decay to step 30; dense indexer warm-up steps 1-7, "
+                     "sparse attention from step 8"),
+    (30, "40", "0.5", "warm-up 29 steps, then cosine decay to step 30; dense indexer warm-up steps 1-15"),
+    (30, "0.2", "30", "warm-up 6 steps, then cosine decay to step 30; dense attention for the whole run"),
+])
+def test_warmups_fit_the_run(steps, warmup, indexer, line):
+    """Defaults are capped to a share of the run, fractions scale with it, step counts are capped to it."""
+    flags = ["--steps", str(steps)] + (["--warmup-steps", warmup] if warmup else []) + (
+        ["--indexer-warmup-steps", indexer] if indexer else [])
+    args = train.parse_args(flags)
+    lr = run_settings.resolve_warmup("warmup_steps", args.warmup_steps, steps)
+    dense = run_settings.resolve_warmup("indexer_warmup_steps", args.indexer_warmup_steps, steps)
+    assert line in run_settings.describe_schedule(args, lr, dense)
+
+
+@pytest.mark.parametrize("files,target,message", [
+    ({}, ".", "contains no files"),
+    ({"x.bin": b"ok\xff"}, ".", "x.bin: not valid UTF-8"),
+    ({"c.jsonl": b'{"text": "a"}\n{"text": \n'}, "c.jsonl", "c.jsonl:2: invalid JSON"),
+    ({"c.jsonl": b'{"text": "a"}\n{"txt": "b"}\n'}, "c.jsonl", 'c.jsonl:2: expected an object with a string'),
+])
+def test_bad_data_is_one_line(tmp_path, capsys, files, target, message):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    assert _run(tmp_path / "run", str(folder / target)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "\n".join(err)
+
+
 def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus):
     """A rerun killed with SIGKILL after step 9 and resumed reaches the reference run's state bit for bit: its
     losses before the kill show the rerun agrees, those after it that the resume does."""
     a, c = reference_run, tmp_path / "c"
     step_a, params_a = _checkpoint_arrays(a)
-    cmd = [sys.executable, "train.py", "--out", str(c), "--data", corpus, "--steps", "12", *REFERENCE, *FAST]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = c / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(r.get("step", 0) >= 9 and "loss" in r for r in read_metrics(c)):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed"
+    proc = _start(c, corpus)
+    _wait_for_step(proc, c, 9)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _run(c, corpus, *REFERENCE, "--resume", steps=12) == 0
@@ -124,12 +170,67 @@ def test_deterministic_reruns_and_sigkill_resume(reference_run, tmp_path, corpus
         assert resumed[s] == (loss, ce), s
 
 
-def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, corpus):
+def _start(out, corpus):
+    """train.py in a subprocess, with the reference flags and 12 steps (their programs are in the cache); its
+    stderr goes to OUT.stderr (a file: a pipe nobody reads could fill and stall it)."""
+    cmd = [sys.executable, "train.py", "--out", str(out), "--data", corpus, "--steps", "12", *REFERENCE,
+           *FAST]
+    with open(f"{out}.stderr", "w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _wait_for_step(proc, out, step):
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(r.get("step", 0) >= step and "loss" in r
+                                                    for r in read_metrics(out)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run ended (or hung) before step {step}")
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_within_seconds(tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = _start(out, corpus)
+    _wait_for_step(proc, out, 6)
+    t = time.time()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130 and time.time() - t < 20
+    assert "SIGINT received: stopping after the current step" in open(f"{out}.stderr").read()
+    last = max(r["step"] for r in read_metrics(out) if "loss" in r)
+    assert max(int(d) for d in os.listdir(out / "checkpoints") if d.isdigit()) == last < 12
+    assert f"step {last}: SIGINT: checkpoint saved, stopping" in (out / "events.log").read_text()
+    assert json.load(open(out / "summary.json"))["held_out_loss_end"] is None  # no closing eval
+
+
+def test_ctrl_c_before_training_leaves_nothing_to_resume(tmp_path, corpus):
+    """Interrupted while it loads: exit 130, no checkpoint: the same command runs again without --resume."""
+    out = tmp_path / "run"
+    proc = _start(out, corpus)
+    deadline = time.time() + 300
+    while "loading data" not in open(f"{out}.stderr").read() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    err = open(f"{out}.stderr").read()
+    assert "SIGINT received" in err and "Traceback" not in err
+    ckpts = out / "checkpoints"
+    assert not ckpts.exists() or not [d for d in os.listdir(ckpts) if d.isdigit()]
+
+
+def test_nan_gradient_is_skipped_then_restored_and_training_continues(tmp_path, corpus, capsys):
     """nan-grad@5: the guard skips the update; with --max-bad-steps 1 the last good checkpoint (step 4) is
-    restored (offloaded optimizer state included), the transient fault does not recur, the run finishes."""
+    restored (offloaded optimizer state included), the transient fault does not recur, the run finishes.
+    Output that is not a terminal gets plain progress lines; --profile-steps writes a profiler trace."""
     out = tmp_path / "run"
     fault = ["--inject-fault", "nan-grad@5", "--max-bad-steps", "1"]
-    assert _run(out, corpus, *REFERENCE, *fault, steps=12) == 0
+    fault += ["--log-every", "4", "--profile-steps", "2:3"]
+    progress = [f for f in FAST if f != "--no-progress"]
+    flags = ["--out", str(out), "--data", corpus, "--steps", "12", *progress, *REFERENCE, *fault]
+    assert train.main(flags) == 0
+    printed = capsys.readouterr().out
+    assert "step 8/12  loss " in printed and "step 12/12  loss " in printed and "\r" not in printed
+    assert any(name.endswith(".xplane.pb") for _, _, names in os.walk(out / "profile") for name in names)
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, *range(5, 13)]  # 5-6 replayed after the restore
     assert rows[5]["skipped"] and not any(r["skipped"] for r in rows[6:])
@@ -176,6 +277,11 @@ def test_bitflips_are_caught_on_a_mesh(mesh_runs):
     assert not any(r["skipped"] for r in rows[6:]) and rows[-1]["step"] == 6
     events = (out / "events.log").read_text()
     assert "fingerprint mismatch" in events and "restored checkpoint of step 4" in events
+
+
+def test_every_flag_has_help():
+    missing = [a.option_strings[0] for a in train.build_parser()._actions if not a.help]
+    assert not missing, missing
 
 
 @pytest.mark.parametrize("flags,message", [
