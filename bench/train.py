@@ -7,7 +7,7 @@ One process, one CPU, the same dimensions, batch, sequence length, loss and opti
              as train.py computes it) + `jax.value_and_grad` + optax AdamW
              (`make_optimizer(use_muon=False)`: global-norm clip 1.0, AdamW b=(0.9, 0.95), wd 0.1), one
              `jax.jit`.
-  reference  LongcatFlashForCausalLM from the same dimensions (`hf_config.config_to_hf`), logits + CE +
+  reference  LongcatFlashForCausalLM from the same dimensions (`hf.config.config_to_hf`), logits + CE +
              backward + clip_grad_norm_(1.0) + torch.optim.AdamW, torch.set_num_threads(cpu count).
 
 `--capacity-factor CF` adds a third side: ours with the capacity-factor MoE dispatch (per-expert SwiGLU over

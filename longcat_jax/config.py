@@ -1,7 +1,7 @@
 """The one model configuration: a frozen, hashable dataclass with the published presets.
 
 Field names follow the Hugging Face `config.json` of the LongCat family where one exists
-(docs/architecture.md#presets); `checkpoint.py` maps the remaining spellings (Flash-Lite `ngram_*`/`emb_*`,
+(docs/architecture.md#presets); `hf/config.py` maps the remaining spellings (Flash-Lite `ngram_*`/`emb_*`,
 LongCat-2.0 `oe_*`). Run settings (mesh, optimizer, data) are not model config and live with the scripts.
 """
 

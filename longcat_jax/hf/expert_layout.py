@@ -68,7 +68,7 @@ class FusedEntry:
     """One of our per-expert leaves inside a layer's fused HF tensor, stacked over layers ("l").
 
     part: 0 (gate) or 1 (up) for the rows [part*F, (part+1)*F) of gate_up_proj [R, 2F, D]; None for down_proj
-    [E, D, F]. Only the first E of the R stored experts are ours. Quacks like `checkpoint.Entry` for reading.
+    [E, D, F]. Only the first E of the R stored experts are ours. Read like `weights.Entry`, through `read`.
     """
 
     name: str
@@ -78,15 +78,19 @@ class FusedEntry:
     def hf_names(self, shape) -> list[str]:
         return [self.name.format(l=l) for l in range(shape[0])]
 
-    def to_ours(self, t: np.ndarray, inner) -> np.ndarray:
-        E, F = inner[0], (inner[2] if self.part is not None else inner[1])
+    def read(self, folder, name: str, inner, index) -> np.ndarray:
+        """Our [E, D, F] (or [E, F, D]) leaf of one layer at `index`, reading only the experts it covers: a
+        device that holds some experts never loads the whole layer."""
+        experts = range(*index[0].indices(inner[0]))
+        t = folder.get_rows(name, experts.start, experts.stop)[:: experts.step]
         if self.part is not None:
-            t = t[:E, self.part * F : (self.part + 1) * F]
-        return t[:E].swapaxes(1, 2)
+            F = inner[2]
+            t = t[:, self.part * F : (self.part + 1) * F]
+        return t.swapaxes(1, 2)[(slice(None), *index[1:])]
 
 
 def entries(layout: str, mlp_entries) -> dict:
-    """The `moe` leaves w_gate / w_up / w_down of `checkpoint.tensor_map` in this layout.
+    """The `moe` leaves w_gate / w_up / w_down of `weights.tensor_map` in this layout.
 
     `mlp_entries(prefix, stack)` builds the per-expert (torch Linear) entries.
     """
@@ -115,7 +119,7 @@ def expected_shapes(layout: str, cfg: Config) -> dict[str, tuple[int, ...]]:
 
 
 def hf_tensors(layout: str, cfg: Config, w_gate, w_up, w_down):
-    """Yield (HF name, tensor) for the experts of the layouts that `checkpoint.Entry` cannot write, one layer
+    """Yield (HF name, tensor) for the experts of the layouts that `weights.Entry` cannot write, one layer
     at a time: the fused tensors, and zeros for the zero experts' gate/up (present, never read)."""
     F, D = cfg.expert_ffn_hidden_size, cfg.hidden_size
     zero_rows = cfg.zero_expert_num if _with_zero(layout, cfg) else 0

@@ -59,6 +59,10 @@ class Entry:
             t = t.T
         return t.reshape(shape)
 
+    def read(self, folder: SafetensorsFolder, name: str, inner, index) -> np.ndarray:
+        """Our leaf's slice at `index` (of its `inner` shape) from the HF tensor `name`."""
+        return self.to_ours(folder.get(name), inner)[index]
+
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         if self.linear_in:
             n_in = int(np.prod(x.shape[: self.linear_in]))
@@ -266,8 +270,8 @@ def _leaf_reader(folder: SafetensorsFolder, entry: Entry, path, shape, dtype, cf
                                                          for s, n in zip(inner_index, inner)], dtype)
         for pos, idx in zip(itertools.product(*[range(len(r)) for r in stack_ranges]),
                             itertools.product(*stack_ranges)):
-            t = folder.get(entry.name.format(**dict(zip(entry.stack, idx))))
-            out[pos] = entry.to_ours(t, inner)[inner_index].astype(dtype)
+            name = entry.name.format(**dict(zip(entry.stack, idx)))
+            out[pos] = entry.read(folder, name, inner, inner_index).astype(dtype)
         return out
 
     return read

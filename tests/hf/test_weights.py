@@ -140,6 +140,13 @@ def test_fused_folder_of_transformers_loads(flash_pair, tmp_path):
     _, loaded = lj.load_hf(str(tmp_path), mla_norm_eps=1e-6)
     for a, b in zip(_state(model), _state(loaded), strict=True):
         np.testing.assert_array_equal(a, b)
+    # On a mesh each device reads only the experts of its ep shard from the fused tensors.
+    from sharding.mesh import make_mesh
+
+    _, sharded = lj.load_hf(str(tmp_path), mesh=make_mesh({"ep": 2, "tp": 2, "vp": 2}), mla_norm_eps=1e-6)
+    assert sharded.layers.moe.w_gate[...].sharding.spec[1] == "ep"
+    for a, b in zip(_state(model), _state(sharded), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bad_expert_layout_is_named(tiny_model, tmp_path):
