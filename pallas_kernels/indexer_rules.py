@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from longcat_jax.config import Config
+from longcat_jax.ops.lsa_rules import forced_keys, local_window
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -75,13 +76,9 @@ def _values(scores, valid, keep, qp, kp, cfg: Config, apart: bool = False):
     if keep is not None:
         scores = jnp.where(keep, scores, -jnp.inf)
     if cfg.si_enabled:
-        # SI forced set, `ops.lsa_rules.forced_keys` written to broadcast over tiles: sinks and the local
-        # window (which holds the query itself).
-        kp, qp = kp[..., None, :], qp[..., :, None]
-        window = kp > qp - cfg.index_local_tokens
-        scores = jnp.where((kp < cfg.index_init_tokens) | window, jnp.inf, scores)
+        scores = jnp.where(forced_keys(qp, kp, cfg), jnp.inf, scores)
         if apart:
-            scores = jnp.where(window, -jnp.inf, scores)
+            scores = jnp.where(local_window(qp, kp, cfg), -jnp.inf, scores)
     return jnp.where(valid, scores, -jnp.inf)
 
 

@@ -95,9 +95,8 @@ SublayerAux = ReferenceAux | SparseKernelAux | DenseWarmupAux
 class Keys:
     """The keys one sublayer attends over, after its cache (if any) took the new rows."""
 
-    c_kv: jax.Array  # [B,S,R]
+    c_kv: jax.Array  # [B,S,R] in the compute dtype
     k_rope: jax.Array  # [B,S,Hr]
-    index_k: jax.Array | None  # [B,S,J] the owner's indexer keys
     positions: jax.Array  # [B,S]
     valid: jax.Array | None  # [B,S] rows of the cache filled so far; None without a cache
     q_offset: int | jax.Array  # the new tokens' first row (0 without a cache)
@@ -121,11 +120,7 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     index_qkw = None
     if indexer is not None:
         index_qkw = indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), ctx.positions)
-    index_k = None if index_qkw is None else index_qkw[1]
-    keys, new_cache = _write_cache(cache, c_kv, k_rope, index_k, ctx)
-    keys = dataclasses.replace(keys, c_kv=keys.c_kv.astype(x.dtype), k_rope=keys.k_rope.astype(x.dtype))
-    if index_qkw is not None:
-        index_qkw = (index_qkw[0], keys.index_k, index_qkw[2])
+    keys, index_qkw, new_cache = _write_cache(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
     path = attention_path(cfg, ctx, cache is not None)
     out, indices, aux = path(attn, q_nope, q_rope, keys, index_qkw, indices, ctx)
     return out, new_cache, indices, aux
@@ -141,23 +136,27 @@ def attention_path(cfg: Config, ctx: Context, has_cache: bool):
     return dense_warmup_attention if ctx.dense_attention else sparse_kernel_attention
 
 
-def _write_cache(cache, c_kv, k_rope, index_k, ctx: Context) -> tuple[Keys, dict | None]:
-    """The keys to attend over and the new cache (None without one)."""
+def _write_cache(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
+    """(the keys to attend over in `dtype`, the owner's indexer (q, k, w) with k over every key, the new cache
+    or None). Without a cache the keys are the new tokens', already in `dtype`."""
     B, T = ctx.positions.shape
     if cache is None:
-        return Keys(c_kv, k_rope, index_k, ctx.positions, None, 0), None
+        return Keys(c_kv, k_rope, ctx.positions, None, 0), index_qkw, None
 
     def write(name, rows):
         start = (0, ctx.cache_len, 0)
         return jax.lax.dynamic_update_slice(cache[name], rows.astype(cache[name].dtype), start)
 
-    c_kv, k_rope = write("c_kv", c_kv), write("k_rope", k_rope)
-    new_cache = {"c_kv": c_kv, "k_rope": k_rope}
-    if index_k is not None:
-        index_k = new_cache["index_k"] = write("index_k", index_k)
-    S = c_kv.shape[1]
+    new_cache = {"c_kv": write("c_kv", c_kv), "k_rope": write("k_rope", k_rope)}
+    if index_qkw is not None:  # the indexer scores its keys in the cache's dtype
+        q_i, k_i, w_i = index_qkw
+        index_qkw = (q_i, write("index_k", k_i), w_i)
+        new_cache["index_k"] = index_qkw[1]
+    S = new_cache["c_kv"].shape[1]
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    return Keys(c_kv, k_rope, index_k, k_pos, k_pos < ctx.cache_len + T, ctx.cache_len), new_cache
+    keys = Keys(new_cache["c_kv"].astype(dtype), new_cache["k_rope"].astype(dtype), k_pos,
+                k_pos < ctx.cache_len + T, ctx.cache_len)
+    return keys, index_qkw, new_cache
 
 
 def reference_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):

@@ -9,14 +9,18 @@ import jax.numpy as jnp
 from longcat_jax.config import Config
 
 
-def forced_keys(q_positions, k_positions, cfg: Config):
-    """SI forced set F_t bool [B,T,S]: sinks (pos < index_init_tokens) and the local window
-    (pos > t - index_local_tokens), from q_positions [B,T] and k_positions [B,S].
+def local_window(q_positions, k_positions, cfg: Config):
+    """SI's local window bool [..., T, S]: keys at pos > t - index_local_tokens (the query's own included),
+    from q_positions [..., T] and k_positions [..., S]; leading dims broadcast (a batch, or a kernel tile)."""
+    return k_positions[..., None, :] > q_positions[..., :, None] - cfg.index_local_tokens
 
-    The window includes the query's own token; callers intersect with causality.
+
+def forced_keys(q_positions, k_positions, cfg: Config):
+    """SI forced set F_t bool [..., T, S]: sinks (pos < index_init_tokens) and the local window.
+
+    Callers intersect it with causality.
     """
-    kp, qp = k_positions[:, None, :], q_positions[:, :, None]
-    return (kp < cfg.index_init_tokens) | (kp > qp - cfg.index_local_tokens)
+    return (k_positions[..., None, :] < cfg.index_init_tokens) | local_window(q_positions, k_positions, cfg)
 
 
 def use_hierarchical(cfg: Config, num_keys: int) -> bool:

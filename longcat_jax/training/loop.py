@@ -74,6 +74,7 @@ class TooManyRestores(RuntimeError):
 @dataclasses.dataclass
 class Data:
     tokenizer: object  # tokenizers.Tokenizer
+    eos: int  # its end-of-text id, which separates packed documents
     train_iter: object  # grain iterator of packed batches (its state is checkpointed)
     eval_batches: list
 
@@ -168,13 +169,13 @@ def load_data(args) -> Data:
     n_tokens = sum(len(d) for d in train_docs)
     _phase(f"data: {len(train_docs)} train / {len(eval_docs)} held-out documents, {n_tokens:,} train tokens, "
            f"tokenizer of {tokenizer.get_vocab_size()} tokens ({time.perf_counter() - t0:.1f} s)")
-    return Data(tokenizer, train_iter, eval_batches)
+    return Data(tokenizer, eos, train_iter, eval_batches)
 
 
 def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]:
     """Model and mesh, optimizer and train state (restored with --resume), and the jitted steps."""
     vocab = -(-corpus.tokenizer.get_vocab_size() // 128) * 128
-    cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=data.eos_id(corpus.tokenizer),
+    cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=corpus.eos,
                            bos_token_id=1, kernel_impl=args.kernel_impl)
     mesh = make_mesh(args.mesh_sizes) if args.mesh else None
     model = lj.build_model(cfg, seed=args.seed, mesh=mesh)
@@ -192,7 +193,7 @@ def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]
     opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=warmup, total_steps=args.steps,
                                      schedule=args.schedule, use_muon=args.optimizer == "muon")
     optimizer = make_optimizer(opt_settings, params)
-    with mesh_context(mesh):
+    with _mesh_context(mesh):
         opt_state = jax.jit(optimizer.init)(params)  # initialised once, then placed
     if mesh is not None:  # ZeRO-1: the state is sharded over dp
         opt_state = jax.device_put(opt_state, zero1_state_shardings(opt_state, mesh))
@@ -249,7 +250,7 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
               f"mesh {args.mesh or '1 device'}")
     _phase("compiling the eval step (the first held-out loss)")
     t = time.perf_counter()
-    with mesh_context(mesh):
+    with _mesh_context(mesh):
         first_eval = steps.held_out_loss(state.params)
     log.event(start_step, f"held-out loss {first_eval:.3f}; eval step compiled (or loaded) and run in "
               f"{time.perf_counter() - t:.1f} s")
@@ -268,7 +269,7 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
     restores_left = [args.max_restores]
     throughput = Throughput()
     step = start_step
-    with mesh_context(mesh):
+    with _mesh_context(mesh):
         while step < args.steps:
             _profile(args, step + 1, start=True)
             batch = steps.to_device(next(corpus.train_iter))
@@ -350,7 +351,7 @@ def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, 
     closing held-out loss and a sample too."""
     final_eval = None
     if not stopped:
-        with mesh_context(steps.mesh):
+        with _mesh_context(steps.mesh):
             final_eval = steps.held_out_loss(state.params)
     sample = ""
     if args.sample_tokens and not stopped:
@@ -410,7 +411,7 @@ def _profile(args, step: int, start: bool):
         jax.profiler.stop_trace()
 
 
-def mesh_context(mesh):
+def _mesh_context(mesh):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
