@@ -18,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
+from longcat_jax.model import paged_cache
 from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
 from longcat_jax.model.indexer import Indexer, select
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
@@ -29,6 +30,7 @@ from longcat_jax.ops.masks import attention_mask, indices_to_mask
 from pallas_kernels import si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from pallas_kernels.sparse_mla import sparse_mla
+from pallas_kernels.sparse_mla_decode import sparse_mla_decode_paged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,12 @@ class Context:
 
     positions: jax.Array  # [B, T] RoPE positions of the new tokens (restart at 0 in each packed document)
     inv_freq: jax.Array  # [Hr/2] RoPE frequencies
-    cache_len: jax.Array | None = None  # int32 scalar when extending a cache, else None
+    # int32 when extending a cache, else None: a scalar for the linear cache, [B] per sequence for the paged
+    cache_len: jax.Array | None = None
+    # The paged cache (cache.PagedCache): each sequence's page table [B, W] and how many of its T tokens are
+    # real [B] (the rest pad the row to a compiled shape and are neither written nor attended to).
+    page_table: jax.Array | None = None
+    new_lens: jax.Array | None = None
     # Packed training rows: positions restart in every document, so "causal by position and same document" is
     # exactly per-document causality, and the SI sinks and local window are each document's own.
     segment_ids: jax.Array | None = None  # [B, T] document ids, 0 = padding
@@ -100,6 +107,7 @@ class Keys:
     positions: jax.Array  # [B,S]
     valid: jax.Array | None  # [B,S] rows of the cache filled so far; None without a cache
     q_offset: int | jax.Array  # the new tokens' first row (0 without a cache)
+    pages: jax.Array | None = None  # the paged cache's latent rows [P, page, R + Hr], after the write
 
 
 def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg: Config,
@@ -120,8 +128,12 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     index_qkw = None
     if indexer is not None:
         index_qkw = indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), ctx.positions)
-    keys, index_qkw, new_cache = _write_cache(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
-    path = attention_path(cfg, ctx, cache is not None)
+    if ctx.page_table is not None:
+        keys, index_qkw, new_cache = _write_pages(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
+        path = paged_attention
+    else:
+        keys, index_qkw, new_cache = _write_cache(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
+        path = attention_path(cfg, ctx, cache is not None)
     out, indices, aux = path(attn, q_nope, q_rope, keys, index_qkw, indices, ctx)
     return out, new_cache, indices, aux
 
@@ -157,6 +169,25 @@ def _write_cache(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
     keys = Keys(new_cache["c_kv"].astype(dtype), new_cache["k_rope"].astype(dtype), k_pos,
                 k_pos < ctx.cache_len + T, ctx.cache_len)
     return keys, index_qkw, new_cache
+
+
+def _write_pages(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
+    """`_write_cache` for the paged cache: the new rows go to their pages, and the keys are each sequence's
+    rows gathered in logical order (XLA drops the gather where only the selected rows are read)."""
+    kv = cache["kv"]
+    P, page, _ = kv.shape
+    slots = paged_cache.row_slots(ctx.page_table, ctx.positions, ctx.new_lens, P, page)
+    kv = paged_cache.scatter_rows(kv, jnp.concatenate([c_kv, k_rope], axis=-1), slots)
+    new_cache = {"kv": kv}
+    if index_qkw is not None:
+        q_i, k_i, w_i = index_qkw
+        new_cache["index_k"] = paged_cache.scatter_rows(cache["index_k"], k_i, slots)
+        index_qkw = (q_i, paged_cache.gather_rows(new_cache["index_k"], ctx.page_table), w_i)
+    rows = paged_cache.gather_rows(kv, ctx.page_table).astype(dtype)
+    B, S, R = rows.shape[0], rows.shape[1], c_kv.shape[-1]
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    valid = k_pos < (ctx.cache_len + ctx.new_lens)[:, None]
+    return Keys(rows[..., :R], rows[..., R:], k_pos, valid, ctx.cache_len, pages=kv), index_qkw, new_cache
 
 
 def reference_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
@@ -212,6 +243,28 @@ def dense_warmup_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, ind
     if not ctx.collect_aux:
         return out, indices, None
     return out, indices, DenseWarmupAux((q_lat, q_rope, keys.c_kv, keys.k_rope), indices, index_qkw)
+
+
+def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
+    """Attention over the paged cache (serving; no aux). The selection is `paged_cache.select` (HI by each
+    sequence's own length); one new token per sequence reads only its selected latent rows through the page
+    table (`pallas_kernels.sparse_mla_decode`), a prefill chunk attends in absorbed form with the selection as
+    a mask, as the reference path does. Returns (out, indices or None, None)."""
+    cfg = attn.cfg
+    if index_qkw is not None:
+        indices = paged_cache.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.valid,
+                                     ctx.cache_len + ctx.new_lens)
+    if indices is not None and ctx.positions.shape[1] == 1:
+        q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+        impl = "xla" if cfg.kernel_impl == "reference" else cfg.kernel_impl
+        o_lat = sparse_mla_decode_paged(q_lat[:, 0], q_rope[:, 0], keys.pages, ctx.page_table, indices[:, 0],
+                                        cfg.softmax_scale, impl=impl)
+        return attn.latent_output(o_lat[:, None]), indices, None
+    mask = attention_mask(ctx.positions, keys.positions, keys.valid)
+    if indices is not None:
+        mask = mask & indices_to_mask(indices, mask.shape[-1])
+    out, _ = attn.attend(q_nope, q_rope, keys.c_kv, keys.k_rope, mask, absorbed=True)
+    return out, indices, None
 
 
 def _kernel_select(index_qkw, keys: Keys, ctx: Context, cfg: Config):
@@ -328,14 +381,16 @@ class DecoderLayer(nnx.Module):
 
 
 def _sublayer_cache(cache: dict, i: int, cfg: Config) -> dict:
-    out = {"c_kv": cache["c_kv"][i], "k_rope": cache["k_rope"][i]}
+    """Sublayer i's slice of a layer's cache: the latent rows (linear c_kv and k_rope, or paged kv) of both
+    sublayers, the indexer keys of the owners only."""
+    out = {name: rows[i] for name, rows in cache.items() if name != "index_k"}
     if cfg.use_indexer and i < cfg.indexer_sublayers:
         out["index_k"] = cache["index_k"][i]
     return out
 
 
 def _merge_sublayer_caches(c0: dict, c1: dict, cfg: Config) -> dict:
-    out = {"c_kv": jnp.stack([c0["c_kv"], c1["c_kv"]]), "k_rope": jnp.stack([c0["k_rope"], c1["k_rope"]])}
+    out = {name: jnp.stack([c0[name], c1[name]]) for name in c0 if name != "index_k"}
     if cfg.use_indexer:
         out["index_k"] = jnp.stack([c["index_k"] for c in (c0, c1) if "index_k" in c])
     return out

@@ -5,6 +5,7 @@ Three explicit modes share the same blocks:
   forward(model, tokens)              training / full sequence; main logits, MTP draft logits, hidden states
   prefill(model, tokens, max_len)     fills a fresh Cache and returns the logits
   decode_step(model, tokens, cache)   appends tokens (usually one) to the cache, attending in absorbed form
+  paged_step(model, tokens, ...)      the serving engine's step: per-sequence lengths over a paged cache
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from longcat_jax.model.cache import Cache, init_cache
 from longcat_jax.model.layers import RMSNorm, config_inv_freq, param
 from longcat_jax.model.mtp import MTP
 from longcat_jax.model.ngram import NgramEmbedding, next_history
+from longcat_jax.model.paged_cache import PagedCache
 from pallas_kernels.ngram_lookup import ngram_lookup
 from sharding.constrain import constrain
 from sharding.rules import RULES
@@ -85,17 +87,14 @@ def embed_tokens(model: LongCat, tokens, history=None):
     return e
 
 
-def _run_layers(model: LongCat, h, ctx: Context, cache: Cache | None, remat=None):
+def _run_layers(model: LongCat, h, ctx: Context, layer_caches: dict | None, remat=None):
     """Scan the stacked layers; returns (h, new per-layer cache dict or None, per-layer aux stacked on [L]).
 
-    remat: None (keep every activation) or a jax.checkpoint policy applied to each layer.
+    layer_caches: None, or the cache arrays stacked on a leading [L] axis by name (Cache's c_kv, k_rope and
+    index_k, or PagedCache's kv and index_k). remat: None (keep every activation) or a jax.checkpoint policy
+    applied to each layer.
     """
     graphdef, state = nnx.split(model.layers)
-    layer_caches = None
-    if cache is not None:
-        layer_caches = {"c_kv": cache.c_kv, "k_rope": cache.k_rope}
-        if cache.index_k is not None:
-            layer_caches["index_k"] = cache.index_k
 
     def body(h, xs):
         layer_state, layer_cache = xs
@@ -157,11 +156,39 @@ def decode_step(model: LongCat, tokens: jax.Array, cache: Cache) -> tuple[jax.Ar
     positions = cache.length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), cache_len=cache.length)
     h = embed_tokens(model, tokens, cache.ngram_history)
-    h, new, _ = _run_layers(model, h, ctx, cache)
+    layer_caches = {"c_kv": cache.c_kv, "k_rope": cache.k_rope}
+    if cache.index_k is not None:
+        layer_caches["index_k"] = cache.index_k
+    h, new, _ = _run_layers(model, h, ctx, layer_caches)
     history = None if cache.ngram_history is None else next_history(cache.ngram_history, tokens, cfg)
     cache = Cache(c_kv=new["c_kv"], k_rope=new["k_rope"], index_k=new.get("index_k"), ngram_history=history,
                   length=cache.length + T)
     return _logits(model, h), cache
+
+
+def paged_step(model: LongCat, tokens: jax.Array, starts: jax.Array, new_lens: jax.Array,
+               page_table: jax.Array, cache: PagedCache, history: jax.Array | None = None
+               ) -> tuple[jax.Array, PagedCache]:
+    """One step of the serving engine over the paged cache: row b appends tokens[b, :new_lens[b]] to its
+    sequence at positions starts[b].. (a prefill chunk, or one decode token); the rest of the row pads it to a
+    compiled shape. history [B, N-1] holds the N-1 tokens before each row's first (N-gram embedding; zeros
+    before the sequence start). Returns (logits [B, V] f32 at each row's last real token, the cache); rows
+    with new_lens 0 are inert (their logits are meaningless).
+    """
+    cfg = model.cfg
+    B, T = tokens.shape
+    positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    real = jnp.arange(T)[None, :] < new_lens[:, None]
+    # segment_ids = real keeps the padding out of the MoE (routed to the zero experts with weight 0)
+    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), cache_len=starts, page_table=page_table,
+                  new_lens=new_lens, segment_ids=real.astype(jnp.int32))
+    h = embed_tokens(model, tokens, history)
+    layer_caches = {"kv": cache.kv}
+    if cache.index_k is not None:
+        layer_caches["index_k"] = cache.index_k
+    h, new, _ = _run_layers(model, h, ctx, layer_caches)
+    last = jnp.take_along_axis(h, jnp.maximum(new_lens - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
+    return _logits(model, last)[:, 0], PagedCache(kv=new["kv"], index_k=new.get("index_k"))
 
 
 def prefill(model: LongCat, tokens: jax.Array, max_len: int) -> tuple[jax.Array, Cache]:

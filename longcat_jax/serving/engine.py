@@ -1,0 +1,456 @@
+"""The continuous-batching engine (docs/architecture.md#serving): requests join and leave a running batch
+between steps, over one paged cache.
+
+Each step of the scheduler
+  1. admits waiting requests while there is room (`max_num_seqs`), reusing the full pages of a cached prompt
+     prefix (`pages.PagePool`);
+  2. gives every running request its next tokens: one for a request that is decoding, a chunk of its prompt
+     for one that is prefilling (all prefill chunks of a step share a budget of `prefill_chunk` tokens, so a
+     long prompt never stalls the decoding streams for more than one chunk);
+  3. takes the pages those tokens need, preempting the newest running request when the pool is empty (it
+     gives its pages back and recomputes its tokens when it is admitted again);
+  4. runs the prefill rows and the decode rows through `paged_step`, each jit-compiled for a few bucketed
+     shapes (rows, tokens per row, page-table width: powers of two), so a steady load compiles nothing new;
+  5. samples a token for each request whose tokens are all in the cache, detokenizes it, applies the stop
+     rules and reports a `RequestOutput`.
+`Engine.generate` runs the steps in the caller's thread (offline use, notebooks); `start` runs them in a
+background thread that `submit` and `abort` feed (the HTTP server).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from longcat_jax.model.longcat import LongCat, paged_step
+from longcat_jax.model.paged_cache import init_paged_cache
+from longcat_jax.serving.pages import PagePool
+from longcat_jax.serving.params import InvalidRequest, RequestOutput, SamplingParams, TokenLogprob
+from longcat_jax.serving.sampling import sample
+from longcat_jax.serving.text import IncrementalDetokenizer, StopStrings, TextTokenizer
+
+log = logging.getLogger("longcat_jax.serving")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at `max_waiting`; the client should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    max_num_seqs: int = 32  # requests in the running batch
+    max_model_len: int = 2048  # prompt + output tokens of one request
+    page_size: int = 16  # tokens per cache page
+    num_pages: int | None = None  # the pool; None = room for max_num_seqs requests of max_model_len tokens
+    prefill_chunk: int = 256  # prompt tokens per step, over all prefilling requests
+    max_waiting: int = 256  # queued requests beyond which `submit` raises QueueFull
+
+    def checked(self) -> EngineSettings:
+        for name in ("max_num_seqs", "max_model_len", "page_size", "prefill_chunk", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_pages is not None and self.num_pages < self.pages_per_seq:
+            raise ValueError(f"num_pages={self.num_pages} cannot hold one request of max_model_len="
+                             f"{self.max_model_len} tokens ({self.pages_per_seq} pages of {self.page_size})")
+        return self
+
+    @property
+    def pages_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.page_size)
+
+    @property
+    def pool_pages(self) -> int:
+        return self.num_pages if self.num_pages is not None else self.max_num_seqs * self.pages_per_seq
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    kv_pages_used: int
+    kv_pages_total: int
+    running: int
+    waiting: int
+    prefix_cache_hits: int  # prompt tokens whose cache rows came from the prefix cache (total)
+    prompt_tokens: int  # total
+    generation_tokens: int  # total
+    preemptions: int  # total: requests that gave their pages back to be recomputed later
+    compiled_programs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One finished request of `Engine.generate`."""
+
+    text: str | None  # None without a tokenizer
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    """The compiled size for n: the next power of two >= max(n, floor), at most cap."""
+    return min(cap, 1 << (max(n, floor, 1) - 1).bit_length())
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, on_output, tokenizer,
+                 order: int):
+        self.id, self.prompt, self.params, self.on_output = request_id, prompt, params, on_output
+        self.order = order  # admission order: the newest running request is preempted first
+        self.output: list[int] = []
+        self.pages: list[int] = []
+        self.hashes: list[int] = []  # chained hash of each full page of tokens, as far as computed
+        self.computed = 0  # tokens whose cache rows are written
+        self.counts: dict[int, int] = collections.Counter()
+        self.rng = np.random.default_rng(params.seed)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer is not None else None
+        self.stops = StopStrings(params.stop) if params.stop else None
+        self.text: list[str] = []  # for `generate`
+        self.logprobs: list[TokenLogprob] = []
+        self.finished = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class Engine:
+    """Continuous batching over a paged cache for one model.
+
+    model: a LongCat; settings: EngineSettings; tokenizer: a TextTokenizer for text prompts, detokenized
+    output and stop strings (None: token ids only).
+    """
+
+    def __init__(self, model: LongCat, settings: EngineSettings = EngineSettings(),
+                 tokenizer: TextTokenizer | None = None):
+        self.cfg, self.settings, self.tokenizer = model.cfg, settings.checked(), tokenizer
+        self.pool = PagePool(settings.pool_pages, settings.page_size)
+        self.cache = init_paged_cache(self.cfg, settings.pool_pages, settings.page_size)
+        graphdef, self._state = nnx.split(model)
+
+        def step(state, tokens, starts, new_lens, table, cache, history):
+            return paged_step(nnx.merge(graphdef, state), tokens, starts, new_lens, table, cache, history)
+
+        self._step = jax.jit(step, donate_argnums=5)
+        self._shapes: set[tuple[int, int, int]] = set()
+        eos = {self.cfg.eos_token_id} | set(tokenizer.eos_token_ids if tokenizer is not None else ())
+        self._eos = frozenset(eos)
+        self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else None
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.running: list[_Request] = []
+        self._ids: set[str] = set()
+        self._order = 0
+        self._inbox: list = []  # ("add", request) / ("abort", id), from other threads
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._draining = False
+        self._totals = collections.Counter()
+
+    # --- requests ----------------------------------------------------------------------------------------
+
+    def submit(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+               on_output: Callable[[RequestOutput], None]) -> None:
+        """Queue a request; on_output receives its updates (from the engine's thread once `start`ed).
+
+        Raises InvalidRequest (bad prompt or parameters), QueueFull or EngineStopped; nothing is queued then.
+        """
+        prompt = self._checked_prompt(prompt_ids, params)
+        with self._lock:
+            if self._draining:
+                raise EngineStopped("the server is shutting down and takes no new requests")
+            if len(self.waiting) + sum(op == "add" for op, _ in self._inbox) >= self.settings.max_waiting:
+                raise QueueFull(f"{self.settings.max_waiting} requests are already waiting")
+            if request_id in self._ids:
+                raise InvalidRequest(f"request id {request_id!r} is already in use", "request_id")
+            self._ids.add(request_id)
+            self._order += 1
+            self._inbox.append(("add", _Request(request_id, prompt, params, on_output, self.tokenizer,
+                                                self._order)))
+            self._lock.notify()
+
+    def _checked_prompt(self, prompt_ids, params: SamplingParams) -> list[int]:
+        params.checked(self.cfg.vocab_size)
+        prompt = [int(t) for t in prompt_ids]
+        limit = self.settings.max_model_len
+        if not prompt:
+            raise InvalidRequest("the prompt is empty: give at least one token", "prompt")
+        bad = sorted({t for t in prompt if not 0 <= t < self.cfg.vocab_size})
+        if bad:
+            raise InvalidRequest(f"prompt token ids {bad[:8]} are outside the vocabulary "
+                                 f"[0, {self.cfg.vocab_size})", "prompt")
+        if len(prompt) >= limit:
+            raise InvalidRequest(f"the prompt has {len(prompt)} tokens; this model's maximum context length "
+                                 f"is {limit} tokens, prompt and output together", "prompt")
+        if len(prompt) + params.max_tokens > limit:
+            raise InvalidRequest(f"this model's maximum context length is {limit} tokens: the prompt has "
+                                 f"{len(prompt)} and max_tokens asks for {params.max_tokens} more "
+                                 f"(at most {limit - len(prompt)})", "max_tokens")
+        return prompt
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (cancelled, or its client went away): its pages are freed and its last update has
+        finish_reason "abort". Unknown or finished ids are ignored."""
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+            self._lock.notify()
+
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Generation]:
+        """Run prompts (text, or token ids) to completion in this thread; results in prompt order."""
+        if self._thread is not None:
+            raise RuntimeError("generate() runs the engine in the caller's thread; this engine is started")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        results: dict[str, RequestOutput] = {}
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer; pass token ids or Engine(tokenizer=...)")
+                prompt = self.tokenizer.encode(prompt)
+            rid = f"generate-{self._order}-{i}"
+            self.submit(rid, prompt, p, lambda out: results.__setitem__(out.request_id, out)
+                        if out.finished else None)
+            requests.append(rid)
+        tracked = {op[1].id: op[1] for op in self._inbox if op[0] == "add"}
+        while len(results) < len(requests):
+            self.step()
+        out = []
+        for rid in requests:
+            r, last = tracked[rid], results[rid]
+            text = "".join(r.text) if self.tokenizer is not None else None
+            out.append(Generation(text, list(r.output), last.finish_reason,
+                                  r.logprobs if r.params.logprobs is not None else None, last.error))
+        return out
+
+    # --- the background thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the steps in a background thread (for `submit` from a server)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._inbox or self.running or self.waiting or self._draining):
+                    self._lock.wait()
+                if self._draining and not (self._inbox or self.running or self.waiting):
+                    return
+            self.step()
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Refuse new requests, let the admitted ones finish (those left after `timeout` seconds are
+        aborted), and stop the thread."""
+        with self._lock:
+            self._draining = True
+            self._lock.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread is not None and self._thread.is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                with self._lock:
+                    self._inbox.extend(("abort", r.id) for r in [*self.running, *self.waiting])
+                deadline = None
+            self._thread.join(0.05)
+        self._thread = None
+
+    def stats(self) -> EngineStats:
+        t = self._totals
+        return EngineStats(kv_pages_used=self.pool.used, kv_pages_total=self.pool.num_pages,
+                           running=len(self.running), waiting=len(self.waiting) + len(self._inbox),
+                           prefix_cache_hits=t["prefix_hits"], prompt_tokens=t["prompt"],
+                           generation_tokens=t["generated"], preemptions=t["preempted"],
+                           compiled_programs=len(self._shapes))
+
+    # --- one step ----------------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One scheduling step: admit, plan, run the model, sample and report."""
+        self._take_inbox()
+        self._admit()
+        prefill, decode = self._plan()
+        try:
+            for rows in (prefill, decode):
+                if rows:
+                    self._run_rows(rows)
+        except Exception as e:  # a fault in the step fails the requests in it, never the engine
+            log.exception("engine step failed")
+            for req, _ in prefill + decode:
+                if not req.finished:
+                    self._finish(req, "error", error=f"engine error: {type(e).__name__}: {e}")
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for op, item in inbox:
+            if op == "add":
+                self.waiting.append(item)
+                self._totals["prompt"] += len(item.prompt)
+            else:
+                req = next((r for r in [*self.running, *self.waiting] if r.id == item), None)
+                if req is not None:
+                    self._finish(req, "abort")
+
+    def _admit(self) -> None:
+        ps = self.settings.page_size
+        while self.waiting and len(self.running) < self.settings.max_num_seqs and self.pool.available:
+            req = self.waiting.popleft()
+            tokens = req.tokens
+            self._extend_hashes(req, len(tokens))
+            # Reuse full pages only, and never the page holding the last token: its logits must be computed.
+            req.pages = self.pool.lookup(req.hashes[: (len(tokens) - 1) // ps])
+            req.computed = len(req.pages) * ps
+            self._totals["prefix_hits"] += req.computed
+            self.running.append(req)
+            self.running.sort(key=lambda r: r.order)
+
+    def _plan(self):
+        """(prefill rows, decode rows): lists of (request, tokens to feed), with their pages taken."""
+        budget = self.settings.prefill_chunk
+        prefill, decode = [], []
+        for req in list(self.running):
+            if req not in self.running:  # preempted for an earlier request's pages
+                continue
+            pending = len(req.tokens) - req.computed
+            n = 1 if pending == 1 else min(pending, budget)
+            if n == 0:
+                continue
+            if not self._take_pages(req, req.computed + n):
+                continue
+            if pending == 1:
+                decode.append((req, 1))
+            else:
+                prefill.append((req, n))
+                budget -= n
+        return prefill, decode
+
+    def _take_pages(self, req: _Request, upto: int) -> bool:
+        """Pages for req's first `upto` tokens, preempting the newest running requests if the pool is empty;
+        False if req itself had to give way."""
+        need = math.ceil(upto / self.settings.page_size) - len(req.pages)
+        while need > 0:
+            page = self.pool.allocate()
+            if page is None:
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    return False
+                continue
+            req.pages.append(page)
+            need -= 1
+        return True
+
+    def _preempt(self, req: _Request) -> None:
+        log.info("preempting %s (%d tokens) for pages; it will be recomputed", req.id, len(req.tokens))
+        self._totals["preempted"] += 1
+        self.pool.release(req.pages)
+        req.pages, req.computed = [], 0
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+
+    def _run_rows(self, rows) -> None:
+        s, ps = self.settings, self.settings.page_size
+        T = 1 if all(n == 1 for _, n in rows) else _bucket(max(n for _, n in rows), s.prefill_chunk, 8)
+        B = _bucket(len(rows), s.max_num_seqs)
+        # Page tables of at least 256 tokens: short sequences share one program
+        W = _bucket(max(len(r.pages) for r, _ in rows), s.pages_per_seq, -(-min(256, s.max_model_len) // ps))
+        tokens = np.zeros((B, T), np.int32)
+        starts, new_lens = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        table = np.zeros((B, W), np.int32)
+        H = (self.cfg.ngram_n or 1) - 1
+        history = np.zeros((B, H), np.int32)
+        for b, (req, n) in enumerate(rows):
+            all_tokens = req.tokens
+            tokens[b, :n] = all_tokens[req.computed:req.computed + n]
+            starts[b], new_lens[b] = req.computed, n
+            table[b, : len(req.pages)] = req.pages
+            if H:
+                before = all_tokens[max(0, req.computed - H):req.computed]
+                history[b, H - len(before):] = before
+        if (B, T, W) not in self._shapes:
+            log.info("compiling the step for %d rows x %d tokens, %d pages per row (program %d)", B, T, W,
+                     len(self._shapes) + 1)
+            self._shapes.add((B, T, W))
+        logits, self.cache = self._step(self._state, jnp.asarray(tokens), jnp.asarray(starts),
+                                        jnp.asarray(new_lens), jnp.asarray(table), self.cache,
+                                        jnp.asarray(history) if H else None)
+        logits = np.asarray(logits)
+        for b, (req, n) in enumerate(rows):
+            req.computed += n
+            self._register_pages(req)
+            if req.computed == len(req.tokens):
+                self._emit_token(req, logits[b])
+
+    def _extend_hashes(self, req: _Request, upto: int) -> None:
+        ps, tokens = self.settings.page_size, req.tokens
+        while (len(req.hashes) + 1) * ps <= upto:
+            k = len(req.hashes)
+            req.hashes.append(hash((req.hashes[-1] if k else 0, tuple(tokens[k * ps:(k + 1) * ps]))))
+
+    def _register_pages(self, req: _Request) -> None:
+        self._extend_hashes(req, req.computed)
+        for k in range(req.computed // self.settings.page_size):
+            self.pool.register(req.pages[k], req.hashes[k])
+
+    def _emit_token(self, req: _Request, logits: np.ndarray) -> None:
+        p = req.params
+        token, lp = sample(logits, p, req.prompt, req.counts, req.rng, self._vocab_limit)
+        req.output.append(token)
+        req.counts[token] += 1
+        self._totals["generated"] += 1
+        if lp is not None:
+            req.logprobs.append(lp)
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self._eos)
+        text, stopped = "", False
+        if req.detok is not None and not stop_token:
+            text = req.detok.push(token)
+            if req.stops is not None:
+                text, stopped = req.stops.feed(text)
+        reason = "stop" if stop_token or stopped else None
+        full = len(req.tokens) >= self.settings.max_model_len
+        if reason is None and (len(req.output) >= p.max_tokens or full):
+            reason = "length"
+        if reason is not None and req.detok is not None and not stopped:
+            tail = req.detok.flush()
+            if req.stops is not None:
+                tail, stopped = req.stops.feed(tail)
+                tail += "" if stopped else req.stops.flush()
+            text += tail
+        self._report(req, text, (token,), (lp,) if lp is not None else None, reason)
+
+    def _report(self, req: _Request, text: str, tokens, logprobs, reason: str | None,
+                error: str | None = None) -> None:
+        if reason is not None:
+            self._release(req)
+        req.text.append(text)
+        req.on_output(RequestOutput(req.id, text, tuple(tokens), logprobs, reason is not None, reason,
+                                    len(req.prompt), len(req.output), error))
+
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> None:
+        self._report(req, "", (), None, reason, error)
+
+    def _release(self, req: _Request) -> None:
+        req.finished = True
+        self.pool.release(req.pages)
+        req.pages = []
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        with self._lock:
+            self._ids.discard(req.id)
