@@ -116,7 +116,8 @@ class _Request:
         self.hashes: list[int] = []  # chained hash of each full page of tokens, as far as computed
         self.computed = 0  # tokens whose cache rows are written
         self.counts: dict[int, int] = collections.Counter()
-        self.rng = np.random.default_rng(params.seed)
+        # numpy seeds are unsigned; any integer seed maps to one
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
         self.detok = IncrementalDetokenizer(tokenizer, prompt) if tokenizer is not None else None
         self.stops = StopStrings(params.stop) if params.stop else None
         self.text: list[str] = []  # for `generate`

@@ -59,11 +59,12 @@ def sample(logits: np.ndarray, params: SamplingParams, prompt_ids, output_counts
 
     Logprobs are the model's own (before penalties and temperature), as vLLM reports them by default.
     vocab_limit: ids at or above it (a model vocabulary padded beyond its tokenizer's) are never chosen.
+    rng: the request's generator (unused when greedy).
     """
-    raw = np.asarray(logits, np.float32)
+    raw = np.array(logits, np.float32)
+    if vocab_limit is not None and vocab_limit < raw.shape[0]:
+        raw[vocab_limit:] = -np.inf  # padding ids, not tokens: neither chosen nor listed in the logprobs
     x = raw.copy()
-    if vocab_limit is not None and vocab_limit < x.shape[0]:
-        x[vocab_limit:] = -np.inf
     x = apply_penalties(x, params, prompt_ids, output_counts)
     if params.greedy:
         token = int(np.argmax(x))

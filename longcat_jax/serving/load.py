@@ -1,0 +1,177 @@
+"""What serve.py serves: a model, its config and tokenizer, from a Hugging Face folder, a training run's
+checkpoint or a preset's random weights.
+
+    cfg, model, tokenizer, name = load_for_serving(checkpoint="runs/default/checkpoints")
+
+A training run (train.py) leaves RUN/run_config.json (the preset), RUN/tokenizer.json and
+RUN/checkpoints/STEP/ (orbax, a "state" item holding the whole TrainState). The model config is rebuilt as
+training built it (`training.loop.build`: the tokenizer's vocabulary rounded up to a multiple of 128, EOS from
+the tokenizer, BOS 1), and only the parameters are read back (orbax partial restore): the optimizer state,
+twice the model's size with Muon/AdamW, never leaves the disk. A step is used only if it passes the run's
+integrity check (`run_checkpoint.verify_step_dir`); with a checkpoints folder the newest good step is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+
+import longcat_jax as lj
+from longcat_jax.serving.text import TextTokenizer
+
+VOCAB_MULTIPLE = 128  # training rounds the embedding up to this (loop.build)
+PRESET_BPE_MAX_VOCAB = 4096  # the --preset tokenizer: enough merges to look like text, trained in ~1 s
+PRESET_BPE_TEXT_CHARS = 300_000
+PRESET_MIN_VOCAB = 512
+
+
+class LoadError(RuntimeError):
+    """Nothing to serve, or it cannot be read; the message is one line for the command line."""
+
+
+def load_for_serving(*, hf: str | None = None, checkpoint: str | None = None, preset: str | None = None,
+                     run: str = "runs/default", kernel_impl: str = "auto", seed: int = 0,
+                     log: Callable[[str], object] = lambda s: print(s, file=sys.stderr)
+                     ) -> tuple[lj.Config, lj.LongCat, TextTokenizer, str]:
+    """(cfg, model, tokenizer, model_name) from one source; with none, the newest checkpoint of `run`.
+
+    Args:
+      hf: a Hugging Face LongCat folder (config.json, safetensors, tokenizer files).
+      checkpoint: a training checkpoint: a step folder RUN/checkpoints/STEP, a RUN/checkpoints folder (its
+        newest good step) or the run folder RUN itself.
+      preset: random weights of a `Config.PRESETS` entry, with a small byte-level BPE.
+      run: the run folder used when no source is given.
+      kernel_impl: LSA / N-gram implementation (`Config.kernel_impl`).
+      seed: initialisation of the preset's random weights.
+      log: where skipped (corrupt) checkpoint steps are reported.
+    Raises:
+      LoadError: nothing to serve or a source that cannot be read (the message says what to do).
+    """
+    if sum(x is not None for x in (hf, checkpoint, preset)) > 1:
+        raise LoadError("give at most one of --hf, --checkpoint and --preset")
+    if hf is not None:
+        return _from_hf(hf, kernel_impl)
+    if preset is not None:
+        return _from_preset(preset, kernel_impl, seed)
+    if checkpoint is None:
+        ckpts = Path(run) / "checkpoints"
+        if not _step_dirs(ckpts):
+            raise LoadError(f"no checkpoint in {ckpts}: train one with `make train` (or `python train.py`), "
+                            "or pass --hf DIR, --checkpoint DIR or --preset NAME")
+        checkpoint = str(ckpts)
+    return _from_checkpoint(checkpoint, kernel_impl, log)
+
+
+def _from_hf(path: str, kernel_impl: str):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise LoadError(f"--hf {path}: not a Hugging Face model folder (no config.json)")
+    try:
+        tokenizer = TextTokenizer.from_folder(path)
+        cfg, model = lj.load_hf(path, kernel_impl=kernel_impl)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise LoadError(f"--hf {path}: {e}") from e
+    return cfg, model, tokenizer, os.path.basename(os.path.normpath(path))
+
+
+def preset_tokenizer(vocab_size: int) -> TextTokenizer:
+    """A byte-level BPE of at most min(vocab_size, PRESET_BPE_MAX_VOCAB) tokens, trained on the first
+    PRESET_BPE_TEXT_CHARS characters of the Python standard library's sources: deterministic, and enough for
+    a random-weight server to speak text."""
+    from longcat_jax.training import data  # grain and friends; only this source needs them
+
+    texts, size = [], 0
+    for path in sorted(data.stdlib_files()):
+        texts += data.read_text_files([path])
+        size += len(texts[-1])
+        if size >= PRESET_BPE_TEXT_CHARS:
+            break
+    bpe = data.train_bpe(texts, min(vocab_size, PRESET_BPE_MAX_VOCAB))
+    return TextTokenizer.from_tokenizer(bpe)
+
+
+def _from_preset(name: str, kernel_impl: str, seed: int):
+    if name not in lj.Config.PRESETS:
+        raise LoadError(f"unknown preset {name!r}; choose one of {', '.join(lj.Config.PRESETS)}")
+    base = lj.Config.preset(name)
+    # tiny's 256-token embedding cannot hold a byte-level BPE (256 bytes + 3 specials): it grows to 512
+    tokenizer = preset_tokenizer(max(base.vocab_size, PRESET_MIN_VOCAB))
+    vocab = max(base.vocab_size, _rounded(tokenizer.vocab_size))
+    cfg = lj.Config.preset(name, vocab_size=vocab, eos_token_id=tokenizer.eos_token_ids[0], bos_token_id=1,
+                           kernel_impl=kernel_impl)
+    return cfg, lj.build_model(cfg, seed=seed), tokenizer, f"longcat-{name}"
+
+
+def _rounded(n: int) -> int:
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _step_dirs(folder: Path) -> list[Path]:
+    """Step folders (integer names) of a checkpoints folder, newest first."""
+    if not folder.is_dir():
+        return []
+    steps = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+    return sorted(steps, key=lambda p: -int(p.name))
+
+
+def resolve_checkpoint(path: str, log: Callable[[str], object]) -> tuple[Path, Path]:
+    """(run folder, step folder) of a step folder, a checkpoints folder or a run folder."""
+    from longcat_jax.training.run_checkpoint import verify_step_dir
+
+    p = Path(path)
+    if not p.is_dir():
+        raise LoadError(f"--checkpoint {path}: no such folder")
+    if p.name.isdigit() and (p / "state").is_dir():
+        problem = verify_step_dir(p)
+        if problem:
+            raise LoadError(f"--checkpoint {path}: {problem}")
+        return p.parent.parent, p
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    steps = _step_dirs(p)
+    if not steps:
+        raise LoadError(f"--checkpoint {path}: no checkpoint steps in it (expected RUN/checkpoints/STEP)")
+    for step in steps:
+        problem = verify_step_dir(step)
+        if problem is None:
+            return p.parent, step
+        log(f"checkpoint {step} is unusable ({problem}); trying an earlier one")
+    raise LoadError(f"--checkpoint {path}: no step passes the integrity check")
+
+
+def _from_checkpoint(path: str, kernel_impl: str, log: Callable[[str], object]):
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from tokenizers import Tokenizer
+
+    from longcat_jax.training import data
+
+    run, step = resolve_checkpoint(path, log)
+    try:
+        settings = json.loads((run / "run_config.json").read_text())
+        bpe = Tokenizer.from_file(str(run / "tokenizer.json"))
+    except Exception as e:  # OSError, ValueError, or the bare Exception of tokenizers
+        raise LoadError(f"run folder {run}: needs run_config.json and tokenizer.json beside checkpoints/ "
+                        f"({e})") from e
+    preset = settings.get("preset", "tiny")
+    eos = data.eos_id(bpe)
+    cfg = lj.Config.preset(preset, vocab_size=_rounded(bpe.get_vocab_size()), eos_token_id=eos,
+                           bos_token_id=1, kernel_impl=kernel_impl)
+    graphdef, abstract = nnx.split(lj.abstract_model(cfg))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=device), target)
+    try:
+        restored = ocp.PyTreeCheckpointer().restore((step / "state").absolute(), args=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    except Exception as e:  # orbax raises ValueError / TypeError / KeyError for a tree that does not fit
+        raise LoadError(f"checkpoint {step}: cannot restore the parameters of preset {preset!r} with a "
+                        f"vocabulary of {cfg.vocab_size} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                        ) from e
+    model = nnx.merge(graphdef, restored["params"])
+    tokenizer = TextTokenizer.from_tokenizer(bpe)
+    return cfg, model, tokenizer, f"longcat-{preset}-{run.name}"
