@@ -2,6 +2,7 @@
 checkpoint or a preset's random weights.
 
     cfg, model, tokenizer, name = load_for_serving(checkpoint="runs/default/checkpoints")
+    run = load_run("runs/default")  # a run's newest good checkpoint: .cfg, .model, .tokenizer, .step, ...
 
 A training run (train.py) leaves RUN/run_config.json (the preset), RUN/tokenizer.json and
 RUN/checkpoints/STEP/ (orbax, a "state" item holding the whole TrainState). The model config is rebuilt as
@@ -18,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 
@@ -118,39 +120,69 @@ def _step_dirs(folder: Path) -> list[Path]:
     return sorted(steps, key=lambda p: -int(p.name))
 
 
-def resolve_checkpoint(path: str, log: Callable[[str], object]) -> tuple[Path, Path]:
-    """(run folder, step folder) of a step folder, a checkpoints folder or a run folder."""
+def resolve_checkpoint(path: str, log: Callable[[str], object], *, flag: str = "--checkpoint"
+                       ) -> tuple[Path, Path]:
+    """(run folder, step folder) of a step folder, a checkpoints folder or a run folder; `flag` names the
+    source in the errors."""
     from longcat_jax.training.run_checkpoint import verify_step_dir
 
     p = Path(path)
     if not p.is_dir():
-        raise LoadError(f"--checkpoint {path}: no such folder")
+        raise LoadError(f"{flag} {path}: no such folder")
     if p.name.isdigit() and (p / "state").is_dir():
         problem = verify_step_dir(p)
         if problem:
-            raise LoadError(f"--checkpoint {path}: {problem}")
+            raise LoadError(f"{flag} {path}: {problem}")
         return p.parent.parent, p
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     steps = _step_dirs(p)
     if not steps:
-        raise LoadError(f"--checkpoint {path}: no checkpoint steps in it (expected RUN/checkpoints/STEP)")
+        raise LoadError(f"{flag} {path}: no checkpoint steps in it (expected RUN/checkpoints/STEP)")
     for step in steps:
         problem = verify_step_dir(step)
         if problem is None:
             return p.parent, step
         log(f"checkpoint {step} is unusable ({problem}); trying an earlier one")
-    raise LoadError(f"--checkpoint {path}: no step passes the integrity check")
+    raise LoadError(f"{flag} {path}: no step passes the integrity check")
 
 
-def _from_checkpoint(path: str, kernel_impl: str, log: Callable[[str], object]):
+class RunModel(NamedTuple):
+    """A training run's checkpoint as `load_run` reads it."""
+
+    cfg: lj.Config
+    model: lj.LongCat
+    tokenizer: TextTokenizer
+    preset: str  # run_config.json's preset
+    run_dir: Path
+    step_dir: Path  # RUN/checkpoints/STEP
+
+    @property
+    def step(self) -> int:
+        return int(self.step_dir.name)
+
+
+def load_run(path: str, *, kernel_impl: str | None = None,
+             log: Callable[[str], object] = lambda s: print(s, file=sys.stderr),
+             flag: str = "--checkpoint") -> RunModel:
+    """The model, config and tokenizer of a train.py checkpoint (see the module docstring).
+
+    Args:
+      path: a step folder RUN/checkpoints/STEP, a RUN/checkpoints folder (its newest good step) or the run
+        folder RUN itself.
+      kernel_impl: `Config.kernel_impl` of the model; None keeps the Config's default.
+      log: where skipped (corrupt) checkpoint steps are reported.
+      flag: the command-line option `path` came from, for the error messages.
+    Raises:
+      LoadError: no usable step, or a run folder / checkpoint that cannot be read.
+    """
     import orbax.checkpoint as ocp
     from flax import nnx
     from tokenizers import Tokenizer
 
     from longcat_jax.training import data
 
-    run, step = resolve_checkpoint(path, log)
+    run, step = resolve_checkpoint(path, log, flag=flag)
     try:
         settings = json.loads((run / "run_config.json").read_text())
         bpe = Tokenizer.from_file(str(run / "tokenizer.json"))
@@ -159,8 +191,9 @@ def _from_checkpoint(path: str, kernel_impl: str, log: Callable[[str], object]):
                         f"({e})") from e
     preset = settings.get("preset", "tiny")
     eos = data.eos_id(bpe)
+    changes = {} if kernel_impl is None else {"kernel_impl": kernel_impl}
     cfg = lj.Config.preset(preset, vocab_size=_rounded(bpe.get_vocab_size()), eos_token_id=eos,
-                           bos_token_id=1, kernel_impl=kernel_impl)
+                           bos_token_id=1, **changes)
     graphdef, abstract = nnx.split(lj.abstract_model(cfg))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
@@ -173,5 +206,9 @@ def _from_checkpoint(path: str, kernel_impl: str, log: Callable[[str], object]):
                         f"vocabulary of {cfg.vocab_size} ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
                         ) from e
     model = nnx.merge(graphdef, restored["params"])
-    tokenizer = TextTokenizer.from_tokenizer(bpe)
-    return cfg, model, tokenizer, f"longcat-{preset}-{run.name}"
+    return RunModel(cfg, model, TextTokenizer.from_tokenizer(bpe), preset, run, step)
+
+
+def _from_checkpoint(path: str, kernel_impl: str, log: Callable[[str], object]):
+    run = load_run(path, kernel_impl=kernel_impl, log=log)
+    return run.cfg, run.model, run.tokenizer, f"longcat-{run.preset}-{run.run_dir.name}"
