@@ -294,6 +294,12 @@ class Engine:
             for req, _ in prefill + decode:
                 if not req.finished:
                     self._finish(req, "error", error=f"engine error: {type(e).__name__}: {e}")
+            # The step may have consumed the donated cache: start from an empty one, and let the other
+            # running requests recompute their rows.
+            for req in list(self.running):
+                self._preempt(req)
+            self.pool = PagePool(self.settings.pool_pages, self.settings.page_size)
+            self.cache = init_paged_cache(self.cfg, self.settings.pool_pages, self.settings.page_size)
 
     def _take_inbox(self) -> None:
         with self._lock:

@@ -144,3 +144,16 @@ def test_dense_model_equals_generate(prompts):
     want = np.asarray(lj.generate(model, jnp.asarray([prompts[0]], jnp.int32), 4))[0].tolist()
     greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     assert Engine(model, settings()).generate([prompts[0]], greedy)[0].token_ids == want
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, prompts, expected):
+    eng = Engine(model, settings())
+    real_step = eng._step
+    eng._step = lambda *a: (_ for _ in ()).throw(RuntimeError("injected"))
+    got = []
+    eng.submit("doomed", prompts[1], GREEDY, got.append)
+    eng.step()
+    assert got[-1].finish_reason == "error" and "injected" in got[-1].error
+    eng._step = real_step
+    assert eng.generate([prompts[1]], GREEDY)[0].token_ids == expected[1]
+    assert eng.stats().kv_pages_used == 0
