@@ -1,4 +1,5 @@
-"""The README's Python example runs as written."""
+"""The README's Python examples run as written: the quick start, then the offline serving engine on its model
+(the OpenAI-client example runs against a live server in tests/serving/test_api.py)."""
 
 import pathlib
 import re
@@ -16,3 +17,6 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), names)
     assert names["logits"].shape == (1, 1, 384)  # one decode step's logits over the padded vocabulary
     assert names["cfg"].vocab_size == 384 and (tmp_path / "longcat-tiny" / "config.json").exists()
+    engine_block = next(b for b in blocks if "Engine(" in b)
+    exec(compile(engine_block, "README.md", "exec"), names)
+    assert names["out"].finish_reason in ("stop", "length") and names["engine"].stats().kv_pages_used == 0

@@ -453,3 +453,14 @@ def test_non_stream_disconnect_aborts_at_once(stack):
             time.sleep(0.001)
     wait_idle(engine, timeout=5)
     assert aborted(stack["url"]) == before + 4
+
+
+def test_readme_client_example_runs(stack, capsys):
+    """The README's OpenAI-client example, as written, against this server."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai import" in b)
+    exec(compile(block.replace("http://127.0.0.1:8000", stack["url"]), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()  # the completion and the streamed chat printed text
