@@ -107,7 +107,11 @@ class Keys:
     positions: jax.Array  # [B,S]
     valid: jax.Array | None  # [B,S] rows of the cache filled so far; None without a cache
     q_offset: int | jax.Array  # the new tokens' first row (0 without a cache)
-    pages: jax.Array | None = None  # the paged cache's latent rows [P, page, R + Hr], after the write
+    # The paged cache: every pool's latent rows [pools * P, page, R + Hr] as they were before the step, the
+    # sequences' page tables [B, W] into them, and the first new token's row [B, R + Hr] (not in the pages)
+    pages: jax.Array | None = None
+    page_table: jax.Array | None = None
+    new_rows: jax.Array | None = None
 
 
 def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg: Config,
@@ -129,7 +133,7 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     if indexer is not None:
         index_qkw = indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), ctx.positions)
     if ctx.page_table is not None:
-        keys, index_qkw, new_cache = _write_pages(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
+        keys, index_qkw, new_cache = _paged_keys(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
         path = paged_attention
     else:
         keys, index_qkw, new_cache = _write_cache(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
@@ -171,23 +175,30 @@ def _write_cache(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
     return keys, index_qkw, new_cache
 
 
-def _write_pages(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
-    """`_write_cache` for the paged cache: the new rows go to their pages, and the keys are each sequence's
-    rows gathered in logical order (XLA drops the gather where only the selected rows are read)."""
-    kv = cache["kv"]
-    P, page, _ = kv.shape
-    slots = paged_cache.row_slots(ctx.page_table, ctx.positions, ctx.new_lens, P, page)
-    kv = paged_cache.scatter_rows(kv, jnp.concatenate([c_kv, k_rope], axis=-1), slots)
-    new_cache = {"kv": kv}
+def _paged_keys(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
+    """`_write_cache` for the paged cache, which the layers only read: the keys are each sequence's rows
+    gathered from its pages in logical order with the new rows put in place, and the new rows are returned
+    for `paged_cache.write_rows` to store after the last layer (XLA drops the gather where only the selected
+    rows are read).
+
+    `cache` holds the whole cache (`_sublayer_cache`): kv [L, 2, P, page, R + Hr] and index_k [L, owners, P,
+    page, J], with this sublayer's pool numbers. Returns (Keys, the owner's (q, k, w) with k over the
+    gathered rows, this sublayer's new rows {"kv": [B, T, R + Hr], "index_k": [B, T, J] for an owner})."""
+    new = {"kv": jnp.concatenate([c_kv, k_rope], axis=-1)}
     if index_qkw is not None:
         q_i, k_i, w_i = index_qkw
-        new_cache["index_k"] = paged_cache.scatter_rows(cache["index_k"], k_i, slots)
-        index_qkw = (q_i, paged_cache.gather_rows(new_cache["index_k"], ctx.page_table), w_i)
-    rows = paged_cache.gather_rows(kv, ctx.page_table).astype(dtype)
+        new["index_k"] = k_i
+        old = paged_cache.gather_rows(cache["index_k"], ctx.page_table, cache["index_pool"])
+        index_qkw = (q_i, paged_cache.overlay_rows(old, k_i, ctx.positions, ctx.new_lens), w_i)
+    old = paged_cache.gather_rows(cache["kv"], ctx.page_table, cache["kv_pool"])
+    rows = paged_cache.overlay_rows(old, new["kv"], ctx.positions, ctx.new_lens).astype(dtype)
     B, S, R = rows.shape[0], rows.shape[1], c_kv.shape[-1]
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     valid = k_pos < (ctx.cache_len + ctx.new_lens)[:, None]
-    return Keys(rows[..., :R], rows[..., R:], k_pos, valid, ctx.cache_len, pages=kv), index_qkw, new_cache
+    pages, table = paged_cache.pool_pages(cache["kv"], ctx.page_table, cache["kv_pool"])
+    keys = Keys(rows[..., :R], rows[..., R:], k_pos, valid, ctx.cache_len, pages=pages, page_table=table,
+                new_rows=new["kv"][:, 0])
+    return keys, index_qkw, new
 
 
 def reference_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
@@ -257,8 +268,9 @@ def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, c
     if indices is not None and ctx.positions.shape[1] == 1:
         q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
         impl = "xla" if cfg.kernel_impl == "reference" else cfg.kernel_impl
-        o_lat = sparse_mla_decode_paged(q_lat[:, 0], q_rope[:, 0], keys.pages, ctx.page_table, indices[:, 0],
-                                        cfg.softmax_scale, impl=impl)
+        o_lat = sparse_mla_decode_paged(q_lat[:, 0], q_rope[:, 0], keys.pages, keys.page_table, indices[:, 0],
+                                        cfg.softmax_scale, new_rows=keys.new_rows, new_pos=ctx.cache_len,
+                                        impl=impl)
         return attn.latent_output(o_lat[:, None]), indices, None
     mask = attention_mask(ctx.positions, keys.positions, keys.valid)
     if indices is not None:
@@ -351,10 +363,10 @@ class DecoderLayer(nnx.Module):
     def __call__(self, h, ctx: Context, cache: dict | None = None):
         """h [B,T,D] -> (y [B,T,D], new layer cache or None, aux dict). `cache` holds this layer's slices."""
         cfg = self.cfg
-        sub = [None, None] if cache is None else [_sublayer_cache(cache, i, cfg) for i in (0, 1)]
+        paged = cache is not None and "layer" in cache
         with jax.named_scope("attn0"):
             out, c0, idx, aux0 = attention_sublayer(self.attn0, self.indexer0, self.norm_in0(h), ctx, cfg,
-                                                    sub[0])
+                                                    None if cache is None else _sublayer_cache(cache, 0, cfg))
         a = h + checkpoint_name(out, "attn_out")
         u = self.norm_post0(a)
         with jax.named_scope("moe"):
@@ -363,10 +375,11 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("attn1"):
             reuse = idx if self.indexer1 is None else None
             out, c1, _, aux1 = attention_sublayer(self.attn1, self.indexer1, self.norm_in1(b), ctx, cfg,
-                                                  sub[1], reuse)
+                                                  None if cache is None else _sublayer_cache(cache, 1, cfg),
+                                                  reuse)
         c = b + checkpoint_name(out, "attn_out")
         y = c + checkpoint_name(self.mlp1(self.norm_post1(c)), "mlp_out") + checkpoint_name(m, "moe_out")
-        new_cache = None if cache is None else _merge_sublayer_caches(c0, c1, cfg)
+        new_cache = None if cache is None else _merge_sublayer_caches(c0, c1, cfg, paged)
         aux = {}
         if ctx.collect_aux:
             aux = {"expert_load": load, "balance_loss": balance}
@@ -381,16 +394,27 @@ class DecoderLayer(nnx.Module):
 
 
 def _sublayer_cache(cache: dict, i: int, cfg: Config) -> dict:
-    """Sublayer i's slice of a layer's cache: the latent rows (linear c_kv and k_rope, or paged kv) of both
-    sublayers, the indexer keys of the owners only."""
-    out = {name: rows[i] for name, rows in cache.items() if name != "index_k"}
-    if cfg.use_indexer and i < cfg.indexer_sublayers:
+    """Sublayer i's view of a layer's cache. Linear: its slices of c_kv, k_rope and (owner only) index_k.
+    Paged (`cache["layer"]` = the layer's index): the whole cache, read only, and the numbers of this
+    sublayer's pools."""
+    owner = cfg.use_indexer and i < cfg.indexer_sublayers
+    if "layer" in cache:
+        out = {name: cache[name] for name in ("kv", "index_k") if name in cache}
+        out["kv_pool"] = cache["layer"] * 2 + i
+        if owner:
+            out["index_pool"] = cache["layer"] * cfg.indexer_sublayers + i
+        return out
+    out = {"c_kv": cache["c_kv"][i], "k_rope": cache["k_rope"][i]}
+    if owner:
         out["index_k"] = cache["index_k"][i]
     return out
 
 
-def _merge_sublayer_caches(c0: dict, c1: dict, cfg: Config) -> dict:
-    out = {name: jnp.stack([c0[name], c1[name]]) for name in c0 if name != "index_k"}
+def _merge_sublayer_caches(c0: dict, c1: dict, cfg: Config, paged: bool) -> dict:
+    """The layer's new cache (linear) or new rows (paged), stacked over the sublayers (the owners for the
+    indexer keys)."""
+    names = ("kv",) if paged else ("c_kv", "k_rope")
+    out = {name: jnp.stack([c0[name], c1[name]]) for name in names}
     if cfg.use_indexer:
         out["index_k"] = jnp.stack([c["index_k"] for c in (c0, c1) if "index_k" in c])
     return out

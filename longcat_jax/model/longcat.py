@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
+from longcat_jax.model import paged_cache
 from longcat_jax.model.block import Context, DecoderLayer
 from longcat_jax.model.cache import Cache, init_cache
 from longcat_jax.model.layers import RMSNorm, config_inv_freq, param
@@ -87,14 +88,27 @@ def embed_tokens(model: LongCat, tokens, history=None):
     return e
 
 
-def _run_layers(model: LongCat, h, ctx: Context, layer_caches: dict | None, remat=None):
+def _run_layers(model: LongCat, h, ctx: Context, layer_caches: dict | None, remat=None,
+                paged: bool = False):
     """Scan the stacked layers; returns (h, new per-layer cache dict or None, per-layer aux stacked on [L]).
 
     layer_caches: None, or the cache arrays stacked on a leading [L] axis by name (Cache's c_kv, k_rope and
     index_k, or PagedCache's kv and index_k). remat: None (keep every activation) or a jax.checkpoint policy
-    applied to each layer.
+    applied to each layer. paged: layer_caches is the whole PagedCache (kv, index_k), which the layers only
+    read; the result holds every layer's new rows instead of a new cache (see `paged_step`).
     """
     graphdef, state = nnx.split(model.layers)
+    if paged:
+        def paged_body(h, xs):
+            layer_state, index = xs
+            layer = nnx.merge(graphdef, layer_state)
+            h, rows, aux = layer(constrain(h, ("batch", "seq", "embed"), model.rules), ctx,
+                                 {**layer_caches, "layer": index})
+            return h, (rows, aux)
+
+        layers = jnp.arange(model.cfg.num_layers, dtype=jnp.int32)
+        h, (rows, aux) = jax.lax.scan(paged_body, h, (state, layers))
+        return h, rows, aux
 
     def body(h, xs):
         layer_state, layer_cache = xs
@@ -186,9 +200,14 @@ def paged_step(model: LongCat, tokens: jax.Array, starts: jax.Array, new_lens: j
     layer_caches = {"kv": cache.kv}
     if cache.index_k is not None:
         layer_caches["index_k"] = cache.index_k
-    h, new, _ = _run_layers(model, h, ctx, layer_caches)
+    h, rows, _ = _run_layers(model, h, ctx, layer_caches, paged=True)
+    # The layers read the pages; every layer's new rows are written once, after them, in place.
+    slots = paged_cache.row_slots(page_table, positions, new_lens, cache.num_pages, cache.page_size)
+    cache = PagedCache(kv=paged_cache.write_rows(cache.kv, rows["kv"], slots),
+                       index_k=None if cache.index_k is None else
+                       paged_cache.write_rows(cache.index_k, rows["index_k"], slots))
     last = jnp.take_along_axis(h, jnp.maximum(new_lens - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
-    return _logits(model, last)[:, 0], PagedCache(kv=new["kv"], index_k=new.get("index_k"))
+    return _logits(model, last)[:, 0], cache
 
 
 def prefill(model: LongCat, tokens: jax.Array, max_len: int) -> tuple[jax.Array, Cache]:

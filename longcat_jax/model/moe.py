@@ -144,9 +144,19 @@ def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
         g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
         u = jax.lax.ragged_dot(xs, w_up, group_sizes)
         y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [N*K, D]
+    elif xs.shape[0] <= n_experts:
+        # Fewer assignments than experts (decode): read just the chosen experts' weights. The tile loop would
+        # copy every expert's weights of the layer into the loop first, which costs more than the math.
+        e = jnp.minimum(sorted_e, n_experts - 1)
+        g = jnp.einsum("md,mdf->mf", xs, w_gate[e])
+        u = jnp.einsum("md,mdf->mf", xs, w_up[e])
+        y = jnp.einsum("mf,mfd->md", jax.nn.silu(g) * u, w_down[e])
     else:
-        # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work).
-        y = tiled_expert_ffn(xs, starts, w_gate, w_up, w_down)
+        # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work). Tiles of 64 rows
+        # suit training; a decode batch has a few rows per expert, and a tile's rows are computed in full.
+        per_expert = -(-xs.shape[0] // n_experts)
+        tile = min(64, max(8, 1 << (per_expert - 1).bit_length()))
+        y = tiled_expert_ffn(xs, starts, w_gate, w_up, w_down, tile)
     y = jnp.where(is_routed, y, 0)
     return _combine(y, order, x, weights, indices, n_experts)
 

@@ -46,26 +46,43 @@ def init_paged_cache(cfg: Config, num_pages: int, page_size: int) -> PagedCache:
 
 
 def row_slots(page_table, positions, new_lens, num_pages: int, page_size: int):
-    """Flat row [B, T] of each new token in a pool of num_pages pages; padding tokens (t >= new_lens) get the
-    out-of-range row num_pages * page_size, which a `mode="drop"` scatter ignores."""
+    """Row [B, T] of each new token within a pool of num_pages pages; padding tokens (t >= new_lens) get the
+    out-of-range row num_pages * page_size."""
     T = positions.shape[1]
     page = jnp.take_along_axis(page_table, jnp.clip(positions // page_size, 0, page_table.shape[1] - 1), 1)
     real = jnp.arange(T)[None, :] < new_lens[:, None]
     return jnp.where(real, page * page_size + positions % page_size, num_pages * page_size)
 
 
-def scatter_rows(pages, rows, slots):
-    """pages [P, page, X] with rows [B, T, X] written at flat slots [B, T] (out-of-range slots dropped)."""
-    P, page, X = pages.shape
-    flat = pages.reshape(P * page, X).at[slots.reshape(-1)].set(
-        rows.reshape(-1, X).astype(pages.dtype), mode="drop")
-    return flat.reshape(P, page, X)
+def write_rows(pages, rows, slots):
+    """pages [L, n, P, page, X] (n pools per layer) with each pool's new rows [L, n, B, T, X] written at slots
+    [B, T] (from `row_slots`; out-of-range slots are dropped). One scatter after the layers have run: while
+    they run the pages are only read, so XLA updates the donated cache in place instead of copying it."""
+    L, n, P, page, X = pages.shape
+    pool = jnp.arange(L * n).reshape(L, n, 1, 1)
+    at = jnp.where(slots < P * page, pool * (P * page) + slots, L * n * P * page)  # [L, n, B, T]
+    flat = pages.reshape(-1, X).at[at.reshape(-1)].set(rows.reshape(-1, X).astype(pages.dtype), mode="drop")
+    return flat.reshape(pages.shape)
 
 
-def gather_rows(pages, page_table):
-    """Each sequence's rows in logical order: [B, W * page, X] from pages [P, page, X], page_table [B, W]."""
-    B, W = page_table.shape
-    return pages[page_table].reshape(B, W * pages.shape[1], pages.shape[2])
+def overlay_rows(rows, new, positions, new_lens):
+    """rows [B, S, X] gathered from the pages with the step's new rows [B, T, X] put at their positions."""
+    B, S, _ = rows.shape
+    at = jnp.where(jnp.arange(new.shape[1])[None, :] < new_lens[:, None], positions, S)
+    return rows.at[jnp.arange(B)[:, None], at].set(new.astype(rows.dtype), mode="drop")
+
+
+def pool_pages(pages, page_table, pool):
+    """(every pool's pages as one [pools * P, page, X] array, page_table [B, W] pointing into pool `pool`)."""
+    P, page, X = pages.shape[-3:]
+    return pages.reshape(-1, page, X), page_table + pool * P
+
+
+def gather_rows(pages, page_table, pool):
+    """Each sequence's rows of pool `pool` in logical order: [B, W * page, X]."""
+    all_pages, table = pool_pages(pages, page_table, pool)
+    B, W = table.shape
+    return all_pages[table].reshape(B, W * all_pages.shape[1], all_pages.shape[2])
 
 
 def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid, seq_lens):

@@ -291,6 +291,17 @@ def test_paged_decode_with_shuffled_page_table(impl, dtype):
     assert o.dtype == dtype and o.shape == (B, N, R)
     assert_close(o, o_ref, 1e-5 if dtype == jnp.float32 else 1e-2)
 
+    # The new token's row given apart (not yet in its page) equals the same row written to the page
+    new_pos = jnp.asarray([lengths[0] - 1, 0], jnp.int32)
+    new_rows = normal(rng, (B, R + Hr), dtype=dtype)[0]
+    pages_b, rows_b = np.asarray(kv_pages).copy(), np.asarray(new_rows)
+    for b, p in enumerate(np.asarray(new_pos)):
+        pages_b[page_table[b, p // page_size], p % page_size] = rows_b[b]
+    written = decode(q_lat, q_rope, jnp.asarray(pages_b), page_table, idx)
+    apart = decode(q_lat, q_rope, kv_pages, page_table, idx, new_rows=new_rows, new_pos=new_pos)
+    assert_close(apart, written, 1e-6 if dtype == jnp.float32 else 1e-2)
+    assert not np.allclose(np.asarray(written, np.float32), np.asarray(o, np.float32), atol=1e-3)
+
 
 def test_bad_inputs_raise():
     q_lat, q_rope, c_kv, k_rope = inputs(0, 1, 2, 4, 2, 16, 8)
