@@ -103,5 +103,10 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid, seq_lens):
                                        impl=c.kernel_impl)
     if not use_hierarchical(cfg, k.shape[1]):
         return rule(cfg)
-    flat = rule(dataclasses.replace(cfg, hi_enabled=False))
-    return jnp.where((seq_lens > cfg.hi_min_len)[:, None, None], rule(cfg), flat)
+    long = seq_lens > cfg.hi_min_len
+    flat_cfg = dataclasses.replace(cfg, hi_enabled=False)
+    # Only a batch that mixes short and long sequences pays for both selections
+    branches = (lambda: rule(flat_cfg), lambda: rule(cfg),
+                lambda: jnp.where(long[:, None, None], rule(cfg), rule(flat_cfg)))
+    which = jnp.where(long.all(), 1, jnp.where(long.any(), 2, 0))
+    return jax.lax.switch(which, branches)
