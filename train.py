@@ -3,10 +3,12 @@
     python train.py                                   # tiny LongCat-2.0, every feature on, stdlib corpus, CPU
     python train.py --preset small --steps 2000 --mesh dp=2,tp=4 --out runs/small
     python train.py --resume --out runs/default       # continue exactly where a run stopped
+    python train.py --init-from runs/default --data my.jsonl --steps 200 --out runs/ft   # fine-tune a run
+    python train.py --eval-only --out runs/default    # the held-out loss of its newest good checkpoint
 
 The command line only: the run itself is `longcat_jax.training.loop`. Writes OUT/metrics.jsonl,
 OUT/tensorboard/, OUT/events.log, OUT/checkpoints/, OUT/tokenizer.json, OUT/loss_curve.png, OUT/sample.txt and
-OUT/summary.json.
+OUT/summary.json (--eval-only: OUT/eval.json only).
 """
 
 from __future__ import annotations
@@ -20,21 +22,30 @@ import numpy as np
 
 import longcat_jax as lj
 from longcat_jax.training.host_allocator import keep_freed_host_memory
-from longcat_jax.training.loop import REMAT_POLICIES, run
+from longcat_jax.training.loop import REMAT_POLICIES, init_source_kind, init_source_tokenizer, run
 from longcat_jax.training.reliability import parse_fault
-from longcat_jax.training.run_settings import DEFINING, steps_or_fraction
+from longcat_jax.training.run_settings import DEFINING, steps_or_fraction, take_saved
 from sharding.mesh import parse_mesh
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.eval_only and not args.init_from:  # evaluating OUT's own checkpoint: its settings by default
+        take_saved(args, given=_given_flags(argv))
     return _checked(p, args)
 
 
+def _given_flags(argv) -> set[str]:
+    """The settings (argparse dests) that the command line gives, defaults aside."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train LongCat (JAX).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Train LongCat (JAX).", formatter_class=_HelpFormatter)
     p.add_argument("--preset", default="tiny", choices=lj.Config.PRESETS, help="model size and features")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of the whole run")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (divisible by dp)")
@@ -49,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="muon: Muon for hidden matrices, AdamW for the rest; adamw: AdamW throughout")
     p.add_argument("--out", default="runs/default", help="run folder: checkpoints, logs, tokenizer, settings")
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in OUT")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from these weights with a fresh optimizer (fine-tuning): a Hugging Face "
+                        "folder, an Orbax folder (python -m longcat_jax.convert --hf .. --out ORBAX) or a "
+                        "train.py run, checkpoints or step folder (its newest good step); its model must "
+                        "match --preset and the tokenizer's vocabulary, and a run's or Hugging Face folder's "
+                        "tokenizer.json is the default --tokenizer (default: a fresh initialisation from "
+                        "--seed)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="only the held-out loss (--eval-batches batches) of OUT's newest good checkpoint, or "
+                        "of the --init-from weights: printed and written to OUT/eval.json; trains and saves "
+                        "nothing; settings not given are taken from OUT/run_config.json")
     p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. dp=2,tp=2 (axes: dp pp cp ep tp vp)")
     p.add_argument("--deterministic", action="store_true",
                    help="bit-identical reruns (deterministic XLA ops)")
@@ -57,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training a tokenizer")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--capacity-factor", type=float, metavar="F",
+                   help="MoE expert capacity: each expert takes at most ceil(F * tokens * top-k / experts) "
+                        "tokens of a batch and drops the rest (default: dropless)")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="weight of the multi-token-prediction loss")
     p.add_argument("--z-loss", type=float, default=1e-4, help="weight of the logits' log-partition penalty")
     p.add_argument("--indexer-weight", type=float, default=1.0, help="weight of the indexer's KL loss")
@@ -83,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-bad-steps", type=int, default=3, help="restore the last checkpoint after this many")
     p.add_argument("--max-restores", type=int, default=3, help="give up after this many restores in one run")
     p.add_argument("--inject-fault", help="nan-grad@STEP or bitflip@STEP (for tests)")
-    p.add_argument("--prompt", default="def fibonacci(n):", help="prompt of the closing sample")
+    p.add_argument("--prompt", help="prompt of the closing sample (default: the first line(s) of the first "
+                                    "held-out document, at most 60 characters, cut at a line boundary)")
     p.add_argument("--sample-tokens", type=int, default=48, help="0 skips the closing sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or periodic progress lines")
     p.add_argument("--log-every", type=int, default=10,
@@ -96,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: comma-separated settings that may differ from the saved run "
                         f"({', '.join(n.replace('_', '-') for n in DEFINING)})")
     return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help already says what the default does."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
 
 
 def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
@@ -117,9 +151,24 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         p.error(f"--mesh {args.mesh} needs {n_mesh} devices, this machine has {jax.device_count()}")
     if args.batch_size % args.mesh_sizes.get("dp", 1):
         p.error(f"--batch-size {args.batch_size} must divide by dp={args.mesh_sizes['dp']}")
-    for flag, path in (("--data", args.data), ("--tokenizer", args.tokenizer)):
+    if args.capacity_factor is not None and not args.capacity_factor > 0:
+        p.error("--capacity-factor must be > 0 (leave it out for dropless routing)")
+    paths = (("--data", args.data), ("--tokenizer", args.tokenizer), ("--init-from", args.init_from))
+    for flag, path in paths:
         if path and not os.path.exists(path):
             p.error(f"{flag} {path}: no such file or folder")
+    if args.init_from:
+        try:
+            kind = init_source_kind(args.init_from)
+        except ValueError as e:
+            p.error(str(e))
+        if args.tokenizer is None:  # the vocabulary the weights were trained with
+            args.tokenizer = init_source_tokenizer(args.init_from, kind)
+    elif args.eval_only:
+        ckpts = os.path.join(args.out, "checkpoints")
+        if not os.path.isdir(ckpts) or not any(d.isdigit() for d in os.listdir(ckpts)):
+            p.error(f"--eval-only: no checkpoint in {ckpts} to evaluate; train one first, or pass "
+                    "--init-from PATH to evaluate other weights")
     if args.fault and args.fault.kind == "bitflip":
         args.abft = True  # the checksum is what must catch the injected flip
     return args

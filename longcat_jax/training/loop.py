@@ -3,6 +3,10 @@
 `train(args)` takes the parsed command line of `train.py` (`parse_args`); the functions below read top to
 bottom in the order a run happens. It writes OUT/metrics.jsonl, OUT/tensorboard/, OUT/events.log,
 OUT/checkpoints/, OUT/tokenizer.json, OUT/loss_curve.png, OUT/sample.txt and OUT/summary.json.
+
+`--init-from PATH` starts the run from existing weights (a Hugging Face folder, an Orbax folder of
+`longcat_jax.convert` or a train.py run) with a fresh optimizer; `--eval-only` (`evaluate`) measures the
+held-out loss of OUT's newest good checkpoint (or of the --init-from weights) and trains nothing.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -71,12 +78,17 @@ class TooManyRestores(RuntimeError):
     pass
 
 
+class SettingError(ValueError):
+    """A setting that cannot work (a source of weights that does not fit the run); one line for stderr."""
+
+
 @dataclasses.dataclass
 class Data:
     tokenizer: object  # tokenizers.Tokenizer
     eos: int  # its end-of-text id, which separates packed documents
     train_iter: object  # grain iterator of packed batches (its state is checkpointed)
     eval_batches: list
+    sample_prompt: str = ""  # the closing sample's prompt without --prompt: the start of held-out text
 
 
 @dataclasses.dataclass
@@ -110,6 +122,8 @@ def train(args: argparse.Namespace) -> int:
         # A rerun of the same command loads its compiled programs instead of compiling them again.
         jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
     os.makedirs(args.out, exist_ok=True)
+    if args.eval_only:
+        return evaluate(args)
     ckpt = RunCheckpointer(os.path.join(args.out, "checkpoints"), keep=args.keep, save_every=args.save_every,
                            log=lambda s: print(s, file=sys.stderr))
     if ckpt.all_steps() and not args.resume:
@@ -124,16 +138,19 @@ def train(args: argparse.Namespace) -> int:
     try:
         try:
             corpus = load_data(args)
+            # Before the settings are saved: weights that do not fit the run are refused up front.
+            init = load_init_weights(args.init_from, model_config(args, corpus), corpus.tokenizer,
+                                     args.preset) if args.init_from else None
         except (ValueError, FileNotFoundError) as e:  # the data layer names the file and what is wrong
             print(f"error: {e}", file=sys.stderr)
             return 2
         if stop.requested:
             return _stopped_before_training(stop)
         run_settings.save(args)
-        steps, state = build(args, corpus, ckpt)
+        steps, state = build(args, corpus, ckpt, init)
         log = RunLog(args.out, resume=args.resume)
         state, step, first_eval, throughput = loop(args, steps, state, corpus, ckpt, log, stop)
-        finish(args, steps, state, step, first_eval, throughput, corpus.tokenizer, log, stop.requested)
+        finish(args, steps, state, step, first_eval, throughput, corpus, log, stop.requested)
         log.close()
     finally:
         stop.uninstall()
@@ -162,6 +179,8 @@ def load_data(args) -> Data:
         train_files, eval_files = data.split_by_file(data.stdlib_files())
         train_texts, eval_texts = data.read_text_files(train_files), data.read_text_files(eval_files)
     tokenizer = data.load_or_train_tokenizer(args.out, train_texts, args.vocab_size, args.tokenizer)
+    if args.tokenizer and not args.eval_only:
+        _keep_tokenizer_copy(args.tokenizer, args.out)
     eos = data.eos_id(tokenizer)
     train_docs, eval_docs = data.tokenize(tokenizer, train_texts), data.tokenize(tokenizer, eval_texts)
     train_iter = data.make_train_iterator(train_docs, args.seq_len, args.batch_size, args.seed, eos)
@@ -169,22 +188,216 @@ def load_data(args) -> Data:
     n_tokens = sum(len(d) for d in train_docs)
     _phase(f"data: {len(train_docs)} train / {len(eval_docs)} held-out documents, {n_tokens:,} train tokens, "
            f"tokenizer of {tokenizer.get_vocab_size()} tokens ({time.perf_counter() - t0:.1f} s)")
-    return Data(tokenizer, eos, train_iter, eval_batches)
+    return Data(tokenizer, eos, train_iter, eval_batches, held_out_prompt(eval_texts))
 
 
-def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]:
-    """Model and mesh, optimizer and train state (restored with --resume), and the jitted steps."""
+def held_out_prompt(texts, limit: int = 60) -> str:
+    """The closing sample's default prompt: the opening line(s) of the first held-out document that has text,
+    at most `limit` characters and cut at a line boundary (each line kept with its newline), so the sample
+    shows the model continuing real held-out text. A longer first line is cut at its last space before
+    `limit` (at `limit` without one). "" when no document has text."""
+    for text in texts:
+        lines = text.splitlines(keepends=True)
+        while lines and not lines[0].strip():
+            lines.pop(0)  # leading blank lines
+        if not lines:
+            continue
+        prompt = ""
+        for line in lines:
+            if len(prompt) + len(line) > limit:
+                break
+            prompt += line
+        if prompt:
+            return prompt
+        first = lines[0][:limit]
+        cut = first.rfind(" ")
+        return first[:cut] if cut > 0 else first
+    return ""
+
+
+def _keep_tokenizer_copy(path: str, out: str):
+    """OUT/tokenizer.json: a run trained with --tokenizer keeps its own copy, as serve.py and convert --run
+    read it from the run folder (written atomically; left alone when it already is that file)."""
+    target = os.path.join(out, "tokenizer.json")
+    if os.path.exists(target) and os.path.samefile(path, target):
+        return
+    shutil.copyfile(path, target + ".tmp")
+    os.replace(target + ".tmp", target)
+
+
+def model_config(args, corpus: Data) -> lj.Config:
+    """The run's model: the preset, with the tokenizer's vocabulary rounded up to a multiple of 128 (the
+    serving and export code rebuild it the same way), its EOS, BOS 1, --kernel-impl and --capacity-factor."""
     vocab = -(-corpus.tokenizer.get_vocab_size() // 128) * 128
-    cfg = lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=corpus.eos,
-                           bos_token_id=1, kernel_impl=args.kernel_impl)
-    mesh = make_mesh(args.mesh_sizes) if args.mesh else None
-    model = lj.build_model(cfg, seed=args.seed, mesh=mesh)
-    graphdef, params = nnx.split(model)
-    batch_sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
+    return lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=corpus.eos, bos_token_id=1,
+                            kernel_impl=args.kernel_impl, capacity_factor=args.capacity_factor)
 
-    def to_device(batch):
-        return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v)
-                for k, v in batch.items()}
+
+# --- Weights from elsewhere: --init-from, --eval-only -------------------------------------------------------
+
+# Config fields that say how a run computes or which token ids it names, not what its weights are: a source of
+# weights may differ in these (the run's values are used). Every other field must match.
+RUN_SIDE_FIELDS = ("kernel_impl", "capacity_factor", "expected_real_experts", "bos_token_id", "eos_token_id",
+                   "pad_token_id", "dtype", "param_dtype")
+
+
+def init_source_kind(path: str, flag: str = "--init-from") -> str:
+    """What PATH holds: "hf" (config.json + *.safetensors), "orbax" (config.json + params/, as
+    `python -m longcat_jax.convert --hf .. --out ORBAX` writes it) or "run" (a train.py run folder, its
+    checkpoints/ folder or one step folder). A ValueError with a one-line message for anything else."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{flag} {path}: not a folder")
+    if (p / "config.json").is_file():
+        if (p / "params").is_dir():
+            return "orbax"
+        if any(p.glob("*.safetensors")):
+            return "hf"
+        raise ValueError(f"{flag} {path}: has config.json but neither params/ (an Orbax checkpoint) nor "
+                         "*.safetensors (a Hugging Face folder)")
+    if (p / "checkpoints").is_dir() or (p / "state").is_dir() or any(
+            c.name.isdigit() and c.is_dir() for c in p.iterdir()):
+        return "run"
+    raise ValueError(f"{flag} {path}: not a Hugging Face folder (config.json + *.safetensors), an Orbax "
+                     "checkpoint (config.json + params/) or a train.py run (checkpoints/)")
+
+
+def init_source_tokenizer(path: str, kind: str) -> str | None:
+    """The tokenizer.json that comes with a source of weights: a run's own, or a Hugging Face folder's."""
+    p = Path(path)
+    if kind == "run":
+        if (p / "state").is_dir():  # RUN/checkpoints/STEP
+            p = p.parent.parent
+        elif not (p / "checkpoints").is_dir():  # RUN/checkpoints
+            p = p.parent
+    candidate = p / "tokenizer.json"
+    return str(candidate) if kind in ("run", "hf") and candidate.is_file() else None
+
+
+def load_init_weights(path: str, cfg: lj.Config, tokenizer, preset: str, flag: str = "--init-from"
+                      ) -> tuple[dict, str]:
+    """The model state (a pure dict of arrays) of a source of weights (`init_source_kind`) that fits the model
+    `cfg`, and a description of where it came from.
+
+    Raises:
+      SettingError: the source cannot be read, its model differs from `cfg` in a field other than
+        RUN_SIDE_FIELDS (the message names each differing field), or a run's tokenizer is not `tokenizer`.
+    """
+    from tokenizers import Tokenizer
+
+    from longcat_jax.serving.load import LoadError, load_run
+
+    kind = init_source_kind(path, flag)
+    run_label = f"this run's (--preset {preset}, vocabulary {cfg.vocab_size} from the tokenizer)"
+    if kind == "run":
+        try:
+            source = load_run(path, flag=flag, log=lambda s: print(s, file=sys.stderr))
+        except LoadError as e:
+            raise SettingError(str(e)) from e
+        _check_same_model(f"{flag} {path}", source.cfg, cfg, run_label)
+        own = source.run_dir / "tokenizer.json"
+        if Tokenizer.from_file(str(own)).get_vocab() != tokenizer.get_vocab():
+            raise SettingError(f"{flag} {path}: its tokenizer {own} is not this run's (--tokenizer); the "
+                               "weights need the vocabulary they were trained with")
+        model, where = source.model, f"step {source.step} of {source.run_dir}"
+    else:
+        from longcat_jax.hf.config import config_from_hf
+
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                source_cfg = config_from_hf(json.load(f))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SettingError(f"{flag} {path}: cannot read config.json ({type(e).__name__}: {e})") from e
+        _check_same_model(f"{flag} {path}", source_cfg, cfg, run_label)
+        try:
+            if kind == "hf":
+                model, where = lj.load_hf(path)[1], f"the Hugging Face folder {path}"
+            else:
+                from longcat_jax.convert import load_orbax
+
+                model, where = load_orbax(path)[1], f"the Orbax checkpoint {path}"
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            raise SettingError(f"{flag} {path}: cannot load the weights ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]})") from e
+    return nnx.to_pure_dict(nnx.state(model)), where
+
+
+def model_differences(source: lj.Config, cfg: lj.Config) -> list[str]:
+    """'field SOURCE (this run: RUN)' for each Config field (RUN_SIDE_FIELDS aside) in which they differ."""
+    out = []
+    for field in dataclasses.fields(cfg):
+        a, b = getattr(source, field.name), getattr(cfg, field.name)
+        if field.name in RUN_SIDE_FIELDS or a == b:
+            continue
+        if isinstance(a, float) and isinstance(b, float) and math.isclose(a, b, rel_tol=1e-9):
+            continue
+        out.append(f"{field.name} {a} (this run: {b})")
+    return out
+
+
+def _check_same_model(what: str, source: lj.Config, cfg: lj.Config, run_label: str):
+    diffs = model_differences(source, cfg)
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise SettingError(f"{what}: its model differs from {run_label}: {shown}")
+
+
+def _load_weights(params: nnx.State, weights: dict):
+    """Put `weights` (as `load_init_weights` returns them) into `params`, each array on the sharding and in
+    the dtype of the one it replaces."""
+    live = nnx.to_pure_dict(params)
+
+    def place(x, w):
+        if tuple(w.shape) != tuple(x.shape):
+            raise SettingError(f"--init-from: a weight of shape {tuple(w.shape)} where the model has "
+                               f"{tuple(x.shape)}")
+        return jax.device_put(w if w.dtype == x.dtype else w.astype(x.dtype), x.sharding)
+
+    try:
+        placed = jax.tree.map(place, live, weights)
+    except ValueError as e:
+        if isinstance(e, SettingError):
+            raise
+        raise SettingError(f"--init-from: the weights do not have this model's parameters ({e})") from e
+    nnx.replace_by_pure_dict(params, placed)
+
+
+def evaluate(args) -> int:
+    """--eval-only: the held-out loss of OUT's newest good checkpoint (or of the --init-from weights) over
+    --eval-batches batches, printed as one line and written to OUT/eval.json. Trains nothing, saves no
+    checkpoint and leaves run_config.json alone. Returns 0, or 2 on a setting or data error (one line)."""
+    source, flag = (args.init_from, "--init-from") if args.init_from else (args.out, "--out")
+    try:
+        corpus = load_data(args)
+        cfg = model_config(args, corpus)
+        weights, where = load_init_weights(source, cfg, corpus.tokenizer, args.preset, flag=flag)
+        mesh, graphdef, params = _model(args, cfg, weights)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _phase(f"evaluating {where} on {len(corpus.eval_batches)} held-out batches")
+    with _mesh_context(mesh):
+        loss = _held_out_loss_fn(graphdef, corpus, _to_device_fn(mesh))(params)
+    tokens = int(sum(float(b["loss_mask"].sum()) for b in corpus.eval_batches))
+    result = {"held_out_loss": loss, "source": os.path.abspath(source), "weights": where,
+              "eval_batches": len(corpus.eval_batches), "eval_tokens": tokens}
+    with open(os.path.join(args.out, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    n = len(corpus.eval_batches)
+    print(f"held-out loss {loss:.4f} ({where}; {n} batch{'es' if n != 1 else ''}, {tokens:,} tokens)",
+          flush=True)
+    return 0
+
+
+def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | None = None
+          ) -> tuple[Steps, TrainState]:
+    """Model and mesh (the weights of `init`, from `load_init_weights`, when given), a fresh optimizer and
+    train state (restored with --resume), and the jitted steps."""
+    cfg = model_config(args, corpus)
+    if init is not None:
+        _phase(f"initial weights: {init[1]}; a fresh optimizer")
+    mesh, graphdef, params = _model(args, cfg, init[0] if init is not None else None)
+    to_device = _to_device_fn(mesh)
 
     resolve = functools.partial(run_settings.resolve_warmup, steps=args.steps)
     warmup = resolve("warmup_steps", args.warmup_steps)
@@ -227,6 +440,32 @@ def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]
         remat=REMAT_POLICIES[args.remat], host_opt_shardings=host_opt_shardings,
     ), static_argnames=("dense_attention", "measure_recall"), donate_argnums=0,
         out_shardings=(state_shardings, None, None))
+    held_out_loss = _held_out_loss_fn(graphdef, corpus, to_device)
+    schedule = learning_rate_schedule(opt_settings)
+    return Steps(cfg, mesh, graphdef, step_fn, held_out_loss, to_device, schedule, indexer_warmup), state
+
+
+def _model(args, cfg: lj.Config, weights: dict | None):
+    """(mesh, graphdef, params) of the run's model: initialised from --seed, or holding `weights`."""
+    mesh = make_mesh(args.mesh_sizes) if args.mesh else None
+    graphdef, params = nnx.split(lj.build_model(cfg, seed=args.seed, mesh=mesh))
+    if weights is not None:
+        _load_weights(params, weights)
+    return mesh, graphdef, params
+
+
+def _to_device_fn(mesh):
+    batch_sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
+
+    def to_device(batch):
+        return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v)
+                for k, v in batch.items()}
+
+    return to_device
+
+
+def _held_out_loss_fn(graphdef, corpus: Data, to_device) -> Callable:
+    """params -> the mean held-out loss per token over the corpus' eval batches (one compiled program)."""
     eval_fn = jax.jit(functools.partial(eval_loss, graphdef=graphdef))
 
     def held_out_loss(params):
@@ -234,8 +473,7 @@ def build(args, corpus: Data, ckpt: RunCheckpointer) -> tuple[Steps, TrainState]
         total = sum(float(l) * float(n) for l, n in losses)
         return total / max(sum(float(n) for _, n in losses), 1.0)
 
-    schedule = learning_rate_schedule(opt_settings)
-    return Steps(cfg, mesh, graphdef, step_fn, held_out_loss, to_device, schedule, indexer_warmup), state
+    return held_out_loss
 
 
 def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpointer, log: RunLog,
@@ -346,22 +584,25 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
 
 
 def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, throughput: Throughput,
-           tokenizer, log: RunLog, stopped: bool):
+           corpus: Data, log: RunLog, stopped: bool):
     """The loss curve and summary.json; unless a signal stopped the run (it should exit within seconds), the
-    closing held-out loss and a sample too."""
+    closing held-out loss and a sample too (prompted with --prompt, else the start of held-out text)."""
     final_eval = None
     if not stopped:
         with _mesh_context(steps.mesh):
             final_eval = steps.held_out_loss(state.params)
     sample = ""
     if args.sample_tokens and not stopped:
-        sample = _sample(nnx.merge(steps.graphdef, state.params), tokenizer, args.prompt, args.sample_tokens)
+        prompt = args.prompt if args.prompt is not None else corpus.sample_prompt
+        model = nnx.merge(steps.graphdef, state.params)
+        sample = _sample(model, corpus.tokenizer, prompt, args.sample_tokens)
         with open(os.path.join(args.out, "sample.txt"), "w") as f:
             f.write(sample)
     curve = plot_loss_curve(args.out)
     summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
                "held_out_loss_end": final_eval, "tokens_per_sec": throughput.tokens_per_sec,
-               "steady_steps": throughput.steps, "steady_seconds": throughput.seconds}
+               "steady_steps": throughput.steps, "steady_seconds": throughput.seconds,
+               "init_from": os.path.abspath(args.init_from) if args.init_from else None}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     if final_eval is not None:

@@ -3,6 +3,8 @@
 `train.py` writes its settings to OUT/run_config.json when a run starts. `--resume` reads them back and
 refuses a setting that would change what the run computes (its data, tokenizer, model, optimizer or schedule)
 unless `--allow-change` names it: a resumed run continues the run it claims to, or says it does not.
+`--eval-only` on a run takes the run's saved settings for those not given on its command line
+(`take_saved`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ SETTINGS_FILE = "run_config.json"
 DEFINING = (
     "preset", "data", "tokenizer", "vocab_size", "seq_len", "batch_size", "steps", "seed", "lr",
     "warmup_steps", "schedule", "optimizer", "mtp_weight", "z_loss", "indexer_weight", "indexer_warmup_steps",
-    "balance_weight", "bias_update_rate", "kernel_impl",
+    "balance_weight", "bias_update_rate", "kernel_impl", "init_from", "capacity_factor",
 )
 
 # Warm-ups left at their defaults: this many steps, but at most this share of the run, so that a short run
@@ -67,7 +69,7 @@ def describe_schedule(args, warmup: int, indexer_warmup: int) -> str:
 def current(args) -> dict:
     """The settings to save: every command-line value, with paths made absolute."""
     out = {k: v for k, v in vars(args).items() if k not in ("fault", "mesh_sizes")}
-    for key in ("data", "tokenizer", "out"):
+    for key in ("data", "tokenizer", "out", "init_from"):
         if out.get(key):
             out[key] = os.path.abspath(out[key])
     return out
@@ -89,6 +91,25 @@ def check_resume(args) -> str | None:
                     f"{_shown(now.get(key))}; pass --allow-change {key.replace('_', '-')} to continue it "
                     "with the new value")
     return None
+
+
+# What --eval-only takes from the run it evaluates when the command line does not say: the settings that
+# make its model, tokenizer and held-out batches (--init-from aside: the run's own checkpoint is evaluated).
+EVAL_SETTINGS = tuple(k for k in DEFINING if k != "init_from") + ("eval_batches",)
+
+
+def take_saved(args, given: set[str]) -> list[str]:
+    """Set each of EVAL_SETTINGS that is not in `given` (the flags on the command line) to its value in
+    OUT/run_config.json; returns the names set. Nothing when the run saved no settings."""
+    path = os.path.join(args.out, SETTINGS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    taken = [k for k in EVAL_SETTINGS if k not in given and k in saved and hasattr(args, k)]
+    for k in taken:
+        setattr(args, k, saved[k])
+    return taken
 
 
 def save(args):

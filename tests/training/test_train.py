@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,27 +11,15 @@ import numpy as np
 import pytest
 
 import train
-from longcat_jax.training import data, run_settings
+from longcat_jax.training import run_settings
 from longcat_jax.training.loop import DETERMINISTIC_XLA_FLAGS
 from longcat_jax.training.run_log import read_metrics
+from tests.training.conftest import FAST, REFERENCE
+from tests.training.conftest import run_train as _run
 
+# The fixtures `corpus` and `reference_run` (the deterministic 12-step run with REFERENCE flags) are in
+# tests/training/conftest.py, shared with test_train_options.py.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAST = ["--vocab-size", "300", "--seq-len", "32", "--batch-size", "4", "--eval-every", "5",
-        "--eval-batches", "2", "--save-every", "4", "--warmup-steps", "2", "--indexer-warmup-steps", "3",
-        "--sample-tokens", "4", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A few real stdlib sources, so tests do not tokenize the whole library."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for path in data.stdlib_files()[:40]:
-        shutil.copy(path, folder / os.path.basename(path))
-    return str(folder)
-
-
-def _run(out, corpus, *extra, steps=10):
-    return train.main(["--out", str(out), "--data", corpus, "--steps", str(steps), *FAST, *extra])
 
 
 def _losses(out):
@@ -57,20 +44,6 @@ def _flat(tree, prefix=""):
             out.update(_flat(v, f"{prefix}{k}/"))
         else:
             out[f"{prefix}{k}"] = v
-    return out
-
-
-# Every single-device run below uses these flags and 12 steps, so they compile one set of programs (a fault
-# step is a runtime input). The kernel path runs: the blockwise dense warm-up for 3 steps, then LSA, with
-# activation and optimizer-state offload, so the resume and restore tests also cover those.
-REFERENCE = ["--deterministic", "--abft", "--kernel-impl", "xla", "--remat", "offload", "--offload-optimizer"]
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, corpus):
-    """One deterministic 12-step run, shared by the tests below."""
-    out = tmp_path_factory.mktemp("reference")
-    assert _run(out, corpus, *REFERENCE, steps=12) == 0
     return out
 
 
