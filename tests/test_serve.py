@@ -139,7 +139,7 @@ def test_serve_preset_end_to_end_and_sigterm_drains():
         assert ready, "".join(lines)
         model, url = ready.groups()
         assert any("loaded in" in x for x in lines) and any("compiled in" in x for x in lines)
-        with httpx.Client(base_url=url, timeout=60) as http:
+        with httpx.Client(base_url=url, timeout=180) as http:
             assert http.get("/health").status_code == 200
             r = http.post("/v1/completions", json={"model": model, "prompt": "def f(x):", "max_tokens": 4})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -82,17 +82,18 @@ def stack():
 
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key="unused", max_retries=0, timeout=180)
 
 
 @pytest.fixture(scope="module")
 def http(stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack["url"], timeout=60) as c:
+    with httpx.Client(base_url=stack["url"], timeout=180) as c:
         yield c
 
 
-def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
-    """Until no request runs or waits and every KV page is back in the pool."""
+def wait_idle(engine: Engine, timeout: float = 120.0) -> None:
+    """Until no request runs or waits and every KV page is back in the pool. Generous: on a cold compilation
+    cache the engine may be compiling a new step shape for a minute before it takes an abort."""
     deadline = time.monotonic() + timeout
     while True:
         s = engine.stats()
@@ -430,11 +431,11 @@ def test_stream_disconnect_aborts_and_frees_pages(stack):
     """Closing a stream after its first chunk aborts its 4 choices and returns their pages."""
     engine, before = stack["engine"], aborted(stack["url"])
     body = {"prompt": "while True:", "max_tokens": 240, "ignore_eos": True, "stream": True, "n": 4}
-    with httpx.Client(base_url=stack["url"], timeout=30) as c, \
+    with httpx.Client(base_url=stack["url"], timeout=180) as c, \
             c.stream("POST", "/v1/completions", json=body) as r:
         assert next(line for line in r.iter_lines() if line.startswith("data: "))
         assert engine.stats().kv_pages_used > 0
-    wait_idle(engine, timeout=5)
+    wait_idle(engine)
     assert aborted(stack["url"]) == before + 4
 
 
@@ -447,11 +448,11 @@ def test_non_stream_disconnect_aborts_at_once(stack):
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 120
         while engine.stats().running + engine.stats().waiting == 0:  # submitted, not finished
             assert time.monotonic() < deadline
             time.sleep(0.001)
-    wait_idle(engine, timeout=5)
+    wait_idle(engine)
     assert aborted(stack["url"]) == before + 4
 
 

@@ -42,7 +42,7 @@ def live():
     engine = Engine(tiny_model(tokenizer), SETTINGS, tokenizer=tokenizer)
     engine.start()
     app = build_app(engine, tokenizer, model_name=MODEL, max_body_bytes=16 << 10)
-    with serving(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with serving(app) as url, httpx.Client(base_url=url, timeout=180) as http:
         yield {"url": url, "http": http, "engine": engine, "app": app}
     stop_engine(engine)
 
@@ -65,7 +65,7 @@ def check(response) -> None:
 
 
 def still_serving(live) -> None:
-    wait_idle(live["engine"], timeout=15)
+    wait_idle(live["engine"])
     r = live["http"].post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
@@ -78,7 +78,7 @@ def test_schemathesis(live, mode):
     @FUZZ
     @given(case=strategy)
     def run(case):
-        check(case.call(base_url=live["url"], timeout=60))
+        check(case.call(base_url=live["url"], timeout=180))
 
     run()
     still_serving(live)

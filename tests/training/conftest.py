@@ -1,6 +1,5 @@
-"""The reference training run and its corpus, shared by the train.py tests of this folder (test_train.py,
-test_train_options.py): one session-scoped run per worker process, so files that use it on the same worker
-train it once."""
+"""The reference training run and its corpus, for the train.py tests (test_train.py): session-scoped, so the
+run is trained once per worker process."""
 
 import os
 import shutil
