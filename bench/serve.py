@@ -29,9 +29,10 @@ One run, one machine, float32 everywhere:
              whose rows hold random values: decode time does not depend on what the rows hold, and prefilling
              32K tokens on this CPU would take far too long. Median of --lsa-steps steps after warm-up.
 
-`transformers serve` always loads with a device_map, which needs the accelerate package; the project's venv
-does not have it. Without touching the venv: `pip install --target DIR --no-deps accelerate` and
-`--transformers-pythonpath DIR` (only that server's PYTHONPATH gets it). Decode and LSA sides are timed
+`transformers serve` always loads with a device_map, which needs the accelerate package, which the locked
+test environment leaves out: `pip install -e '.[bench]'` adds it, or, without touching the venv,
+`pip install --target DIR --no-deps accelerate` and `--transformers-pythonpath DIR` (only that server's
+PYTHONPATH gets it). Decode and LSA sides are timed
 interleaved (A, B, A, B...), so load from other users of a shared machine hits them alike.
 
 Usage:
