@@ -34,7 +34,7 @@ from flax import nnx
 
 from longcat_jax.model.longcat import LongCat, paged_step
 from longcat_jax.model.paged_cache import init_paged_cache
-from longcat_jax.serving.pages import PagePool
+from longcat_jax.serving.pages import PagePool, page_hashes
 from longcat_jax.serving.params import InvalidRequest, RequestOutput, SamplingParams, TokenLogprob
 from longcat_jax.serving.sampling import sample
 from longcat_jax.serving.text import IncrementalDetokenizer, StopStrings, TextTokenizer
@@ -115,6 +115,7 @@ class _Request:
         self.pages: list[int] = []
         self.hashes: list[int] = []  # chained hash of each full page of tokens, as far as computed
         self.computed = 0  # tokens whose cache rows are written
+        self.registered = 0  # leading pages registered in the prefix cache
         self.counts: dict[int, int] = collections.Counter()
         # numpy seeds are unsigned; any integer seed maps to one
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
@@ -318,10 +319,11 @@ class Engine:
         while self.waiting and len(self.running) < self.settings.max_num_seqs and self.pool.available:
             req = self.waiting.popleft()
             tokens = req.tokens
-            self._extend_hashes(req, len(tokens))
+            req.hashes = page_hashes(tokens, ps, req.hashes)
             # Reuse full pages only, and never the page holding the last token: its logits must be computed.
             req.pages = self.pool.lookup(req.hashes[: (len(tokens) - 1) // ps])
             req.computed = len(req.pages) * ps
+            req.registered = len(req.pages)  # found by their hashes: registered already
             self._totals["prefix_hits"] += req.computed
             self.running.append(req)
             self.running.sort(key=lambda r: r.order)
@@ -403,16 +405,12 @@ class Engine:
             if req.computed == len(req.tokens):
                 self._emit_token(req, logits[b])
 
-    def _extend_hashes(self, req: _Request, upto: int) -> None:
-        ps, tokens = self.settings.page_size, req.tokens
-        while (len(req.hashes) + 1) * ps <= upto:
-            k = len(req.hashes)
-            req.hashes.append(hash((req.hashes[-1] if k else 0, tuple(tokens[k * ps:(k + 1) * ps]))))
-
     def _register_pages(self, req: _Request) -> None:
-        self._extend_hashes(req, req.computed)
-        for k in range(req.computed // self.settings.page_size):
+        full = req.computed // self.settings.page_size
+        req.hashes = page_hashes(req.tokens, self.settings.page_size, req.hashes, req.computed)
+        for k in range(req.registered, full):  # only the pages that filled up in this step
             self.pool.register(req.pages[k], req.hashes[k])
+        req.registered = max(req.registered, full)
 
     def _emit_token(self, req: _Request, logits: np.ndarray) -> None:
         p = req.params

@@ -13,12 +13,14 @@ import collections
 from collections.abc import Sequence
 
 
-def page_hashes(tokens: Sequence[int], page_size: int) -> list[int]:
-    """The chained hash of each full page of `tokens`."""
-    out, h = [], 0
-    for start in range(0, len(tokens) - page_size + 1, page_size):
-        h = hash((h, tuple(tokens[start:start + page_size])))
-        out.append(h)
+def page_hashes(tokens: Sequence[int], page_size: int, known: Sequence[int] = (), upto: int | None = None
+                ) -> list[int]:
+    """The chained hash of each full page of tokens[:upto]; `known` are the first pages' hashes already
+    computed, which are kept and extended (a request's hashes grow with its tokens)."""
+    out = list(known)
+    upto = len(tokens) if upto is None else upto
+    for k in range(len(out), upto // page_size):
+        out.append(hash((out[-1] if k else 0, tuple(tokens[k * page_size:(k + 1) * page_size]))))
     return out
 
 
