@@ -22,7 +22,8 @@ import numpy as np
 
 import longcat_jax as lj
 from longcat_jax.training.host_allocator import keep_freed_host_memory
-from longcat_jax.training.loop import REMAT_POLICIES, init_source_kind, init_source_tokenizer, run
+from longcat_jax.training.init_weights import init_source_kind, init_source_tokenizer
+from longcat_jax.training.loop import REMAT_POLICIES, run
 from longcat_jax.training.reliability import parse_fault
 from longcat_jax.training.run_settings import DEFINING, steps_or_fraction, take_saved
 from sharding.mesh import parse_mesh

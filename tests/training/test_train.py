@@ -17,7 +17,15 @@ import pytest
 
 import train
 from longcat_jax import convert
-from longcat_jax.training import data, loop, run_settings
+from longcat_jax.training import data, run_settings
+from longcat_jax.training.init_weights import (
+    SettingError,
+    held_out_prompt,
+    init_source_kind,
+    init_source_tokenizer,
+    load_init_weights,
+    model_config,
+)
 from longcat_jax.training.loop import DETERMINISTIC_XLA_FLAGS
 from longcat_jax.training.run_log import read_metrics
 from tests.training.conftest import FAST, REFERENCE
@@ -333,13 +341,13 @@ def test_init_from_refuses_a_model_that_does_not_match(reference_run, corpus, tm
 def test_init_from_refuses_another_vocabulary(reference_run, corpus):
     """Same sizes, other tokens: a run's weights need its own tokenizer."""
     tokenizer = data.load_or_train_tokenizer(str(reference_run), [], 300)
-    cfg = loop.model_config(train.parse_args(["--kernel-impl", "xla"]),
-                            types.SimpleNamespace(tokenizer=tokenizer, eos=data.eos_id(tokenizer)))
-    weights, where = loop.load_init_weights(str(reference_run), cfg, tokenizer, "tiny")
+    cfg = model_config(train.parse_args(["--kernel-impl", "xla"]),
+                       types.SimpleNamespace(tokenizer=tokenizer, eos=data.eos_id(tokenizer)))
+    weights, where = load_init_weights(str(reference_run), cfg, tokenizer, "tiny")
     assert where == f"step 12 of {reference_run}" and "embed" in weights
     other = data.train_bpe(data.read_text_files(sorted(data.stdlib_files())[:4]), 300)
-    with pytest.raises(loop.SettingError, match="its tokenizer .* is not this run's"):
-        loop.load_init_weights(str(reference_run), cfg, other, "tiny")
+    with pytest.raises(SettingError, match="its tokenizer .* is not this run's"):
+        load_init_weights(str(reference_run), cfg, other, "tiny")
 
 
 def test_init_from_hugging_face_and_orbax_folders(reference_run, tmp_path):
@@ -349,23 +357,23 @@ def test_init_from_hugging_face_and_orbax_folders(reference_run, tmp_path):
     assert convert.main(["--run", str(reference_run), "--out", str(hf)]) == 0
     assert convert.main(["--hf", str(hf), "--out", str(orbax)]) == 0
     tokenizer = data.load_or_train_tokenizer(str(reference_run), [], 300)
-    cfg = loop.model_config(train.parse_args([]), types.SimpleNamespace(tokenizer=tokenizer,
-                                                                        eos=data.eos_id(tokenizer)))
-    want, _ = loop.load_init_weights(str(reference_run), cfg, tokenizer, "tiny")
-    assert [loop.init_source_kind(str(p)) for p in (reference_run, reference_run / "checkpoints",
-                                                     reference_run / "checkpoints" / "12", hf, orbax)] == [
+    cfg = model_config(train.parse_args([]), types.SimpleNamespace(tokenizer=tokenizer,
+                                                                   eos=data.eos_id(tokenizer)))
+    want, _ = load_init_weights(str(reference_run), cfg, tokenizer, "tiny")
+    assert [init_source_kind(str(p)) for p in (reference_run, reference_run / "checkpoints",
+                                                reference_run / "checkpoints" / "12", hf, orbax)] == [
         "run", "run", "run", "hf", "orbax"]
-    assert loop.init_source_tokenizer(str(hf), "hf") == str(hf / "tokenizer.json")
-    assert loop.init_source_tokenizer(str(reference_run / "checkpoints"), "run") == str(
+    assert init_source_tokenizer(str(hf), "hf") == str(hf / "tokenizer.json")
+    assert init_source_tokenizer(str(reference_run / "checkpoints"), "run") == str(
         reference_run / "tokenizer.json")
-    assert loop.init_source_tokenizer(str(orbax), "orbax") is None
+    assert init_source_tokenizer(str(orbax), "orbax") is None
     for source in (hf, orbax):
-        got, where = loop.load_init_weights(str(source), cfg, tokenizer, "tiny")
+        got, where = load_init_weights(str(source), cfg, tokenizer, "tiny")
         assert str(source) in where
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
-    with pytest.raises(loop.SettingError, match=r"num_layers 2 \(this run: 4\)"):
-        loop.load_init_weights(str(orbax), cfg.replace(num_layers=4), tokenizer, "tiny")
+    with pytest.raises(SettingError, match=r"num_layers 2 \(this run: 4\)"):
+        load_init_weights(str(orbax), cfg.replace(num_layers=4), tokenizer, "tiny")
 
 
 @pytest.mark.parametrize("make,message", [
@@ -433,8 +441,8 @@ def test_eval_only_needs_a_checkpoint(tmp_path, capsys):
 def test_capacity_factor_reaches_the_config_and_defines_the_run(tmp_path, capsys):
     tokenizer = types.SimpleNamespace(get_vocab_size=lambda: 300)
     corpus = types.SimpleNamespace(tokenizer=tokenizer, eos=2)
-    assert loop.model_config(train.parse_args([]), corpus).capacity_factor is None  # dropless
-    cfg = loop.model_config(train.parse_args(["--capacity-factor", "1.25", "--preset", "small"]), corpus)
+    assert model_config(train.parse_args([]), corpus).capacity_factor is None  # dropless
+    cfg = model_config(train.parse_args(["--capacity-factor", "1.25", "--preset", "small"]), corpus)
     assert (cfg.capacity_factor, cfg.vocab_size, cfg.num_layers) == (1.25, 384, 4)
     # A defining setting: resuming with another capacity is refused unless allowed.
     run_settings.save(train.parse_args(["--out", str(tmp_path), "--capacity-factor", "1.25"]))
@@ -451,15 +459,15 @@ def test_capacity_factor_reaches_the_config_and_defines_the_run(tmp_path, capsys
 
 
 def test_default_prompt_is_the_start_of_held_out_text(reference_run, corpus):
-    assert loop.held_out_prompt(["", "\n  \nimport os\nimport sys\n\n\ndef main():\n    pass\n"]) == \
+    assert held_out_prompt(["", "\n  \nimport os\nimport sys\n\n\ndef main():\n    pass\n"]) == \
         "import os\nimport sys\n\n\ndef main():\n    pass\n"
     lines = [f"line number {i}\n" for i in range(10)]  # 14 characters each
-    assert loop.held_out_prompt(["".join(lines)]) == "".join(lines[:4])  # whole lines, at most 60 characters
-    assert loop.held_out_prompt(["word " * 30]) == ("word " * 12).rstrip()  # one long line: cut at a space
-    assert loop.held_out_prompt(["x" * 80]) == "x" * 60 and loop.held_out_prompt(["  ", ""]) == ""
+    assert held_out_prompt(["".join(lines)]) == "".join(lines[:4])  # whole lines, at most 60 characters
+    assert held_out_prompt(["word " * 30]) == ("word " * 12).rstrip()  # one long line: cut at a space
+    assert held_out_prompt(["x" * 80]) == "x" * 60 and held_out_prompt(["  ", ""]) == ""
     assert train.parse_args([]).prompt is None  # --prompt still overrides
     # The reference run (no --prompt) continued its first held-out document.
     _, held_out = data.split_documents(data.load_documents(corpus))
-    prompt = loop.held_out_prompt(held_out)
+    prompt = held_out_prompt(held_out)
     assert prompt and prompt in held_out[0][:200]
     assert (reference_run / "sample.txt").read_text().startswith(prompt)
