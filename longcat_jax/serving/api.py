@@ -17,25 +17,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from http import HTTPStatus
 from typing import Any
 
 import jinja2
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from longcat_jax.serving.async_bridge import OutputStream, client_gone
-from longcat_jax.serving.engine import EngineStopped, QueueFull
+from longcat_jax.serving.engine import EngineStopped
+from longcat_jax.serving.errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
+from longcat_jax.serving.http_gate import Gate
 from longcat_jax.serving.metrics import ServerMetrics
 from longcat_jax.serving.params import InvalidRequest, RequestOutput, SamplingParams, TokenLogprob
 from longcat_jax.serving.protocol import (
@@ -50,7 +48,6 @@ from longcat_jax.serving.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     ModelCard,
     ModelList,
     TopLogprob,
@@ -61,96 +58,6 @@ from longcat_jax.serving.protocol import (
 log = logging.getLogger(__name__)
 
 _MIN_LOGPROB = -9999.0  # what vLLM reports for -inf: JSON has no infinities
-_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
-
-
-class ApiError(Exception):
-    """A client-facing error: HTTP status and the OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), self.status,
-                            headers=self.headers)
-
-
-def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    return ApiError(status, message, type, param, code, headers).response()
-
-
-# ------------------------------------------------------------------------------------------------- middleware
-class _Gate:
-    """Pure ASGI middleware: the API key (before anything reads the body), the body-size limit, and the
-    catch-all for unexpected exceptions.
-
-    The body is read here, at most max_body_bytes of it, and replayed to the app; later receive() calls go to
-    the server again, so disconnect detection still works. An exception the app's handlers did not turn into
-    a response becomes a logged 500 here, and is not re-raised (Starlette's own catch-all re-raises, and
-    uvicorn then drops the keep-alive connection under the client's next request)."""
-
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self._gated(scope, receive, tracked)
-        except Exception:
-            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            if started:  # half a response is out: all that is left is to drop the connection
-                raise
-            await _error(500, "Internal server error", "server_error", code="internal_error")(
-                scope, receive, send)
-
-    async def _gated(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith("/v1"):
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return await _error(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                    code="invalid_api_key")(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        length = headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await self._too_large(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":  # disconnected while sending the body
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                return await self._too_large(scope, receive, send)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _error(413, f"Request body is larger than {self.max_body_bytes} bytes",
-                     code="request_too_large")(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------- one request
@@ -513,48 +420,15 @@ def build_app(engine, tokenizer, *, model_name: str, api_key: str | None = None,
     app = FastAPI(title="longcat-jax", summary="OpenAI-compatible LongCat server", version="0.1.0")
     s = _Server(engine, tokenizer, model_name, max_n)
     app.state.server = s
-    app.add_middleware(_Gate, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
-            return _error(400, f"The body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-        def where(e: dict) -> str:
-            return ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+    install_error_handlers(app)
 
-        msgs = "; ".join(f"{where(e) or 'body'}: {e.get('msg')}" for e in errors[:5])
-        return _error(400, f"Invalid request: {msgs}", param=where(first) or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")  # "not_found", ...
-        return _error(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
-
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(InvalidRequest)
-    async def _bad(request: Request, exc: InvalidRequest) -> JSONResponse:
-        return _error(400, str(exc), param=exc.param)
-
-    @app.exception_handler(QueueFull)
-    async def _full(request: Request, exc: QueueFull) -> JSONResponse:
-        return _error(429, f"The server is at capacity, retry later ({exc})", "rate_limit_error",
-                      code="rate_limit_exceeded", headers={"Retry-After": "1"})
-
-    @app.exception_handler(EngineStopped)
-    async def _stopped(request: Request, exc: EngineStopped) -> JSONResponse:
-        return _error(503, "The server is shutting down and takes no new requests", "server_error",
-                      code="service_unavailable")
-
-    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERROR_RESPONSES})
+    @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _completions(s, body, request)
 
-    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **_ERROR_RESPONSES})
+    @app.post("/v1/chat/completions", responses={200: {"model": ChatCompletionResponse}, **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _chat(s, body, request)
 
@@ -565,7 +439,8 @@ def build_app(engine, tokenizer, *, model_name: str, api_key: str | None = None,
     @app.get("/health")
     async def health() -> Response:
         if s.draining:
-            return _error(503, "The server is shutting down", "server_error", code="service_unavailable")
+            return error_response(503, "The server is shutting down", "server_error",
+                                  code="service_unavailable")
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
