@@ -1,6 +1,6 @@
 """Where a run's starting weights come from, and --eval-only.
 
-The run's model (`model_config`) and the closing sample's default prompt (`held_out_prompt`); `--init-from
+The run's model (`model_config`); `--init-from
 PATH` (a Hugging Face folder, an Orbax folder of `longcat_jax.convert` or a train.py run): what PATH holds
 (`init_source_kind`), its tokenizer (`init_source_tokenizer`) and its weights, refused with a one-line
 `SettingError` when they do not fit the run (`load_init_weights`, `model_differences`); and `evaluate`,
@@ -23,36 +23,12 @@ from flax import nnx
 import longcat_jax as lj
 
 if TYPE_CHECKING:
-    from longcat_jax.training.loop import Data
+    from longcat_jax.training.corpus import Data
 
 
 class SettingError(ValueError):
     """A setting that cannot work (a source of weights that does not fit the run); one line for stderr."""
 
-
-
-def held_out_prompt(texts, limit: int = 60) -> str:
-    """The closing sample's default prompt: the opening line(s) of the first held-out document that has text,
-    at most `limit` characters and cut at a line boundary (each line kept with its newline), so the sample
-    shows the model continuing real held-out text. A longer first line is cut at its last space before
-    `limit` (at `limit` without one). "" when no document has text."""
-    for text in texts:
-        lines = text.splitlines(keepends=True)
-        while lines and not lines[0].strip():
-            lines.pop(0)  # leading blank lines
-        if not lines:
-            continue
-        prompt = ""
-        for line in lines:
-            if len(prompt) + len(line) > limit:
-                break
-            prompt += line
-        if prompt:
-            return prompt
-        first = lines[0][:limit]
-        cut = first.rfind(" ")
-        return first[:cut] if cut > 0 else first
-    return ""
 
 
 def model_config(args, corpus: Data) -> lj.Config:
@@ -197,14 +173,14 @@ def evaluate(args) -> int:
     --eval-batches batches, printed as one line and written to OUT/eval.json. Trains nothing, saves no
     checkpoint and leaves run_config.json alone. Returns 0, or 2 on a setting or data error (one line)."""
     # loop imports this module at its top, so its run helpers are imported here, at call time.
+    from longcat_jax.training.corpus import load_data
     from longcat_jax.training.loop import (
         _held_out_loss_fn,
         _mesh_context,
         _model,
-        _phase,
         _to_device_fn,
-        load_data,
     )
+    from longcat_jax.training.run_log import phase
 
     source, flag = (args.init_from, "--init-from") if args.init_from else (args.out, "--out")
     try:
@@ -215,7 +191,7 @@ def evaluate(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _phase(f"evaluating {where} on {len(corpus.eval_batches)} held-out batches")
+    phase(f"evaluating {where} on {len(corpus.eval_batches)} held-out batches")
     with _mesh_context(mesh):
         loss = _held_out_loss_fn(graphdef, corpus, _to_device_fn(mesh))(params)
     tokens = int(sum(float(b["loss_mask"].sum()) for b in corpus.eval_batches))

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -33,10 +32,10 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import longcat_jax as lj
-from longcat_jax.training import data, run_settings
+from longcat_jax.training import run_settings
+from longcat_jax.training.corpus import Data, load_data
 from longcat_jax.training.init_weights import (
     evaluate,
-    held_out_prompt,
     load_init_weights,
     model_config,
     place_weights,
@@ -56,7 +55,7 @@ from longcat_jax.training.reliability import (
     replica_fingerprints,
 )
 from longcat_jax.training.run_checkpoint import RunCheckpointer, StopFlag, install_stop_signals
-from longcat_jax.training.run_log import RunLog, plot_loss_curve
+from longcat_jax.training.run_log import RunLog, phase, plot_loss_curve
 from longcat_jax.training.step_measures import Throughput, expert_load_stats, profile_window
 from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
 from sharding.mesh import make_mesh
@@ -82,15 +81,6 @@ def with_deterministic_flags(xla_flags: str) -> str:
 
 class TooManyRestores(RuntimeError):
     pass
-
-
-@dataclasses.dataclass
-class Data:
-    tokenizer: object  # tokenizers.Tokenizer
-    eos: int  # its end-of-text id, which separates packed documents
-    train_iter: object  # grain iterator of packed batches (its state is checkpointed)
-    eval_batches: list
-    sample_prompt: str = ""  # the closing sample's prompt without --prompt: the start of held-out text
 
 
 @dataclasses.dataclass
@@ -171,52 +161,20 @@ def run(args: argparse.Namespace) -> int:
         return 3
 
 
-def load_data(args) -> Data:
-    """The corpus (stdlib or --data) split into train and held-out, a tokenizer, and packed batches."""
-    t0 = time.perf_counter()
-    _phase(f"loading data from {args.data or 'the Python standard library'}")
-    if args.data:
-        train_texts, eval_texts = data.split_documents(data.load_documents(args.data))
-    else:
-        train_files, eval_files = data.split_by_file(data.stdlib_files())
-        train_texts, eval_texts = data.read_text_files(train_files), data.read_text_files(eval_files)
-    tokenizer = data.load_or_train_tokenizer(args.out, train_texts, args.vocab_size, args.tokenizer)
-    if args.tokenizer and not args.eval_only:
-        _keep_tokenizer_copy(args.tokenizer, args.out)
-    eos = data.eos_id(tokenizer)
-    train_docs, eval_docs = data.tokenize(tokenizer, train_texts), data.tokenize(tokenizer, eval_texts)
-    train_iter = data.make_train_iterator(train_docs, args.seq_len, args.batch_size, args.seed, eos)
-    eval_batches = data.make_eval_batches(eval_docs, args.seq_len, args.batch_size, eos, args.eval_batches)
-    n_tokens = sum(len(d) for d in train_docs)
-    _phase(f"data: {len(train_docs)} train / {len(eval_docs)} held-out documents, {n_tokens:,} train tokens, "
-           f"tokenizer of {tokenizer.get_vocab_size()} tokens ({time.perf_counter() - t0:.1f} s)")
-    return Data(tokenizer, eos, train_iter, eval_batches, held_out_prompt(eval_texts))
-
-
-def _keep_tokenizer_copy(path: str, out: str):
-    """OUT/tokenizer.json: a run trained with --tokenizer keeps its own copy, as serve.py and convert --run
-    read it from the run folder (written atomically; left alone when it already is that file)."""
-    target = os.path.join(out, "tokenizer.json")
-    if os.path.exists(target) and os.path.samefile(path, target):
-        return
-    shutil.copyfile(path, target + ".tmp")
-    os.replace(target + ".tmp", target)
-
-
 def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | None = None
           ) -> tuple[Steps, TrainState]:
     """Model and mesh (the weights of `init`, from `load_init_weights`, when given), a fresh optimizer and
     train state (restored with --resume), and the jitted steps."""
     cfg = model_config(args, corpus)
     if init is not None:
-        _phase(f"initial weights: {init[1]}; a fresh optimizer")
+        phase(f"initial weights: {init[1]}; a fresh optimizer")
     mesh, graphdef, params = _model(args, cfg, init[0] if init is not None else None)
     to_device = _to_device_fn(mesh)
 
     resolve = functools.partial(run_settings.resolve_warmup, steps=args.steps)
     warmup = resolve("warmup_steps", args.warmup_steps)
     indexer_warmup = resolve("indexer_warmup_steps", args.indexer_warmup_steps)
-    _phase(run_settings.describe_schedule(args, warmup, indexer_warmup if cfg.use_indexer else 0))
+    phase(run_settings.describe_schedule(args, warmup, indexer_warmup if cfg.use_indexer else 0))
     opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=warmup, total_steps=args.steps,
                                      schedule=args.schedule, use_muon=args.optimizer == "muon")
     optimizer = make_optimizer(opt_settings, params)
@@ -300,7 +258,7 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
     log.event(start_step, f"{args.preset}: {cfg.num_layers} layers, vocab {cfg.vocab_size}, "
               f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters, "
               f"mesh {args.mesh or '1 device'}")
-    _phase("compiling the eval step (the first held-out loss)")
+    phase("compiling the eval step (the first held-out loss)")
     t = time.perf_counter()
     with _mesh_context(mesh):
         first_eval = steps.held_out_loss(state.params)
@@ -432,11 +390,6 @@ def _stopped_before_training(stop: StopFlag) -> int:
     print(f"{stop.signal_name} before training started: nothing was saved; run the same command to start "
           "again", file=sys.stderr)
     return 128 + signal.Signals[stop.signal_name].value
-
-
-def _phase(text: str):
-    """A start-up phase, on stderr as it begins or ends, so a long load or compile is never silent."""
-    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
 def _mesh_context(mesh):

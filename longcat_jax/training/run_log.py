@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -79,3 +80,8 @@ def plot_loss_curve(out_dir: str, path: str | None = None) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def phase(text: str):
+    """A start-up phase, on stderr as it begins or ends, so a long load or compile is never silent."""
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)

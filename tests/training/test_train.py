@@ -18,9 +18,9 @@ import pytest
 import train
 from longcat_jax import convert
 from longcat_jax.training import data, run_settings
+from longcat_jax.training.corpus import held_out_prompt
 from longcat_jax.training.init_weights import (
     SettingError,
-    held_out_prompt,
     init_source_kind,
     init_source_tokenizer,
     load_init_weights,
