@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d'
 # Simulated CPU devices so mesh tests run on one machine.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: test lint train install lock clean
+.PHONY: test lint train notebook install lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: lint
 
 train: $(STAMP)
 	$(VENV)/bin/python train.py
+
+# Run notebooks/quickstart.ipynb headless on this venv's own kernel (its bin/ first on PATH); fails on any
+# cell error. The suite runs it too (tests/test_notebook.py).
+notebook: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/jupyter-execute --kernel_name=python3 --timeout=900 \
+	  notebooks/quickstart.ipynb
 
 # Resolve the newest versions pyproject.toml allows in a scratch environment, write them to the lock, then run
 # the suite on them. Commit the new lock only if `make test` passed.

@@ -5,6 +5,11 @@
     python train.py --resume --out runs/default       # continue exactly where a run stopped
     python train.py --init-from runs/default --data my.jsonl --steps 200 --out runs/ft   # fine-tune a run
     python train.py --eval-only --out runs/default    # the held-out loss of its newest good checkpoint
+    python train.py --config my_run.yaml model.num_layers=4 model.hidden_size=256 --dtype bfloat16
+
+Settings come from flags, a --config file (JSON or YAML, the flags' names as keys, `model:` for overrides;
+a run's OUT/run_config.json is one) and `model.FIELD=VALUE` overrides of the preset's model config; the
+command line wins over the file.
 
 The command line only: the run itself is `longcat_jax.training.loop`. Writes OUT/metrics.jsonl,
 OUT/tensorboard/, OUT/events.log, OUT/checkpoints/, OUT/tokenizer.json, OUT/loss_curve.png, OUT/sample.txt and
@@ -21,36 +26,78 @@ import jax
 import numpy as np
 
 import longcat_jax as lj
+from longcat_jax.training import distributed
 from longcat_jax.training.host_allocator import keep_freed_host_memory
 from longcat_jax.training.init_weights import init_source_kind, init_source_tokenizer
 from longcat_jax.training.loop import REMAT_POLICIES, run
 from longcat_jax.training.reliability import parse_fault
-from longcat_jax.training.run_settings import DEFINING, steps_or_fraction, take_saved
+from longcat_jax.training.run_settings import (
+    DEFINING,
+    config_file_argv,
+    model_overrides,
+    steps_or_fraction,
+    take_saved,
+)
 from sharding.mesh import parse_mesh
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
-    args = p.parse_args(argv)
+    argv = _with_config_file(p, list(sys.argv[1:] if argv is None else argv))
+    args = p.parse_intermixed_args(argv)
+    try:
+        args.model = model_overrides(args.overrides)
+    except ValueError as e:
+        p.error(str(e))
     if args.eval_only and not args.init_from:  # evaluating OUT's own checkpoint: its settings by default
         take_saved(args, given=_given_flags(argv))
     return _checked(p, args)
 
 
+def _with_config_file(p: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` after the settings of its --config file, if any (so the command line wins)."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if "--config" in argv[:-1]:
+        path = argv[argv.index("--config") + 1]
+    if path is None:
+        return argv
+    try:
+        file_argv, skipped = config_file_argv(path, p)
+    except ValueError as e:
+        p.error(str(e))
+    if skipped:
+        print(f"--config {path}: left out {', '.join(skipped)} (settings of one invocation: give them on the "
+              "command line)", file=sys.stderr)
+    return file_argv + argv
+
+
 def _given_flags(argv) -> set[str]:
-    """The settings (argparse dests) that the command line gives, defaults aside."""
+    """The settings (argparse dests) that the command line (with its --config file) gives, defaults aside."""
     p = build_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
+    given = set(vars(p.parse_intermixed_args(argv)))
+    return given | {"model"} if given & {"overrides"} else given
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train LongCat (JAX).", formatter_class=_HelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="model.FIELD=VALUE",
+                   help="change a field of the preset's model config, e.g. model.num_layers=4 "
+                        "model.n_routed_experts=16 (the fields of longcat_jax.Config)")
+    p.add_argument("--config", metavar="FILE",
+                   help="settings from a JSON or YAML file (keys: these flags' names with underscores, and "
+                        "`model` for overrides; a run's run_config.json works); the command line wins")
     p.add_argument("--preset", default="tiny", choices=lj.Config.PRESETS, help="model size and features")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype of activations and matmuls; parameters and the optimizer stay float32 "
+                        "unless model.param_dtype=bfloat16")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps of the whole run")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (divisible by dp)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per row (documents are packed)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                   help="split each step's batch into N micro-batches run one after another, their gradients "
+                        "averaged (activation memory of batch-size / N rows)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=steps_or_fraction, default=None,
                    help="learning-rate warm-up: steps, or a fraction (0-1) of the run "
@@ -73,10 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the --init-from weights: printed and written to OUT/eval.json; trains and saves "
                         "nothing; settings not given are taken from OUT/run_config.json")
     p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. dp=2,tp=2 (axes: dp pp cp ep tp vp)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="multi-process run: process 0's address, with --num-processes and --process-id "
+                        "(jax.distributed.initialize); every process runs the same command (default: one "
+                        "process)")
+    p.add_argument("--num-processes", type=int, metavar="N", help="processes of a multi-process run")
+    p.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
+    p.add_argument("--distributed", action="store_true",
+                   help="a multi-process run whose coordinator, process count and index JAX reads from the "
+                        "cluster's environment (SLURM, Open MPI, Cloud TPU, Kubernetes); also implied by "
+                        "JAX_COORDINATOR_ADDRESS in the environment")
     p.add_argument("--deterministic", action="store_true",
                    help="bit-identical reruns (deterministic XLA ops)")
     p.add_argument("--data",
-                   help="folder of text files or a .jsonl file with a `text` field (default: stdlib)")
+                   help="folder of text files, a .jsonl file with a `text` field, a text file of paragraphs, "
+                        "or a folder written by `python -m longcat_jax.data prepare` (read lazily, with its "
+                        "own tokenizer) (default: the Python standard library)")
     p.add_argument("--tokenizer", help="a tokenizer.json to use instead of training a BPE")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary when training a tokenizer")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
@@ -113,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "held-out document, at most 60 characters, cut at a line boundary)")
     p.add_argument("--sample-tokens", type=int, default=48, help="0 skips the closing sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or periodic progress lines")
+    p.add_argument("--wandb", metavar="PROJECT",
+                   help="also log the metrics to this Weights & Biases project (needs `pip install wandb`; "
+                        "WANDB_MODE=offline needs no account); TensorBoard logging stays on "
+                        "(default: no W&B)")
     p.add_argument("--log-every", type=int, default=10,
                    help="steps between progress lines when stderr is not a terminal")
     p.add_argument("--no-compile-cache", action="store_true",
@@ -136,12 +199,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Checks that span flags or need the machine; p.error exits with a one-line message."""
     positive = ("steps", "batch_size", "seq_len", "save_every", "keep", "eval_every", "max_bad_steps",
-                "log_every")
+                "log_every", "grad_accum")
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.lr <= 0:
         p.error("--lr must be > 0")
+    try:  # before anything asks for devices: the mesh spans every process's devices
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
+    except (ValueError, RuntimeError) as e:
+        p.error(f"joining the multi-process run: {str(e).splitlines()[0]}")
     try:
         args.mesh_sizes = parse_mesh(args.mesh)
         args.fault = parse_fault(args.inject_fault) if args.inject_fault else None
@@ -150,8 +217,16 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     n_mesh = int(np.prod(list(args.mesh_sizes.values()) or [1]))
     if args.mesh and n_mesh != jax.device_count():
         p.error(f"--mesh {args.mesh} needs {n_mesh} devices, this machine has {jax.device_count()}")
-    if args.batch_size % args.mesh_sizes.get("dp", 1):
-        p.error(f"--batch-size {args.batch_size} must divide by dp={args.mesh_sizes['dp']}")
+    if args.batch_size % args.grad_accum:
+        p.error(f"--batch-size {args.batch_size} must divide by --grad-accum {args.grad_accum}")
+    micro = args.batch_size // args.grad_accum
+    if micro % args.mesh_sizes.get("dp", 1):
+        p.error(f"rows per micro-batch ({micro}: --batch-size / --grad-accum) must divide by "
+                f"dp={args.mesh_sizes['dp']}")
+    try:
+        lj.Config.preset(args.preset, dtype=args.dtype, **args.model)
+    except (ValueError, TypeError) as e:
+        p.error(f"--preset {args.preset} with model overrides {args.model}: {e}")
     if args.capacity_factor is not None and not args.capacity_factor > 0:
         p.error("--capacity-factor must be > 0 (leave it out for dropless routing)")
     paths = (("--data", args.data), ("--tokenizer", args.tokenizer), ("--init-from", args.init_from))
@@ -170,6 +245,11 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
         if not os.path.isdir(ckpts) or not any(d.isdigit() for d in os.listdir(ckpts)):
             p.error(f"--eval-only: no checkpoint in {ckpts} to evaluate; train one first, or pass "
                     "--init-from PATH to evaluate other weights")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401  (only asked whether it is there)
+        except ImportError:
+            p.error("--wandb: the wandb package is not installed (pip install wandb)")
     if args.fault and args.fault.kind == "bitflip":
         args.abft = True  # the checksum is what must catch the injected flip
     return args

@@ -14,6 +14,7 @@ integrity check (`run_checkpoint.verify_step_dir`); with a checkpoints folder th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -190,10 +191,12 @@ def load_run(path: str, *, kernel_impl: str | None = None,
         raise LoadError(f"run folder {run}: needs run_config.json and tokenizer.json beside checkpoints/ "
                         f"({e})") from e
     preset = settings.get("preset", "tiny")
-    eos = data.eos_id(bpe)
     changes = {} if kernel_impl is None else {"kernel_impl": kernel_impl}
-    cfg = lj.Config.preset(preset, vocab_size=_rounded(bpe.get_vocab_size()), eos_token_id=eos,
-                           bos_token_id=1, **changes)
+    if "model_config" in settings:  # the run's model as train.py resolved it (preset, overrides, dtype)
+        cfg = dataclasses.replace(lj.Config(**settings["model_config"]), **changes)
+    else:  # a run from before the model config was saved: the preset and the tokenizer say it all
+        cfg = lj.Config.preset(preset, vocab_size=_rounded(bpe.get_vocab_size()),
+                               eos_token_id=data.eos_id(bpe), bos_token_id=1, **changes)
     graphdef, abstract = nnx.split(lj.abstract_model(cfg))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)

@@ -32,11 +32,13 @@ class SettingError(ValueError):
 
 
 def model_config(args, corpus: Data) -> lj.Config:
-    """The run's model: the preset, with the tokenizer's vocabulary rounded up to a multiple of 128 (the
-    serving and export code rebuild it the same way), its EOS, BOS 1, --kernel-impl and --capacity-factor."""
+    """The run's model: the preset with the `model.` overrides, the tokenizer's vocabulary rounded up to a
+    multiple of 128, its EOS, BOS 1, --dtype, --kernel-impl and --capacity-factor (saved whole in
+    run_config.json, from which serving and export rebuild it)."""
     vocab = -(-corpus.tokenizer.get_vocab_size() // 128) * 128
-    return lj.Config.preset(args.preset, vocab_size=vocab, eos_token_id=corpus.eos, bos_token_id=1,
-                            kernel_impl=args.kernel_impl, capacity_factor=args.capacity_factor)
+    return lj.Config.preset(args.preset, **args.model, vocab_size=vocab, eos_token_id=corpus.eos,
+                            bos_token_id=1, dtype=args.dtype, kernel_impl=args.kernel_impl,
+                            capacity_factor=args.capacity_factor)
 
 
 # --- Weights from elsewhere: --init-from, --eval-only -------------------------------------------------------

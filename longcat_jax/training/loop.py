@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import longcat_jax as lj
-from longcat_jax.training import run_settings
+from longcat_jax.training import distributed, run_settings
 from longcat_jax.training.corpus import Data, load_data
 from longcat_jax.training.init_weights import (
     evaluate,
@@ -40,6 +40,7 @@ from longcat_jax.training.init_weights import (
     model_config,
     place_weights,
 )
+from longcat_jax.training.model_flops import step_flops
 from longcat_jax.training.optim import (
     OptimizerSettings,
     learning_rate_schedule,
@@ -56,7 +57,12 @@ from longcat_jax.training.reliability import (
 )
 from longcat_jax.training.run_checkpoint import RunCheckpointer, StopFlag, install_stop_signals
 from longcat_jax.training.run_log import RunLog, phase, plot_loss_curve
-from longcat_jax.training.step_measures import Throughput, expert_load_stats, profile_window
+from longcat_jax.training.step_measures import (
+    Throughput,
+    expert_load_stats,
+    measured_peak,
+    profile_window,
+)
 from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
 from sharding.mesh import make_mesh
 
@@ -81,6 +87,10 @@ def with_deterministic_flags(xla_flags: str) -> str:
 
 class TooManyRestores(RuntimeError):
     pass
+
+
+class DataReadError(ValueError):
+    """The data could not be read mid-run; one line for stderr (the run keeps its last checkpoint)."""
 
 
 @dataclasses.dataclass
@@ -138,10 +148,19 @@ def train(args: argparse.Namespace) -> int:
             return 2
         if stop.requested:
             return _stopped_before_training(stop)
-        run_settings.save(args)
+        if distributed.is_primary():
+            run_settings.save(args, model_config(args, corpus))
         steps, state = build(args, corpus, ckpt, init)
-        log = RunLog(args.out, resume=args.resume)
-        state, step, first_eval, throughput = loop(args, steps, state, corpus, ckpt, log, stop)
+        log = RunLog(args.out, resume=args.resume, wandb_project=args.wandb,
+                     settings=run_settings.current(args), primary=distributed.is_primary())
+        if args.resume:
+            log.rewind(int(state.step))  # steps logged after the checkpoint resumed from are done again
+        try:
+            state, step, first_eval, throughput = loop(args, steps, state, corpus, ckpt, log, stop)
+        except DataReadError as e:
+            log.close()
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         finish(args, steps, state, step, first_eval, throughput, corpus, log, stop.requested)
         log.close()
     finally:
@@ -209,7 +228,7 @@ def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | No
     state = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=state_shardings)(state)
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
-        remat=REMAT_POLICIES[args.remat], host_opt_shardings=host_opt_shardings,
+        remat=REMAT_POLICIES[args.remat], host_opt_shardings=host_opt_shardings, grad_accum=args.grad_accum,
     ), static_argnames=("dense_attention", "measure_recall"), donate_argnums=0,
         out_shardings=(state_shardings, None, None))
     held_out_loss = _held_out_loss_fn(graphdef, corpus, to_device)
@@ -229,9 +248,16 @@ def _model(args, cfg: lj.Config, weights: dict | None):
 def _to_device_fn(mesh):
     batch_sharding = NamedSharding(mesh, P("dp")) if mesh is not None else None
 
+    def place(v):
+        if batch_sharding is None:
+            return jnp.asarray(v)
+        if jax.process_count() == 1:
+            return jax.device_put(v, batch_sharding)
+        # Every process reads the same batches (same data, same seed); each places the rows of its devices.
+        return jax.make_array_from_callback(v.shape, batch_sharding, lambda index: v[index])
+
     def to_device(batch):
-        return {k: jax.device_put(v, batch_sharding) if batch_sharding else jnp.asarray(v)
-                for k, v in batch.items()}
+        return {k: place(v) for k, v in batch.items()}
 
     return to_device
 
@@ -269,6 +295,8 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
         log.event(start_step, f"{stop.signal_name} before the first step: nothing saved, stopping")
         return state, start_step, first_eval, Throughput()
     tokens_per_step = args.batch_size * args.seq_len
+    flops = {dense: step_flops(cfg, state.params, args.batch_size, args.seq_len, sparse=not dense)
+             for dense in (False, True)}
     # A terminal gets a progress bar; a file or pipe gets a plain line every --log-every steps.
     interactive = sys.stderr.isatty()
     bar = tqdm(total=args.steps, initial=start_step, disable=args.no_progress or not interactive,
@@ -277,12 +305,17 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
     load_sum = None
     fault_fired = False
     restores_left = [args.max_restores]
-    throughput = Throughput()
+    throughput = Throughput(peak=measured_peak(mesh, cfg.jnp_dtype))
+    phase(f"matmul rate of the device{'s' if mesh is not None else ''}: {throughput.peak / 1e9:.1f} GFLOP/s "
+          f"({cfg.dtype}); MFU is measured against it")
     step = start_step
     with _mesh_context(mesh):
         while step < args.steps:
             profile_window(args, step + 1, start=True)
-            batch = steps.to_device(next(corpus.train_iter))
+            try:
+                batch = steps.to_device(next(corpus.train_iter))
+            except ValueError as e:  # a prepared shard found damaged when it is read
+                raise DataReadError(str(e).splitlines()[0]) from e
             # An injected fault is transient, like a real one: it fires once, not again after a restore.
             armed = fault is not None and not fault_fired and step == fault.step
             fault_fired = fault_fired or armed
@@ -303,10 +336,10 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
                 log.event(step, f"train step ({kind}): program compiled (or loaded from the cache) and "
                           f"run in {step_time:.1f} s")
             else:
-                throughput.add(tokens_per_step, step_time)
+                throughput.add(tokens_per_step, step_time, flops[dense])
             metrics.update(lr=float(steps.schedule(step - 1)), step_time=step_time)
             if throughput.seconds:
-                metrics["tokens_per_sec"] = throughput.tokens_per_sec
+                metrics.update(tokens_per_sec=throughput.tokens_per_sec, mfu=throughput.mfu)
             load_sum = np.asarray(load) if load_sum is None else load_sum + np.asarray(load)
             if bool(metrics["skipped"]):
                 log.event(step, f"skipped update: loss {float(metrics['loss']):.4g}, grad norm "
@@ -320,11 +353,12 @@ def loop(args, steps: Steps, state: TrainState, corpus: Data, ckpt: RunCheckpoin
             profile_window(args, step, start=False)
             bar.update(max(step - bar.n, 0))
             bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", ce=f"{float(metrics['ce']):.3f}",
-                            tok_s=f"{throughput.tokens_per_sec:.0f}")
+                            tok_s=f"{throughput.tokens_per_sec:.0f}", mfu=f"{throughput.mfu:.0%}")
             if not (interactive or args.no_progress) and (step % args.log_every == 0 or step == args.steps):
                 print(f"step {step}/{args.steps}  loss {float(metrics['loss']):.4f}  "
                       f"ce {float(metrics['ce']):.4f}  lr {metrics['lr']:.2e}  "
-                      f"{throughput.tokens_per_sec:.0f} tokens/s  {step_time:.2f} s/step", flush=True)
+                      f"{throughput.tokens_per_sec:.0f} tokens/s  MFU {throughput.mfu:.0%}  "
+                      f"{step_time:.2f} s/step", flush=True)
             flipped = armed and fault.kind == "bitflip" and mesh is not None
             if flipped:
                 state = _corrupt_one_replica(state, mesh, log, step)
@@ -367,12 +401,16 @@ def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, 
     if args.sample_tokens and not stopped:
         prompt = args.prompt if args.prompt is not None else corpus.sample_prompt
         model = nnx.merge(steps.graphdef, state.params)
-        sample = _sample(model, corpus.tokenizer, prompt, args.sample_tokens)
+        sample = _sample(model, corpus.tokenizer, prompt, args.sample_tokens)  # every process: SPMD
+    if not log.primary:  # one process writes the run's files
+        return
+    if sample:
         with open(os.path.join(args.out, "sample.txt"), "w") as f:
             f.write(sample)
     curve = plot_loss_curve(args.out)
     summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
                "held_out_loss_end": final_eval, "tokens_per_sec": throughput.tokens_per_sec,
+               "mfu": throughput.mfu, "matmul_flops_per_sec": throughput.peak,
                "steady_steps": throughput.steps, "steady_seconds": throughput.seconds,
                "init_from": os.path.abspath(args.init_from) if args.init_from else None}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
@@ -406,6 +444,7 @@ def _restore(ckpt, state, train_iter, log, step, budget: list):
         return state.replace(guard=state.guard.replace(consecutive_bad=jnp.zeros((), jnp.int32))), step
     new_step, new_state = restored
     log.event(step, f"restored checkpoint of step {new_step}")
+    log.rewind(int(new_step))
     return _like(new_state, state), int(new_step)
 
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 
 
-def matmul_rates(n: int, reps: int) -> list[float]:
-    """FLOP/s of `reps` jitted f32 [n, n] @ [n, n] products, after one compile-and-warm-up run."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_rates(n: int, reps: int, dtype=jnp.float32) -> list[float]:
+    """FLOP/s of `reps` jitted [n, n] @ [n, n] products in `dtype`, after one compile-and-warm-up run."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(jnp.matmul)
     f(a, b).block_until_ready()
     rates = []

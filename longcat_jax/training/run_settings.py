@@ -1,6 +1,11 @@
-"""A run's settings on disk, the check a resumed run passes, and warm-up lengths that fit the run.
+"""A run's settings: read from a config file and model overrides, saved on disk, checked on resume, and
+warm-up lengths that fit the run.
 
-`train.py` writes its settings to OUT/run_config.json when a run starts. `--resume` reads them back and
+A run's settings are train.py's flags (each typed and checked by argparse) plus `model`, overrides of the
+model config's fields on top of the preset (`model.num_layers=6` on the command line). `--config FILE` (JSON,
+or YAML for .yaml/.yml) gives any of them, in the flags' names; the command line overrides the file.
+`train.py` writes its settings, and the model config they resolve to, to OUT/run_config.json when a run
+starts; that file is itself a valid --config file. `--resume` reads them back and
 refuses a setting that would change what the run computes (its data, tokenizer, model, optimizer or schedule)
 unless `--allow-change` names it: a resumed run continues the run it claims to, or says it does not.
 `--eval-only` on a run takes the run's saved settings for those not given on its command line
@@ -10,8 +15,14 @@ unless `--allow-change` names it: a resumed run continues the run it claims to, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import os
+import types
+import typing
+
+import longcat_jax as lj
 
 SETTINGS_FILE = "run_config.json"
 
@@ -20,8 +31,19 @@ SETTINGS_FILE = "run_config.json"
 DEFINING = (
     "preset", "data", "tokenizer", "vocab_size", "seq_len", "batch_size", "steps", "seed", "lr",
     "warmup_steps", "schedule", "optimizer", "mtp_weight", "z_loss", "indexer_weight", "indexer_warmup_steps",
-    "balance_weight", "bias_update_rate", "kernel_impl", "init_from", "capacity_factor",
+    "balance_weight", "bias_update_rate", "kernel_impl", "init_from", "capacity_factor", "model", "dtype",
 )
+
+# Settings of one invocation, not of a run: a --config file (another run's run_config.json, say) does not
+# carry them over. `model_config` is derived (the preset with the overrides), saved for readers.
+PER_INVOCATION = ("out", "resume", "eval_only", "allow_change", "config", "inject_fault", "profile_steps",
+                  "coordinator", "num_processes", "process_id", "distributed")
+DERIVED = ("model_config",)
+
+# Model config fields that the run sets from elsewhere, so a `model.` override may not.
+SET_ELSEWHERE = {"vocab_size": "the tokenizer (--tokenizer, --vocab-size)", "eos_token_id": "the tokenizer",
+                 "bos_token_id": "the tokenizer", "pad_token_id": "the tokenizer",
+                 "kernel_impl": "--kernel-impl", "capacity_factor": "--capacity-factor", "dtype": "--dtype"}
 
 # Warm-ups left at their defaults: this many steps, but at most this share of the run, so that a short run
 # still decays its learning rate and reaches the sparse stage.
@@ -66,9 +88,114 @@ def describe_schedule(args, warmup: int, indexer_warmup: int) -> str:
     return text + "; sparse attention from step 1"
 
 
-def current(args) -> dict:
-    """The settings to save: every command-line value, with paths made absolute."""
-    out = {k: v for k, v in vars(args).items() if k not in ("fault", "mesh_sizes")}
+def read_config_file(path: str) -> dict:
+    """The settings in a --config file: a JSON or YAML mapping of setting names to values."""
+    try:
+        with open(path) as f:
+            if path.endswith((".yaml", ".yml")):
+                import yaml
+
+                settings = yaml.safe_load(f)
+            else:
+                settings = json.load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
+        raise ValueError(f"--config {path}: not valid {kind} ({str(e).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--config {path}: expected a mapping of setting names to values")
+    return settings
+
+
+def config_file_argv(path: str, parser: argparse.ArgumentParser) -> tuple[list[str], list[str]]:
+    """The command line a --config file stands for: each setting as its own flag (and `model` as
+    `model.FIELD=VALUE` overrides), so that argparse checks its type and choices exactly as on the command
+    line, and the real command line, parsed after it, wins. Returns (argv, the per-invocation settings the
+    file held and that were left out)."""
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    argv, skipped = [], []
+    for key, value in read_config_file(path).items():
+        if key in PER_INVOCATION:
+            if value not in (None, False, [], ""):
+                skipped.append(key)
+            continue
+        if key in DERIVED or value is None:
+            continue
+        if key == "model":
+            if not isinstance(value, dict):
+                raise ValueError(f"--config {path}: `model` must map model config fields to values")
+            argv += [f"model.{k}={_text(v)}" for k, v in value.items()]
+            continue
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"--config {path}: unknown setting {key!r}{hint}")
+        action = actions[key]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path}: {key} must be true or false, got {value!r}")
+            argv += [action.option_strings[0]] if value else []
+        else:
+            argv += [action.option_strings[0], _text(value)]
+    return argv, skipped
+
+
+def model_overrides(items: list[str]) -> dict:
+    """`model.FIELD=VALUE` items as {field: value}, each value parsed as its field's type (int, float, bool
+    `true`/`false`, a choice, `none` where the field allows it). A ValueError names a bad item."""
+    hints = typing.get_type_hints(lj.Config)
+    fields = [f.name for f in dataclasses.fields(lj.Config)]
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not key.startswith("model.") or not sep:
+            raise ValueError(f"{item!r}: expected a flag or a model override model.FIELD=VALUE")
+        name = key[len("model."):]
+        if name in SET_ELSEWHERE:
+            raise ValueError(f"{key}: set by {SET_ELSEWHERE[name]}, not as a model override")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ValueError(f"{key}: the model config has no field {name!r}"
+                             + (f" (did you mean model.{close[0]}?)" if close else ""))
+        out[name] = _parse_as(text, hints[name], item)
+    return out
+
+
+def _parse_as(text: str, kind, item: str):
+    options = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null"):
+            return None
+        (kind,) = [o for o in options if o is not type(None)]
+        options = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Literal:
+        if text not in options:
+            raise ValueError(f"{item}: expected one of {', '.join(options)}")
+        return text
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"{item}: expected true or false")
+        return text.lower() == "true"
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{item}: expected {'an integer' if kind is int else 'a number'}") from None
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def current(args, cfg: lj.Config | None = None) -> dict:
+    """The settings to save: every command-line value, with paths made absolute, and the model config."""
+    out = {k: v for k, v in vars(args).items() if k not in ("fault", "mesh_sizes", "overrides")}
+    if cfg is not None:
+        out["model_config"] = dataclasses.asdict(cfg)
     for key in ("data", "tokenizer", "out", "init_from"):
         if out.get(key):
             out[key] = os.path.abspath(out[key])
@@ -86,7 +213,7 @@ def check_resume(args) -> str | None:
     allowed = set(args.allow_change or ())
     for key in DEFINING:
         if key in saved and saved[key] != now.get(key) and key not in allowed:
-            flag = "--" + key.replace("_", "-")
+            flag = "model overrides" if key == "model" else "--" + key.replace("_", "-")
             return (f"--resume: {args.out} was started with {flag} {_shown(saved[key])}, not "
                     f"{_shown(now.get(key))}; pass --allow-change {key.replace('_', '-')} to continue it "
                     "with the new value")
@@ -112,9 +239,12 @@ def take_saved(args, given: set[str]) -> list[str]:
     return taken
 
 
-def save(args):
-    with open(os.path.join(args.out, SETTINGS_FILE), "w") as f:
-        json.dump(current(args), f, indent=2, sort_keys=True)
+def save(args, cfg: lj.Config):
+    """OUT/run_config.json, written atomically."""
+    path = os.path.join(args.out, SETTINGS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(current(args, cfg), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def _shown(value) -> str:

@@ -12,18 +12,39 @@ import numpy as np
 
 @dataclasses.dataclass
 class Throughput:
-    """Tokens per second over the steady steps only: a step that compiled a program is left out."""
+    """Tokens per second and model-FLOPs utilisation over the steady steps only: a step that compiled a
+    program is left out. `peak` is the devices' measured matmul rate (FLOP/s, all devices together)."""
 
     tokens: int = 0
     seconds: float = 0.0
     steps: int = 0
+    flops: float = 0.0
+    peak: float = 0.0
 
-    def add(self, tokens: int, seconds: float):
+    def add(self, tokens: int, seconds: float, flops: float = 0.0):
         self.tokens, self.seconds, self.steps = self.tokens + tokens, self.seconds + seconds, self.steps + 1
+        self.flops += flops
 
     @property
     def tokens_per_sec(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOP/s (`model_flops.step_flops`) over the measured matmul rate."""
+        return self.flops / self.seconds / self.peak if self.seconds and self.peak else 0.0
+
+
+def measured_peak(mesh, dtype) -> float:
+    """The matmul rate of the run's devices in its compute dtype (the best of three square products on one
+    device, times the device count): what MFU is measured against, so it reads as a share of what this
+    machine really does rather than of a datasheet figure. Accelerators get 8192-wide products, large enough
+    to hide launch overhead; a CPU reaches its rate at 1024 in a fraction of a second."""
+    from longcat_jax.training.matmul_rate import matmul_rates
+
+    devices = mesh.size if mesh is not None else 1
+    n = 1024 if jax.default_backend() == "cpu" else 8192
+    return max(matmul_rates(n, 3, dtype)) * devices
 
 
 def profile_window(args, step: int, start: bool):

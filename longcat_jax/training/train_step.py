@@ -147,21 +147,51 @@ def update_router_bias(params, expert_load, cfg: Config, rate: float):
     return jax.tree_util.tree_map_with_path(update, params)
 
 
+def accumulated_grads(params, batch, grad_accum: int, **loss_kwargs):
+    """Gradients and loss terms of `batch` over `grad_accum` micro-batches run one after another (a scan):
+    the mean of the micro-batches' gradients and terms, their expert loads summed, any ABFT mismatch.
+
+    Micro-batch a takes rows a, a + N, a + 2N, ... (N = grad_accum), so a batch sharded over dp in contiguous
+    blocks gives each device its own rows in every micro-batch. The mean equals the whole batch's gradient
+    when the micro-batches hold equally many real targets (packed training rows do, up to their EOS
+    positions); the balance loss is the one term computed per micro-batch, as in any accumulation."""
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+    if grad_accum == 1:
+        (_, aux), grads = grad_fn(params, batch=batch, **loss_kwargs)
+        return grads, aux
+    n = grad_accum
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def one(acc, mb):
+        (_, (terms, load, mismatch)), grads = grad_fn(params, batch=mb, **loss_kwargs)
+        sums, load_sum, any_mismatch = acc
+        return (jax.tree.map(jnp.add, sums, (grads, terms)), load_sum + load, any_mismatch | mismatch), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda mb: grad_fn(params, batch=mb, **loss_kwargs), first)
+    (_, (terms0, load0, _)), grads0 = shapes
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), ((grads0, terms0), load0))
+    (sums, load, mismatch), _ = jax.lax.scan(one, (*zeros, jnp.array(False)), micro)
+    grads, terms = jax.tree.map(lambda x: x / grad_accum, sums)
+    return grads, (terms, load, mismatch)
+
+
 def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, settings: LossSettings,
                dense_attention=False, measure_recall=False, remat=None, nan_fault_step=-1, flip_fault_step=-1,
-               host_opt_shardings=None):
+               host_opt_shardings=None, grad_accum=1):
     """One update: gradients, guard (NaN / spike / ABFT), optimizer, router-bias balancing.
 
     host_opt_shardings: the optimizer state lives in host memory (these are its shardings); it is copied to
     device memory for the update and the new state is written back to the host (optimizer-state offload).
+    grad_accum: micro-batches per step (`accumulated_grads`).
 
     Returns (new state, metrics dict of scalars, expert_load [L, slots]). A bad step keeps the old parameters
     and optimizer state; the step counter still advances so the data stream stays aligned.
     """
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    (_, (terms, load, mismatch)), grads = grad_fn(
-        state.params, graphdef, batch, cfg, settings, dense_attention=dense_attention,
-        measure_recall=measure_recall, remat=remat, fault_flip=state.step == flip_fault_step)
+    grads, (terms, load, mismatch) = accumulated_grads(
+        state.params, batch, grad_accum, graphdef=graphdef, cfg=cfg, settings=settings,
+        dense_attention=dense_attention, measure_recall=measure_recall, remat=remat,
+        fault_flip=state.step == flip_fault_step)
     grads = inject_nan(grads, where=state.step == nan_fault_step)
     grad_norm = optax.global_norm(grads)
     loss = jnp.where(mismatch, jnp.nan, terms["loss"])  # an SDC makes the step as untrustworthy as a NaN
