@@ -1,5 +1,6 @@
 """A run's corpus: the documents (the Python standard library or --data) split into train and held-out, its
-tokenizer, and the packed batches the steps read."""
+tokenizer, and the packed batches the steps read. A --data folder written by ``python -m longcat_jax.data
+prepare`` is read lazily from its shards instead (``prepared_data``), with its own tokenizer."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import shutil
 import time
 
-from longcat_jax.training import data
+from longcat_jax.training import data, prepared_data
 from longcat_jax.training.run_log import phase
 
 
@@ -22,11 +23,18 @@ class Data:
 
 
 def load_data(args) -> Data:
-    """The corpus (stdlib or --data) split into train and held-out, a tokenizer, and packed batches."""
+    """The corpus (stdlib, --data, or a prepared --data folder) split into train and held-out, a tokenizer,
+    and packed batches."""
     t0 = time.perf_counter()
     phase(f"loading data from {args.data or 'the Python standard library'}")
+    if args.data and prepared_data.is_prepared(args.data):
+        return _load_prepared(args, t0)
     if args.data:
-        train_texts, eval_texts = data.split_documents(data.load_documents(args.data))
+        documents = data.load_documents(args.data)
+        try:
+            train_texts, eval_texts = data.split_documents(documents)
+        except ValueError as e:  # one paragraph, one JSON line or one file: say which input has too few
+            raise ValueError(f"{args.data}: {e}") from e
     else:
         train_files, eval_files = data.split_by_file(data.stdlib_files())
         train_texts, eval_texts = data.read_text_files(train_files), data.read_text_files(eval_files)
@@ -43,12 +51,30 @@ def load_data(args) -> Data:
     return Data(tokenizer, eos, train_iter, eval_batches, held_out_prompt(eval_texts))
 
 
+def _load_prepared(args, t0: float) -> Data:
+    """A prepared folder: its tokenizer is the run's, its shards are read when a batch needs a document."""
+    corpus = prepared_data.open_prepared(args.data)
+    prepared_data.check_run_tokenizer(corpus, args.tokenizer, args.vocab_size)
+    if not args.eval_only:
+        _keep_tokenizer_copy(corpus.tokenizer_path, args.out)
+    train_iter = data.make_train_iterator(corpus.train, args.seq_len, args.batch_size, args.seed, corpus.eos)
+    eval_batches = data.make_eval_batches(corpus.eval, args.seq_len, args.batch_size, corpus.eos,
+                                          args.eval_batches)
+    train = corpus.manifest["splits"]["train"]
+    phase(f"data: {train['documents']} train / {len(corpus.eval.lengths)} held-out documents, "
+          f"{train['tokens']:,} train tokens, tokenizer of {corpus.tokenizer.get_vocab_size()} tokens, "
+          f"prepared (read as needed) ({time.perf_counter() - t0:.1f} s)")
+    prompt = held_out_prompt(prepared_data.held_out_texts(corpus))
+    return Data(corpus.tokenizer, corpus.eos, train_iter, eval_batches, prompt)
+
+
 def _keep_tokenizer_copy(path: str, out: str):
     """OUT/tokenizer.json: a run trained with --tokenizer keeps its own copy, as serve.py and convert --run
     read it from the run folder (written atomically; left alone when it already is that file)."""
     target = os.path.join(out, "tokenizer.json")
     if os.path.exists(target) and os.path.samefile(path, target):
         return
+    os.makedirs(out, exist_ok=True)
     shutil.copyfile(path, target + ".tmp")
     os.replace(target + ".tmp", target)
 

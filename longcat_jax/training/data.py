@@ -9,7 +9,8 @@ Packing is concatenate-and-chunk (no truncation, no padding in training): row ``
 stream but the first is a target exactly once. Training streams are infinite: epoch ``e`` visits the documents
 in a permutation drawn from ``(seed, e)``, and a row may run from one epoch into the next (epochs end on an
 EOS). A batch is a pure function of its index, so the grain iterator's state is just the next batch index and
-a restored iterator continues exactly where the saved one stopped.
+a restored iterator continues exactly where the saved one stopped. The packer holds only the documents'
+lengths and reads the few a batch covers from a ``DocumentStore`` (in memory, or a prepared folder's shards).
 
 Within a row, a "document piece" is a maximal run of one document's tokens. ``segment_ids`` number the pieces
 1, 2, ... (0 = padding), ``positions`` restart at 0 on each piece, and ``loss_mask`` is 0 where the input is a
@@ -21,13 +22,15 @@ the N-gram history and the MTP targets inside one document using ``segment_ids``
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
 import sys
 import sysconfig
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
 
 import grain
 import numpy as np
@@ -57,35 +60,43 @@ def stdlib_files() -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP_DIRS]
-        found += [
-            os.path.join(dirpath, f)
-            for f in filenames
-            if f.endswith(".py") and not f.startswith("_sysconfigdata")
-        ]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if f.endswith(".py") and not f.startswith("_sysconfigdata")]
     if not found:
         raise FileNotFoundError(f"no Python standard library sources found under {root!r}")
     return sorted(found)
 
 
-def _split_by_hash(items: Sequence[str], keys: Sequence[str], eval_fraction: float, what: str):
+def document_hash(text: str) -> int:
+    """The key of a document's train/eval side: crc32 is stable across processes and machines, unlike the
+    salted built-in hash()."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def eval_flags(hashes: Sequence[int], eval_fraction: float = 0.05, what: str = "documents") -> np.ndarray:
+    """Which items are held out (bool ``[N]``), from their crc32 hashes, so a split can be streamed (one hash
+    per item). Fewer than 2 items, or ``eval_fraction`` outside (0, 1), is a ValueError."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    if len(items) < 2:
-        raise ValueError(f"need at least 2 {what} to split into train and eval, got {len(items)}")
-    # crc32 is stable across processes and machines, unlike the salted built-in hash().
-    hashes = [zlib.crc32(k.encode("utf-8")) for k in keys]
-    is_eval = [h < eval_fraction * 2**32 for h in hashes]
-    # Tiny corpora: move the extreme hash across so that neither side is empty.
-    if not any(is_eval):
-        is_eval[hashes.index(min(hashes))] = True
-    if all(is_eval):
-        is_eval[hashes.index(max(hashes))] = False
+    if len(hashes) < 2:
+        raise ValueError(f"need at least 2 {what} to split into train and eval, got {len(hashes)}")
+    hashes = np.asarray(hashes, dtype=np.uint32)
+    is_eval = hashes < eval_fraction * 2**32
+    # Tiny corpora: move the extreme hash (its first holder) across so that neither side is empty.
+    if not is_eval.any():
+        is_eval[np.argmin(hashes)] = True
+    if is_eval.all():
+        is_eval[np.argmax(hashes)] = False
+    return is_eval
+
+
+def _split_by_hash(items: Sequence[str], keys: Sequence[str], eval_fraction: float, what: str):
+    is_eval = eval_flags([document_hash(k) for k in keys], eval_fraction, what)
     return [x for x, e in zip(items, is_eval) if not e], [x for x, e in zip(items, is_eval) if e]
 
 
-def split_by_file(
-    paths: Sequence[str], eval_fraction: float = 0.05, root: str | None = None
-) -> tuple[list[str], list[str]]:
+def split_by_file(paths: Sequence[str], eval_fraction: float = 0.05, root: str | None = None
+                  ) -> tuple[list[str], list[str]]:
     """Deterministic train/eval split by a crc32 hash of each path relative to ``root``.
 
     A file's side depends only on its relative path, so it stays put when other files come or go and on any
@@ -116,24 +127,65 @@ def split_documents(texts: Sequence[str], eval_fraction: float = 0.05) -> tuple[
 
 def read_text_files(paths: Sequence[str]) -> list[str]:
     """Reads each file as strict UTF-8; a file that cannot be read or decoded is a ValueError naming it."""
-    texts = []
-    for p in paths:
-        try:
-            with open(p, encoding="utf-8") as f:
-                texts.append(f.read())
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-        except OSError as e:
-            raise ValueError(f"{p}: cannot read file: {e.strerror or e}") from e
-    return texts
+    return [_read_text_file(p) for p in paths]
 
 
-def _read_jsonl(path: str) -> list[str]:
-    (text,) = read_text_files([path])
-    docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
+def _read_text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read file: {e.strerror or e}") from e
+
+
+def _utf8_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a file read in binary and cut at b"\\n" only, so a file of any size streams
+    (JSON strings may hold U+2028 and friends, which str.splitlines cuts at); decoding is strict."""
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")  # b"\n" never falls inside a multi-byte character
+                except UnicodeDecodeError as e:
+                    at = f"byte {offset + e.start}, line {n}"
+                    raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at {at})") from e
+                offset += len(raw)
+                yield n, line
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read file: {e.strerror or e}") from e
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def _paragraphs(path: str, chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """A text file's paragraphs, the pieces of ``re.split(_PARAGRAPH_BREAK, text)`` with newlines stripped at
+    both ends, read in chunks: each chunk is split only up to its last non-whitespace character (trailing
+    whitespace may be a break the next chunk completes), and its last piece waits for more text. Chunks grow
+    with that piece, so a long paragraph is rescanned a bounded number of times."""
+    carry, lines, size = "", [], 0
+    for _, line in _utf8_lines(path):
+        lines.append(line.replace("\r\n", "\n").replace("\r", "\n"))  # universal newlines, as open() reads
+        size += len(line)
+        if size < max(chunk_chars, len(carry)):
+            continue
+        carry, lines, size = "".join([carry, *lines]), [], 0
+        cut = len(carry.rstrip())
+        *done, rest = _PARAGRAPH_BREAK.split(carry[:cut])
+        yield from (d.strip("\n") for d in done)
+        carry = rest + carry[cut:]
+    yield from (d.strip("\n") for d in _PARAGRAPH_BREAK.split("".join([carry, *lines])))
+
+
+def _jsonl_texts(path: str) -> Iterator[str | None]:
+    """The ``text`` of each record, line by line; None for a blank line (such as a trailing newline)."""
+    for n, line in _utf8_lines(path):
         if not line.strip():
-            continue  # blank lines, e.g. a trailing newline, are not records
+            yield None
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -141,60 +193,73 @@ def _read_jsonl(path: str) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             # ValueError, not TypeError: this is bad input data, like the invalid JSON above.
             raise ValueError(f'{path}:{n}: expected an object with a string "text" field')  # noqa: TRY004
-        docs.append(record["text"])
-    return docs
+        yield record["text"]
 
 
-def load_documents(path: str) -> list[str]:
-    """Loads a corpus: a folder of text files, a ``.jsonl`` file with a string ``text`` field per line, or a
-    single text file, whose paragraphs (split at blank lines) are its documents.
+def _folder_files(path: str) -> list[str]:
+    def unreadable(e: OSError):
+        raise ValueError(f"{e.filename}: cannot read folder: {e.strerror or e}")
+
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
+    if not files:
+        raise ValueError(f"data folder {path!r} contains no files")
+    return sorted(files)
+
+
+def iter_documents(path: str) -> Iterator[str]:
+    """Reads a corpus one document at a time, so a corpus larger than memory streams: a folder of text files
+    (file by file), a ``.jsonl`` file with a string ``text`` field per line (line by line), or a single text
+    file, whose paragraphs (split at blank lines) are its documents (chunk by chunk). Yields the non-empty
+    documents in file (and line) order: empty ones would feed bare EOS tokens. Blank JSONL lines are ignored.
 
     Folders are walked recursively in sorted order; names starting with "." (such as ``.git``) are left out.
     Every other file must be strict UTF-8: one that is not, or cannot be read, is an error naming it (nothing
-    is skipped or decoded lossily). Blank JSONL lines are ignored. Empty documents carry no text and are
-    dropped, in order to not feed bare EOS tokens.
+    is skipped or decoded lossily).
 
-    Args:
-        path: a directory or a ``.jsonl`` file.
-
-    Returns:
-        The non-empty documents, in file (and line) order.
-
-    Raises:
+    Raises (when the reader reaches the problem):
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` holds no files or no lines, a file is unreadable or not UTF-8, a JSONL line is
-            invalid JSON or lacks a string ``text`` (message gives ``path:line``), or every document is empty.
+        ValueError: ``path`` holds no files or no lines, a file or folder is unreadable or not UTF-8, a JSONL
+            line is invalid JSON or lacks a string ``text`` (the message gives ``path:line``), or every
+            document is empty.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"data path {path!r} does not exist")
+    is_jsonl = not os.path.isdir(path) and path.endswith(".jsonl")
     if os.path.isdir(path):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in filenames if not f.startswith(".")]
-        if not files:
-            raise ValueError(f"data folder {path!r} contains no files")
-        docs = read_text_files(sorted(files))
-    elif path.endswith(".jsonl"):
-        docs = _read_jsonl(path)
-        if not docs:
-            raise ValueError(f"data file {path!r} contains no JSON lines")
+        texts = (_read_text_file(p) for p in _folder_files(path))
+    elif is_jsonl:
+        texts = _jsonl_texts(path)
     else:
         # One file holds one corpus: its paragraphs are the documents, so it can be split into train and eval.
-        docs = [d.strip("\n") for d in re.split(r"\n\s*\n", read_text_files([path])[0])]
-    docs = [d for d in docs if d]
-    if not docs:
+        texts = _paragraphs(path)
+    records = kept = 0
+    for text in texts:
+        records += text is not None
+        if text:
+            kept += 1
+            yield text
+    if is_jsonl and not records:
+        raise ValueError(f"data file {path!r} contains no JSON lines")
+    if not kept:
         raise ValueError(f"every document in {path!r} is empty")
-    return docs
+
+
+def load_documents(path: str) -> list[str]:
+    """The documents of ``iter_documents(path)`` as one list (a corpus that fits in memory)."""
+    return list(iter_documents(path))
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 
-def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Trains a byte-level BPE (GPT-2 pre-tokenization) with ``<pad>``=0, ``<s>``=1, ``</s>``=2.
 
-    Byte-level means any text round-trips, so no unknown token is needed. Training is deterministic.
+    Byte-level means any text round-trips, so no unknown token is needed. Training is deterministic and
+    streams: ``texts`` may be a generator (the trainer keeps word counts, not the texts).
 
     Args:
         texts: training documents.
@@ -202,10 +267,11 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
             stop short of it.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(
-            f"vocab_size must be >= {len(SPECIAL_TOKENS) + 256} for a byte-level BPE, got {vocab_size}"
-        )
-    if not any(texts):
+        raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 256} for a byte-level BPE, "
+                         f"got {vocab_size}")
+    texts = iter(texts)  # may be a generator: read once, by the trainer
+    first = next((t for t in texts if t), None)  # empty texts add nothing to the counts
+    if first is None:
         raise ValueError("cannot train a tokenizer on no text")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -216,22 +282,24 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(itertools.chain([first], texts), trainer)
     return tokenizer
 
 
-def _load_tokenizer(path: str) -> Tokenizer:
-    if not os.path.isfile(path):
+def load_tokenizer(path: str) -> Tokenizer:
+    """Reads a tokenizer.json; a missing or unparseable file is an error naming it."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer {path!r} is a folder, not a tokenizer.json file")
     try:
         return Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception for unparseable files
         raise ValueError(f"{path}: not a valid tokenizer.json: {e}") from e
 
 
-def load_or_train_tokenizer(
-    out_dir: str, texts: Sequence[str], vocab_size: int, tokenizer_path: str | None = None
-) -> Tokenizer:
+def load_or_train_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int,
+                            tokenizer_path: str | None = None) -> Tokenizer:
     """Loads ``tokenizer_path`` if given; else reuses ``out_dir/tokenizer.json``, training and saving it
     if absent.
 
@@ -240,15 +308,13 @@ def load_or_train_tokenizer(
             tokenizer's vocabulary is larger than ``vocab_size`` (it would not fit the model).
     """
     if tokenizer_path is not None:
-        return _load_tokenizer(tokenizer_path)
+        return load_tokenizer(tokenizer_path)
     cached = os.path.join(out_dir, "tokenizer.json")
     if os.path.exists(cached):
-        tokenizer = _load_tokenizer(cached)
+        tokenizer = load_tokenizer(cached)
         if tokenizer.get_vocab_size() > vocab_size:
-            raise ValueError(
-                f"{cached} has {tokenizer.get_vocab_size()} tokens, more than vocab_size={vocab_size}; "
-                "use another output folder or delete it"
-            )
+            raise ValueError(f"{cached} has {tokenizer.get_vocab_size()} tokens, more than "
+                             f"vocab_size={vocab_size}; use another output folder or delete it")
         return tokenizer
     tokenizer = train_bpe(texts, vocab_size)
     os.makedirs(out_dir, exist_ok=True)
@@ -284,23 +350,47 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------- packing
 
 
+@runtime_checkable
+class DocumentStore(Protocol):
+    """Token documents by index, the packer's input: every length up front (small), tokens on demand.
+    ``InMemoryDocuments`` holds a tokenized corpus; ``prepared_data.ShardedDocuments`` reads the ArrayRecord
+    shards of ``python -m longcat_jax.data prepare`` only when a batch needs a document."""
+
+    lengths: np.ndarray  # int64 [N]: tokens per document, without the EOS the packer appends
+
+    def get(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The int32 token arrays of documents ``indices``, in that order."""
+        ...
+
+
+class InMemoryDocuments:
+    """A ``DocumentStore`` over token arrays already in memory."""
+
+    def __init__(self, token_docs: Sequence[np.ndarray]):
+        self.docs = [np.asarray(d, dtype=np.int32).reshape(-1) for d in token_docs]
+        self.lengths = np.array([len(d) for d in self.docs], dtype=np.int64)
+
+    def get(self, indices: np.ndarray) -> list[np.ndarray]:
+        return [self.docs[i] for i in indices]
+
+
 class _PackedBatches:
     """Random-access batches of a packed token stream: ``batches[i]`` is a pure function of ``i``.
 
     ``seed=None`` gives one pass in the given document order, padded at the end (eval); an int gives an
-    infinite stream with a fresh permutation per epoch (training).
+    infinite stream with a fresh permutation per epoch (training). Only the lengths are held: a batch fetches
+    the few documents it covers from ``store``, so the corpus need not fit in memory.
     """
 
-    def __init__(self, token_docs, seq_len, batch_size, eos_id, seed, num_batches):
-        if not token_docs:
+    def __init__(self, docs, seq_len, batch_size, eos_id, seed, num_batches):
+        self.store = docs if isinstance(docs, DocumentStore) else InMemoryDocuments(docs)
+        if not len(self.store.lengths):
             raise ValueError("no documents to pack")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-        docs = [np.asarray(d, dtype=np.int32).reshape(-1) for d in token_docs]
-        self.lens = np.array([len(d) + 1 for d in docs], dtype=np.int64)  # + the EOS separator
-        self.starts = np.concatenate([[0], np.cumsum(self.lens)[:-1]])
-        self.flat = np.concatenate([np.append(d, np.int32(eos_id)) for d in docs])
-        self.total = int(self.flat.size)
+        self.lens = np.asarray(self.store.lengths, dtype=np.int64) + 1  # + the EOS separator
+        self.total = int(self.lens.sum())
+        self.eos_id = np.int32(eos_id)
         self.seq_len, self.batch_size, self.seed, self.num_batches = seq_len, batch_size, seed, num_batches
         self._epoch = functools.lru_cache(maxsize=4)(self._epoch_arrays)
 
@@ -323,10 +413,16 @@ class _PackedBatches:
             sel = epochs == e
             order, ends = self._epoch(int(e))
             off = g[sel] % self.total
-            k = np.searchsorted(ends, off, side="right")
+            k = np.searchsorted(ends, off, side="right")  # visit number of each position's document
             doc = order[k]
             w = off - (ends[k] - self.lens[doc])
-            tokens[sel], within[sel], length[sel] = self.flat[self.starts[doc] + w], w, self.lens[doc]
+            # The visits this epoch's positions touch, each document's tokens followed by its EOS.
+            visits = np.unique(k)
+            pieces = [np.append(d, self.eos_id) for d in self.store.get(order[visits])]
+            local = np.concatenate(pieces)
+            local_starts = np.concatenate([[0], np.cumsum([len(piece) for piece in pieces])[:-1]])
+            at = local_starts[np.searchsorted(visits, k)] + w
+            tokens[sel], within[sel], length[sel] = local[at], w, self.lens[doc]
         return tokens, within, length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -356,12 +452,13 @@ class _PackedBatches:
 
 
 def make_train_iterator(
-    token_docs: Sequence[np.ndarray], seq_len: int, batch_size: int, seed: int, eos_id: int
+    token_docs: Sequence[np.ndarray] | DocumentStore, seq_len: int, batch_size: int, seed: int, eos_id: int
 ) -> grain.DatasetIterator:
     """An infinite, checkpointable grain iterator of packed training batches.
 
     Args:
-        token_docs: one int32 array ``[len_i]`` per document, without EOS (it is appended here).
+        token_docs: one int32 array ``[len_i]`` per document, without EOS (it is appended here), or a
+            ``DocumentStore`` that reads them when a batch needs them.
         seq_len: tokens per row, L.
         batch_size: rows per batch, B.
         seed: seeds the per-epoch document permutations; the same seed gives the same batches.
@@ -375,19 +472,12 @@ def make_train_iterator(
     source = _PackedBatches(token_docs, seq_len, batch_size, eos_id, seed=seed, num_batches=sys.maxsize)
     # One prefetch thread overlaps batch building with the train step; grain's state still counts only the
     # batches handed out, so checkpoints stay exact.
-    dataset = grain.MapDataset.source(source).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-    )
-    return iter(dataset)
+    read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+    return iter(grain.MapDataset.source(source).to_iter_dataset(read))
 
 
-def make_eval_batches(
-    token_docs: Sequence[np.ndarray],
-    seq_len: int,
-    batch_size: int,
-    eos_id: int,
-    max_batches: int | None = None,
-) -> list[dict[str, np.ndarray]]:
+def make_eval_batches(token_docs: Sequence[np.ndarray] | DocumentStore, seq_len: int, batch_size: int,
+                      eos_id: int, max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
     """One pass over the documents in the given order, packed like training, the tail padded.
 
     Padding (inputs/targets ``PAD_ID``, segment 0, loss_mask 0) fills the last row and the last batch, so

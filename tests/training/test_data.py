@@ -1,6 +1,8 @@
 """longcat_jax.training.data: corpus split and loading, tokenizer, packing, resumable grain iterators."""
 
+import hashlib
 import os
+import re
 
 import grain
 import numpy as np
@@ -138,6 +140,39 @@ def test_load_jsonl(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"text": "one", "id": 1}\n\n{"text": "two\\nlines"}\n{"text": ""}\n', encoding="utf-8")
     assert data.load_documents(str(p)) == ["one", "two\nlines"]
+    # Lines end at "\n" only: a raw U+2028 inside a JSON string (valid JSON) is text, not a line break.
+    p.write_bytes('{"text": "a\u2028b"}\r\n{"text": "c"}\n'.encode("utf-8"))
+    assert data.load_documents(str(p)) == ["a\u2028b", "c"]
+
+
+def test_documents_stream_one_at_a_time(tmp_path):
+    """A later file's or line's error comes only when the reader reaches it, after the earlier documents."""
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.txt").write_bytes(b"\xff")
+    docs = data.iter_documents(str(tmp_path))
+    assert next(docs) == "first"
+    with pytest.raises(ValueError, match=r"b\.txt: not valid UTF-8"):
+        next(docs)
+    p = tmp_path / "c.jsonl"
+    p.write_text('{"text": "x"}\n{"text": "y"}\n{oops\n', encoding="utf-8")
+    docs = data.iter_documents(str(p))
+    assert [next(docs), next(docs)] == ["x", "y"]
+    with pytest.raises(ValueError, match=r"c\.jsonl:3: invalid JSON"):
+        next(docs)
+
+
+def test_paragraphs_read_in_chunks_equal_one_split(tmp_path):
+    """A single text file is split chunk by chunk exactly as one regex split of the whole (universal-newline)
+    text, whatever the chunk size and however whitespace runs straddle chunk ends."""
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "bc", " ", "\t", "\n", "\n", "\n\n", "\r", "\r\n", "\u2028", "\x0c", "é", "\x85"]
+    p = tmp_path / "t.txt"
+    for _ in range(300):
+        p.write_bytes("".join(rng.choice(alphabet, size=int(rng.integers(0, 60)))).encode("utf-8"))
+        with open(p, encoding="utf-8") as f:
+            whole = [d.strip("\n") for d in re.split(r"\n\s*\n", f.read())]
+        for chunk in (1, 3, 8):
+            assert list(data._paragraphs(str(p), chunk_chars=chunk)) == whole
 
 
 @pytest.mark.parametrize(
@@ -267,6 +302,24 @@ def test_train_packing_structure_and_epochs():
     for ep in epochs:
         assert sorted(ep) == sorted(tuple(d) for d in docs)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
+def test_batches_are_pinned():
+    """Bit for bit the batches of the packer that held the corpus as one flat array (digests taken from it
+    before the document store replaced it), so earlier runs and their checkpoints resume unchanged."""
+
+    def digest(batches):
+        h = hashlib.sha256()
+        for b in batches:
+            for k in KEYS:
+                h.update(k.encode() + np.ascontiguousarray(b[k]).tobytes())
+        return h.hexdigest()[:16]
+
+    train = data.make_train_iterator(_docs(12), 16, 3, seed=7, eos_id=EOS)
+    assert digest(_take(train, 25)) == "d9f6f82c55ed22df"
+    tiny = data.make_train_iterator([np.array([5, 6, 7], np.int32)], 10, 2, seed=0, eos_id=EOS)
+    assert digest(_take(tiny, 4)) == "09babbdea9159e60"
+    assert digest(data.make_eval_batches(_docs(7, seed=1), 8, 2, eos_id=EOS)) == "78b4a0de3388a58c"
 
 
 def test_train_iterator_determinism_and_seed():
