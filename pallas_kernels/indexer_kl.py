@@ -90,7 +90,7 @@ def sparse_indexer_kl(q, k, w, indices, target, query_mask=None, *, impl: str = 
     [B,T] (1 = the query counts) or None. query_block / key_block: queries per program or map step, keys per
     dk program (rounded to powers of two).
     """
-    impl = resolve(impl)
+    impl = resolve(impl, mosaic=False)  # no TPU kernel yet: XLA on TPU
     _check(q, k, w, indices, target, query_mask)
     if query_block < 1 or key_block < 1:
         raise ValueError(f"query_block and key_block must be positive, got {query_block}, {key_block}")

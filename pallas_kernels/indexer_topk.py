@@ -100,7 +100,7 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
       int32 [B,T,K] key indices (into the key axis), best first, ties to the lower index, -1 in empty slots.
       Equal to `indexer.select(..., k_valid[:,None,:] & (q_seg[:,:,None] == k_seg[:,None,:]))`.
     """
-    impl = resolve(impl)
+    impl = resolve(impl, mosaic=False)  # no TPU kernel yet: XLA on TPU
     block_q = TILES[impl][0] if block_q is None else block_q
     block_k = TILES[impl][1] if block_k is None else block_k
     _validate(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids, block_q, block_k)

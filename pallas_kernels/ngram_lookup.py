@@ -45,7 +45,8 @@ from jax.sharding import PartitionSpec as P
 
 from longcat_jax.config import Config
 from longcat_jax.ops.ngram_hash import TABLE_AXES, hash_plan, segment_windows, table_offsets
-from pallas_kernels.impl import compiler_params, interpret, resolve
+from pallas_kernels.impl import backend, compiler_params, interpret, resolve
+from pallas_kernels.tpu_ngram_lookup import tpu_forward_local
 from sharding.rules import RULES, logical_to_spec
 
 
@@ -160,7 +161,8 @@ def _forward_xla(tables, proj, windows_t, start, plan: _Plan, out_dtype):
 
 
 def _forward_local(tables, proj, windows_t, start, plan: _Plan, out_dtype):
-    run = _forward_pallas if plan.impl == "pallas" else _forward_xla
+    pallas = tpu_forward_local if backend() == "mosaic" else _forward_pallas
+    run = pallas if plan.impl == "pallas" else _forward_xla
     return run(tables, proj, windows_t, start, plan, out_dtype)
 
 
@@ -242,8 +244,11 @@ def _forward(tables, proj, windows_t, plan: _Plan):
     # check_vma=False: pallas_call out_shapes carry no varying-axes annotation; replication of the outputs is
     # by construction (psum), and the shard-local table gradient is declared row-sharded below.
     rows = P(plan.rows_axis, None)
+    # A Mosaic kernel cannot sit where XLA still partitions automatically: on TPU every mesh axis is manual.
+    mosaic = plan.impl == "pallas" and backend() == "mosaic"
+    manual = plan.mesh.axis_names if mosaic else _axis_names(plan.rows_axis)
     sharded = jax.shard_map(shard, mesh=plan.mesh, in_specs=(rows, P(), P()), out_specs=P(),
-                            axis_names=set(_axis_names(plan.rows_axis)), check_vma=False)
+                            axis_names=set(manual), check_vma=False)
     return sharded(tables, proj, windows_t)
 
 

@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 
 from longcat_jax.ops.masks import indices_to_mask, softmax_f32
 from pallas_kernels import si_window
-from pallas_kernels.impl import compiler_params, interpret, resolve
+from pallas_kernels.impl import backend, compiler_params, interpret, resolve
 from pallas_kernels.tile_dot import einsum_2d
 
 # A finite "minus infinity": a chunk with no valid slot keeps the running max finite (no inf - inf = nan).
@@ -435,6 +435,11 @@ def sparse_mla(
     probs [B, T, K] f32: the head-mean attention probability of each slot of `indices` (0 at empty slots).
     """
     impl = resolve(impl)
+    if impl == "pallas" and backend() == "mosaic":  # TPU: the Mosaic kernels (they import helpers from here)
+        from pallas_kernels.tpu_sparse_mla import tpu_sparse_mla
+
+        return tpu_sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, scale, window=window, q_offset=q_offset,
+                              return_probs=return_probs, block_q=block_q)
     B, T, _, R = q_lat.shape if q_lat.ndim == 4 else (None,) * 4
     Hr = q_rope.shape[-1]
     if B is None or q_rope.shape[:3] != q_lat.shape[:3] or q_rope.ndim != 4:
