@@ -26,7 +26,6 @@ import jax
 import numpy as np
 
 import longcat_jax as lj
-from longcat_jax.training import distributed
 from longcat_jax.training.host_allocator import keep_freed_host_memory
 from longcat_jax.training.init_weights import init_source_kind, init_source_tokenizer
 from longcat_jax.training.loop import REMAT_POLICIES, run
@@ -38,7 +37,9 @@ from longcat_jax.training.run_settings import (
     steps_or_fraction,
     take_saved,
 )
-from sharding.mesh import parse_mesh
+from sharding import distributed
+from sharding.divisibility import check_divisible
+from sharding.mesh import abstract_mesh, parse_mesh, resolve_sizes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,14 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. dp=2,tp=2 (axes: dp pp cp ep tp vp)")
     p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="multi-process run: process 0's address, with --num-processes and --process-id "
-                        "(jax.distributed.initialize); every process runs the same command (default: one "
-                        "process)")
+                        "(jax.distributed.initialize); every process runs the same command. Under SLURM, "
+                        "Open MPI, Cloud TPU or a Kubernetes indexed Job, JAX reads all three from the "
+                        "environment (default: one process unless such a launcher is detected)")
     p.add_argument("--num-processes", type=int, metavar="N", help="processes of a multi-process run")
     p.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1")
-    p.add_argument("--distributed", action="store_true",
-                   help="a multi-process run whose coordinator, process count and index JAX reads from the "
-                        "cluster's environment (SLURM, Open MPI, Cloud TPU, Kubernetes); also implied by "
-                        "JAX_COORDINATOR_ADDRESS in the environment")
     p.add_argument("--deterministic", action="store_true",
                    help="bit-identical reruns (deterministic XLA ops)")
     p.add_argument("--data",
@@ -206,11 +204,11 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     if args.lr <= 0:
         p.error("--lr must be > 0")
     try:  # before anything asks for devices: the mesh spans every process's devices
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     except (ValueError, RuntimeError) as e:
         p.error(f"joining the multi-process run: {str(e).splitlines()[0]}")
     try:
-        args.mesh_sizes = parse_mesh(args.mesh)
+        args.mesh_sizes = resolve_sizes(parse_mesh(args.mesh), jax.device_count())  # an auto axis filled
         args.fault = parse_fault(args.inject_fault) if args.inject_fault else None
     except ValueError as e:
         p.error(str(e))
@@ -223,6 +221,12 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     if micro % args.mesh_sizes.get("dp", 1):
         p.error(f"rows per micro-batch ({micro}: --batch-size / --grad-accum) must divide by "
                 f"dp={args.mesh_sizes['dp']}")
+    if args.mesh:  # the sequence over cp as well: an axis that does not divide is an error, not replication
+        try:
+            check_divisible({"batch": ((micro, args.seq_len), ("batch", "seq"))},
+                            abstract_mesh(args.mesh_sizes))
+        except ValueError as e:
+            p.error(f"--seq-len {args.seq_len}: {e}")
     try:
         lj.Config.preset(args.preset, dtype=args.dtype, **args.model)
     except (ValueError, TypeError) as e:

@@ -1,7 +1,10 @@
-"""Mesh construction, the logical-to-mesh rules table and the activation constraint helper."""
+"""Mesh construction, the logical-to-mesh rules table, the divisibility check and the activation constraint
+helper."""
 
 from sharding.constrain import constrain
-from sharding.mesh import make_mesh, parse_mesh
-from sharding.rules import LOGICAL_AXES, MESH_AXES, RULES, logical_to_spec
+from sharding.divisibility import check_divisible, resolve_shardings
+from sharding.mesh import AUTO, abstract_mesh, make_mesh, parse_mesh
+from sharding.rules import LOGICAL_AXES, MESH_AXES, RULES, logical_to_spec, override_rules
 
-__all__ = ["LOGICAL_AXES", "MESH_AXES", "RULES", "constrain", "logical_to_spec", "make_mesh", "parse_mesh"]
+__all__ = ["AUTO", "LOGICAL_AXES", "MESH_AXES", "RULES", "abstract_mesh", "check_divisible", "constrain",
+           "logical_to_spec", "make_mesh", "override_rules", "parse_mesh", "resolve_shardings"]

@@ -75,3 +75,28 @@ def logical_to_spec(names: tuple[str | None, ...], rules=RULES, mesh_axes=MESH_A
             used.add(a)
         out.append(None if not axes_t else axes_t[0] if len(axes_t) == 1 else axes_t)
     return PartitionSpec(*out)
+
+
+def override_rules(text: str, rules=RULES) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+    """A variant of the table from 'logical=axes' overrides (docs/architecture.md#logical-axes).
+
+    'experts=ep+cp,batch=dp+ep,vocab=none' maps experts to (ep, cp), batch to (dp, ep) and leaves vocab
+    unsharded; every other name keeps its entry. Variants are small overrides of the one table, never new
+    tables, so a reader diffs them against RULES. Unknown logical names and unknown mesh axes raise.
+    """
+    table = dict(rules)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (s.strip() for s in part.partition("="))
+        if not sep:
+            raise ValueError(f"rule override {part!r} is not 'logical=axes'")
+        if name not in table:
+            raise ValueError(f"unknown logical axis {name!r} in {text!r}; known: {', '.join(table)}")
+        axes = () if value in ("", "none", "None") else tuple(a.strip() for a in value.split("+"))
+        for a in axes:
+            if a not in MESH_AXES:
+                raise ValueError(f"unknown mesh axis {a!r} for {name!r} in {text!r}; "
+                                 f"known: {', '.join(MESH_AXES)}")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"mesh axis repeated for {name!r} in {text!r}")
+        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return tuple(table.items())

@@ -31,6 +31,7 @@ from longcat_jax.hf import expert_layout
 from longcat_jax.hf.config import FLASH, LITE, LONGCAT2, architecture_of, config_from_hf, config_to_hf
 from longcat_jax.model.longcat import LongCat, abstract_model
 from longcat_jax.ops.ngram_hash import table_offsets
+from sharding.divisibility import check_divisible
 from sharding.rules import RULES, logical_to_spec
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -302,6 +303,8 @@ def load_hf(path: str, mesh: jax.sharding.Mesh | None = None, *, rules=RULES,
         raise AssertionError(f"tensor_map out of date: {sorted(set(mapping) ^ set(shapes))}")
     check_tensors(folder, mapping, shapes, cfg, experts)
 
+    if mesh is not None:  # an axis that does not divide what it shards is an error, not silent replication
+        check_divisible(abs_state, mesh, rules)
     specs = _partition_specs(abs_state, rules) if mesh is not None else {}
     leaves = _flat(pure)
     values = {}

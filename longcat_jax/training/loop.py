@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import longcat_jax as lj
-from longcat_jax.training import distributed, run_settings
+from longcat_jax.training import run_settings
 from longcat_jax.training.corpus import Data, load_data
 from longcat_jax.training.init_weights import (
     evaluate,
@@ -64,6 +64,7 @@ from longcat_jax.training.step_measures import (
     profile_window,
 )
 from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
+from sharding import distributed
 from sharding.mesh import make_mesh
 
 REMAT_POLICIES = {
@@ -205,7 +206,11 @@ def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | No
     if args.offload_optimizer:
         host_opt_shardings = _in_host_memory(jax.tree.map(lambda x: x.sharding, opt_state))
         opt_state = jax.device_put(opt_state, host_opt_shardings)
-    state = TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32), guard=init_guard())
+    # Step and guard replicated over the mesh from the start: a restore gives each leaf the sharding of the
+    # live one, and in a multi-process run a value on one device would not be on the other processes'.
+    replicated = NamedSharding(mesh, P()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+    scalars = jax.device_put(jax.device_get((jnp.zeros((), jnp.int32), init_guard())), replicated)
+    state = TrainState(params=params, opt_state=opt_state, step=scalars[0], guard=scalars[1])
     if args.resume:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         restored = ckpt.restore_latest(abstract, corpus.train_iter)
@@ -219,7 +224,6 @@ def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | No
                             bias_update_rate=args.bias_update_rate, abft=args.abft)
     # Params keep their own layout (the step must not drift them onto dp); the optimizer state is ZeRO-1
     # sharded on a mesh and waits in host memory with --offload-optimizer.
-    replicated = NamedSharding(mesh, P()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
     state_shardings = TrainState(params=jax.tree.map(lambda x: x.sharding, state.params),
                                  opt_state=jax.tree.map(lambda x: x.sharding, state.opt_state),
                                  step=replicated, guard=jax.tree.map(lambda _: replicated, state.guard))

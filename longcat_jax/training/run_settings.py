@@ -37,7 +37,7 @@ DEFINING = (
 # Settings of one invocation, not of a run: a --config file (another run's run_config.json, say) does not
 # carry them over. `model_config` is derived (the preset with the overrides), saved for readers.
 PER_INVOCATION = ("out", "resume", "eval_only", "allow_change", "config", "inject_fault", "profile_steps",
-                  "coordinator", "num_processes", "process_id", "distributed")
+                  "coordinator", "num_processes", "process_id")
 DERIVED = ("model_config",)
 
 # Model config fields that the run sets from elsewhere, so a `model.` override may not.

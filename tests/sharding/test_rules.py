@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import longcat_jax as lj
 from longcat_jax import Config, abstract_model
-from sharding import RULES, constrain, logical_to_spec, make_mesh, parse_mesh
+from sharding import RULES, constrain, logical_to_spec, make_mesh, override_rules, parse_mesh
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sharding_tiny.json")
 
@@ -44,6 +44,20 @@ def test_resolver_rejects_unknown_and_duplicate_axes():
     with pytest.raises(ValueError, match="used twice"):
         logical_to_spec(("heads", "mlp"))  # both map to tp
     assert logical_to_spec(("experts", None, "expert_mlp")) == P("ep", None, "tp")
+
+
+def test_rule_overrides_change_only_the_names_given():
+    rules = override_rules("experts=ep+cp, batch=dp+ep, vocab=none")
+    assert dict(rules) == {**dict(RULES), "experts": ("ep", "cp"), "batch": ("dp", "ep"), "vocab": None}
+    assert [name for name, _ in rules] == [name for name, _ in RULES]  # same table, same order
+    spec = logical_to_spec(("layers", "experts", "embed", "expert_mlp"), rules)
+    assert spec == P("pp", ("ep", "cp"), None, "tp")
+    with pytest.raises(ValueError, match="unknown logical axis 'expert'"):
+        override_rules("expert=ep")
+    with pytest.raises(ValueError, match="unknown mesh axis 'fsdp' for 'embed'"):
+        override_rules("embed=fsdp")
+    with pytest.raises(ValueError, match="is not 'logical=axes'"):
+        override_rules("experts")
 
 
 def test_parse_mesh_errors():

@@ -88,3 +88,7 @@ def test_resume_refuses_changed_model_overrides(tmp_path):
     config = str(tmp_path / "run_config.json")
     same = train.parse_args(["--config", config, "--out", str(tmp_path), "--resume"])
     assert run_settings.check_resume(same) is None
+
+
+def test_an_auto_mesh_axis_takes_the_devices_left():
+    assert train.parse_args(["--mesh", "dp=auto,tp=2"]).mesh_sizes == {"dp": 4, "tp": 2}  # 8 test devices

@@ -291,6 +291,7 @@ def test_every_flag_has_help():
     (["--inject-fault", "melt@3"], "bad fault spec"),
     (["--steps", "0"], "must be >= 1"),
     (["--batch-size", "3", "--mesh", "dp=2,tp=4"], "must divide"),
+    (["--mesh", "dp=2,cp=4", "--seq-len", "30"], "size 30) is not divisible by mesh axis 'cp'"),
 ])
 def test_bad_flags(flags, message, capsys):
     with pytest.raises(SystemExit):
