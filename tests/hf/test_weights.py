@@ -78,6 +78,10 @@ def test_many_shards_and_mesh_load(tiny_model, tmp_path):
     with jax.set_mesh(mesh):
         got = jax.jit(lambda m, t: m(t))(loaded, _tokens(cfg))
     np.testing.assert_allclose(got, tiny_model(_tokens(cfg)), rtol=1e-5, atol=1e-6)
+    # 6 experts on ep=4: an error naming the tensor, not experts silently replicated on every device.
+    message = r"moe.w_\w+: dimension 1 \(logical 'experts', size 6\) is not divisible by mesh axis 'ep'"
+    with pytest.raises(ValueError, match=message):
+        lj.load_hf(str(tmp_path), mesh=make_mesh({"ep": 4, "dp": 2}))
 
 
 def test_hf_orbax_hf_round_trip_is_lossless(tmp_path, capsys):
