@@ -148,7 +148,7 @@ def make_jax_step(cfg: Config, inputs, targets):
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state = {"params": params, "opt": opt_state, "loss": []}
+    state = {"params": params, "opt": opt_state, "loss": [], "hlo": compiled.as_text()}
 
     def run():
         state["params"], state["opt"], loss = compiled(state["params"], state["opt"], x, y)
@@ -162,6 +162,7 @@ def make_torch_step(cfg: Config, inputs, targets, threads: int):
     """Build the reference model and return (run_one_step, info dict)."""
     import torch
     import torch.nn.functional as F
+    import torch.profiler
     from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
 
     torch.set_num_threads(threads)
@@ -174,13 +175,16 @@ def make_torch_step(cfg: Config, inputs, targets, threads: int):
     x, y = torch.from_numpy(np.asarray(inputs)).long(), torch.from_numpy(np.asarray(targets)).long()
     losses = []
 
-    def run():
+    def run():  # the record_function labels let bench/train_profile.py split the step's time
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=x, use_cache=False).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
+        with torch.profiler.record_function("forward + loss"):
+            logits = model(input_ids=x, use_cache=False).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+        with torch.profiler.record_function("optimizer update"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            opt.step()
         losses.append(float(loss.detach()))
 
     info = dict(params=sum(p.numel() for p in model.parameters()),
