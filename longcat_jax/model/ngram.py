@@ -26,6 +26,7 @@ from flax import nnx
 from longcat_jax.config import Config
 from longcat_jax.model.layers import param
 from longcat_jax.ops.ngram_hash import TABLE_AXES, hash_plan, require_ngram, segment_windows, table_offsets
+from sharding.constrain import constrain
 
 
 def hash_ids(tokens: jax.Array, config: Config, history: jax.Array | None = None) -> jax.Array:
@@ -86,6 +87,11 @@ def ngram_embed(tables: jax.Array, proj: jax.Array, ids: jax.Array, config: Conf
         raise ValueError("concatenated N-gram table has >= 2**31 rows; int32 row ids would overflow")
     rows = ids.astype(jnp.int32) + jnp.asarray(offsets, jnp.int32)  # [B, T, G]
     dt = config.jnp_dtype
+    # Embedding parallelism (EMBP) without a kernel: on a mesh whose rows axis (vp) shards the table, XLA
+    # partitions this gather as a masked lookup of each device's own rows and one all-reduce of the [B, T, G,
+    # dim] result, never gathering the table. The constraint's transpose keeps the table's gradient (a
+    # scatter-add) row-sharded too, instead of one full-size gradient per device.
+    tables = constrain(tables, TABLE_AXES)
     emb = tables.at[rows].get(mode="promise_in_bounds").astype(dt)  # [B, T, G, ngram_dim]
     # One contraction over (branch, dim) with f32 accumulation. HF sums the G projections sequentially in
     # bf16 after the token embedding; this is the more accurate order (differences are bf16 rounding only).

@@ -255,3 +255,38 @@ def test_full_size_abstract_shapes():
     with nnx.use_eager_sharding(False):
         m = nnx.eval_shape(lambda: NgramEmbedding(FULL, nnx.Rngs(0)))
     assert m.tables.shape == (263630608, 512) and m.proj.shape == (16, 512, 8192)
+
+
+def test_reference_lookup_on_vp_reads_rows_where_they_live():
+    """EMBP on the reference path: with the table row-sharded over vp=8, each device gathers only its own rows
+    (masked) and one all-reduce of the looked-up rows [B, T, G, dim] combines them: no all-gather of the
+    table. The table gradient stays row-sharded, and both equal one device's."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from sharding.mesh import make_mesh
+
+    cfg = Config.tiny()
+    mesh = make_mesh({"vp": 8})
+    rng = np.random.RandomState(0)
+    tables = jnp.asarray(rng.randn(sum(cfg.ngram_table_rows), cfg.ngram_dim).astype(np.float32))
+    proj = jnp.asarray(rng.randn(cfg.ngram_branches, cfg.ngram_dim, cfg.hidden_size).astype(np.float32))
+    tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 16)))
+
+    def loss(tables, proj):
+        return (ngram_embed(tables, proj, hash_ids_eager(tokens, cfg), cfg) ** 2).sum()
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    want = step(tables, proj)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(tables, NamedSharding(mesh, P("vp")))
+        compiled = step.lower(sharded, proj).compile()
+        got = compiled(sharded, proj)
+    hlo = compiled.as_text()
+    assert " all-gather(" not in hlo and " all-gather-start(" not in hlo
+    reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
+    assert len(reduces) == 1 and f"[2,16,{cfg.ngram_branches},{cfg.ngram_dim}]" in reduces[0]
+    assert got[1][0].sharding.spec == P("vp")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
