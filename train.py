@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the --init-from weights: printed and written to OUT/eval.json; trains and saves "
                         "nothing; settings not given are taken from OUT/run_config.json")
     p.add_argument("--mesh", default="", help="mesh axis sizes, e.g. dp=2,tp=2 (axes: dp pp cp ep tp vp)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="fully sharded data parallel: parameters (and so their optimizer state) split over "
+                        "dp along the model width, gathered per layer as it runs (needs a mesh with dp > 1)")
     p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="multi-process run: process 0's address, with --num-processes and --process-id "
                         "(jax.distributed.initialize); every process runs the same command. Under SLURM, "
@@ -215,6 +218,8 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     n_mesh = int(np.prod(list(args.mesh_sizes.values()) or [1]))
     if args.mesh and n_mesh != jax.device_count():
         p.error(f"--mesh {args.mesh} needs {n_mesh} devices, this machine has {jax.device_count()}")
+    if args.fsdp and args.mesh_sizes.get("dp", 1) == 1:
+        p.error("--fsdp shards parameters over dp: give a --mesh with dp > 1")
     if args.batch_size % args.grad_accum:
         p.error(f"--batch-size {args.batch_size} must divide by --grad-accum {args.grad_accum}")
     micro = args.batch_size // args.grad_accum

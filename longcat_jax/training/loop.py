@@ -65,7 +65,9 @@ from longcat_jax.training.step_measures import (
 )
 from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
 from sharding import distributed
+from sharding.divisibility import check_divisible
 from sharding.mesh import make_mesh
+from sharding.rules import logical_to_spec, override_rules
 
 REMAT_POLICIES = {
     "none": None,
@@ -244,9 +246,25 @@ def _model(args, cfg: lj.Config, weights: dict | None):
     """(mesh, graphdef, params) of the run's model: initialised from --seed, or holding `weights`."""
     mesh = make_mesh(args.mesh_sizes) if args.mesh else None
     graphdef, params = nnx.split(lj.build_model(cfg, seed=args.seed, mesh=mesh))
+    if args.fsdp:
+        params = _fully_sharded(params, mesh)
     if weights is not None:
         place_weights(params, weights)
     return mesh, graphdef, params
+
+
+FSDP_RULES = override_rules("embed=dp")
+
+
+def _fully_sharded(params: nnx.State, mesh) -> nnx.State:
+    """FSDP: every parameter's model width also split over dp, so each device stores 1/dp of it and XLA
+    gathers a layer's weights when the layer runs. Only the parameters move: the model keeps the default
+    rules for its activations, whose width stays whole (their batch is on dp already)."""
+    check_divisible(params, mesh, FSDP_RULES)
+    for _, var in nnx.to_flat_state(params):
+        names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
+        var.value = jax.device_put(var.value, NamedSharding(mesh, logical_to_spec(tuple(names), FSDP_RULES)))
+    return params
 
 
 def _to_device_fn(mesh):
