@@ -30,9 +30,12 @@ import numpy as np  # noqa: E402
 
 from longcat_jax.config import Config  # noqa: E402
 from pallas_kernels import impl  # noqa: E402
+from pallas_kernels.indexer_kl import sparse_indexer_kl  # noqa: E402
+from pallas_kernels.indexer_topk import select  # noqa: E402
 from pallas_kernels.ngram_lookup import ngram_lookup  # noqa: E402
 from pallas_kernels.sparse_mla import sparse_mla  # noqa: E402
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode_paged  # noqa: E402
+from pallas_kernels.tpu_indexer_topk import TILES as TOPK_TILES  # noqa: E402
 from pallas_kernels.tpu_sparse_mla_decode import tpu_sparse_mla_decode_paged  # noqa: E402
 
 
@@ -55,6 +58,10 @@ def cases(cfg: Config, T: int, batch: int, seed: int = 0):
     tables, proj = normal(sum(cfg.ngram_table_rows), dim), normal(G, dim, D)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     row_bytes = W * 2  # bf16 latent rows
+    I, J = cfg.index_n_heads, cfg.index_head_dim
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    index_args = (normal(B, T, I, J), normal(B, T, J), normal(B, T, I, dtype=jnp.float32))
+    target = jnp.asarray(rng.random((B, T, K)), jnp.float32)
 
     def decode(kind):
         def run(*a):  # the backend is read when traced, inside impl.interpreting / lowering_for
@@ -77,8 +84,21 @@ def cases(cfg: Config, T: int, batch: int, seed: int = 0):
     def ngram(kind):
         return lambda t, p: ngram_lookup(t, p, tokens, cfg, impl=kind)
 
+    def topk(kind):  # as the model's owner sublayers call it (si_window): the SI window kept apart
+        return lambda *a: select(*a, pos, pos, cfg, window_apart=cfg.si_enabled, impl=kind)
+
+    def kl_fwd_bwd(kind):
+        return jax.grad(lambda *a: sparse_indexer_kl(*a, idx, target, impl=kind), argnums=(0, 1, 2))
+
     attn = 2 * 2 * B * T * N * K * W  # scores and weighted sum over the gathered rows (full width)
     gathered = B * T * K * row_bytes
+    # top-k: the causal half of [T, S] scored, key tiles (bf16 keys + 3 int32 of metadata) read once per
+    # query block; the bitonic merges are VPU work, not counted.
+    topk_flops = 2 * B * T * (T // 2) * I * J
+    topk_bytes = B * (T // TOPK_TILES[0]) * (T // 2) * (2 * J + 12) + B * T * (I * J * 2 + K * 4)
+    # KL: logits forward; logits again, dq and the slot gradients backward. Rows gathered twice, f32 slot
+    # gradients written and summed.
+    kl_flops = 4 * 2 * B * T * K * I * J
     return {
         "sparse_mla_decode_paged": (decode, dec_args, 4 * B * N * K * W, B * (K * row_bytes + 2 * N * W * 4)),
         "sparse_mla_fwd": (mla_fwd, q_args, attn, gathered + B * T * (N * W * 6 + K * 8)),
@@ -87,6 +107,8 @@ def cases(cfg: Config, T: int, batch: int, seed: int = 0):
         "sparse_mla_fwd_bwd": (mla_fwd_bwd, q_args, attn * 7 // 2, 3 * gathered + 2 * B * T * K * W * 4),
         "ngram_lookup_fwd": (ngram, (tables, proj), 2 * B * T * G * dim * D,
                              B * T * (G * dim * 2 + D * 2 + G * 4) + G * dim * D * 2),
+        "indexer_topk": (topk, index_args, topk_flops, topk_bytes),
+        "indexer_kl_fwd_bwd": (kl_fwd_bwd, index_args, kl_flops, 2 * B * T * K * J * (2 + 4)),
     }
 
 

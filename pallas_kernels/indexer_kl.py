@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.impl import compiler_params, interpret, resolve
+from pallas_kernels.impl import backend, compiler_params, interpret, resolve
 from pallas_kernels.tile_dot import tile_dot
 
 _MASKED = -1e9  # the dense loss's masked logit: finite, so empty rows stay NaN-free
@@ -90,7 +90,7 @@ def sparse_indexer_kl(q, k, w, indices, target, query_mask=None, *, impl: str = 
     [B,T] (1 = the query counts) or None. query_block / key_block: queries per program or map step, keys per
     dk program (rounded to powers of two).
     """
-    impl = resolve(impl, mosaic=False)  # no TPU kernel yet: XLA on TPU
+    impl = resolve(impl)
     _check(q, k, w, indices, target, query_mask)
     if query_block < 1 or key_block < 1:
         raise ValueError(f"query_block and key_block must be positive, got {query_block}, {key_block}")
@@ -104,7 +104,11 @@ def sparse_indexer_kl(q, k, w, indices, target, query_mask=None, *, impl: str = 
     tgt = jnp.pad(jax.lax.stop_gradient(target).astype(jnp.float32), ((0, 0), (0, t_pad), (0, 0)))
     qp = jnp.pad(q, ((0, 0), (0, t_pad), (0, 0), (0, 0)))
     wp = jnp.pad(w, ((0, 0), (0, t_pad), (0, 0)))
-    if impl == "pallas":
+    if impl == "pallas" and backend() == "mosaic":  # TPU: the Mosaic kernels (they import helpers from here)
+        from pallas_kernels.tpu_indexer_kl import tpu_kl_rows
+
+        kl = tpu_kl_rows(qp, k, wp, idx, tgt, bq)
+    elif impl == "pallas":
         bk = min(pl.next_power_of_2(key_block), pl.next_power_of_2(S))
         kl = _kl_rows_pallas(qp, k, wp, idx, tgt, bq, bk)
     else:

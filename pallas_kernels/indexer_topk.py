@@ -49,8 +49,8 @@ from longcat_jax.config import Config
 from longcat_jax.ops.block_keys import block_keys
 from longcat_jax.ops.indexer_scores import weighted_relu_scores
 from longcat_jax.ops.lsa_rules import top_k_indices, use_hierarchical
-from pallas_kernels import bitonic
-from pallas_kernels.impl import compiler_params, interpret, resolve
+from pallas_kernels import bitonic, tpu_indexer_topk
+from pallas_kernels.impl import backend, compiler_params, interpret, resolve
 from pallas_kernels.indexer_hi import (
     _block_stage,
     _gather_ok,
@@ -75,7 +75,7 @@ from pallas_kernels.tile_dot import tile_dot
 # Default (block_q, block_k) per path. The kernel holds a [block_q, K] running top-K (keys and ids) in
 # registers and sorts [block_q, block_k] tiles, so its tiles are small: at K = 512, 16 x 64 compiles for sm_90
 # in about 30 s, 64 x 128 had not finished after 18 minutes (bench/triton_ptx.py).
-TILES = {"xla": (64, 128), "pallas": (16, 64)}
+TILES = {"xla": (64, 128), "pallas": (16, 64), "mosaic": tpu_indexer_topk.TILES}
 
 
 def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_segment_ids=None,
@@ -100,7 +100,8 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
       int32 [B,T,K] key indices (into the key axis), best first, ties to the lower index, -1 in empty slots.
       Equal to `indexer.select(..., k_valid[:,None,:] & (q_seg[:,:,None] == k_seg[:,None,:]))`.
     """
-    impl = resolve(impl, mosaic=False)  # no TPU kernel yet: XLA on TPU
+    impl = resolve(impl)
+    impl = "mosaic" if impl == "pallas" and backend() == "mosaic" else impl  # TPU: tpu_indexer_topk
     block_q = TILES[impl][0] if block_q is None else block_q
     block_k = TILES[impl][1] if block_k is None else block_k
     _validate(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids, block_q, block_k)
@@ -110,13 +111,15 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
     bq = min(block_q, _next_pow2(q.shape[1]))
     bk = min(block_k, _next_pow2(k.shape[1]))
     return _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids,
-                   cfg=cfg, impl=impl, bq=bq, bk=bk, apart=window_apart)
+                   cfg=cfg, impl=impl, bq=bq, bk=bk, apart=window_apart, interpreted=interpret())
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "bq", "bk", "apart"))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "bq", "bk", "apart", "interpreted"))
 def _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment_ids, *, cfg, impl, bq, bk,
-            apart):
-    """Normalises the masks (absent ones become all-true), prepares HI and picks the path."""
+            apart, interpreted):
+    """Normalises the masks (absent ones become all-true), prepares HI and picks the path. `interpreted` only
+    keys jit's cache: a kernel traced compiled (impl.lowering_for) must not be reused interpreted."""
+    del interpreted
     B, T, _, _ = q.shape
     S = k.shape[1]
     q, k, w = (jax.lax.stop_gradient(x) for x in (q, k, w))
@@ -138,6 +141,8 @@ def _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment
     args = (q, k, w, q_positions, k_positions, k_ok, q_seg, k_seg, cfg, apart, hier, bq)
     if impl == "xla":
         return _select_xla(*args)
+    if impl == "mosaic":
+        return tpu_indexer_topk.tpu_select(*args, bk)
     return _select_pallas(*args, bk)
 
 
