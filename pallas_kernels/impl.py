@@ -65,11 +65,14 @@ def backend() -> str:
     return "mosaic" if platform() == "tpu" else "triton"
 
 
-def resolve(impl: str, *, mosaic: bool = True) -> str:
+def resolve(impl: str, *, mosaic: bool = True, partitions_itself: bool = False) -> str:
     """"xla" or "pallas" for `impl` on the target platform; a clear error for anything else.
 
     mosaic=False: the entry point has no TPU kernel yet, so on TPU "auto" is "xla" and "pallas" raises
     (its Triton-shaped kernel would not lower there).
+    partitions_itself: the entry point runs its kernel inside its own `shard_map` (the N-gram lookup). Any
+    other Mosaic kernel under a mesh of several devices would be left to XLA's automatic partitioning, which
+    Mosaic refuses ("Mosaic kernels cannot be automatically partitioned"), so there "auto" is "xla".
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -78,6 +81,8 @@ def resolve(impl: str, *, mosaic: bool = True) -> str:
             raise NotImplementedError("this kernel has no TPU (Mosaic) version yet: use impl='auto' or 'xla'")
         return "xla"
     if impl == "auto":
+        if backend() == "mosaic" and not partitions_itself and jax.sharding.get_abstract_mesh().size > 1:
+            return "xla"
         return "pallas" if platform() in PLATFORMS else "xla"
     return impl
 

@@ -158,7 +158,7 @@ def select_blocks(q, k, w, q_positions, k_positions, cfg: Config, *, block_size:
     to a power of two); key_chunk (impl="xla") the keys scored per map step, rounded to whole blocks.
     Equal to `select_blocks_reference`.
     """
-    impl = resolve(impl)
+    impl = resolve(impl, mosaic=False)  # no TPU version: XLA there
     n_sel = _check(q, k, w, q_positions, k_positions, k_valid, cfg, block_size)
     if impl == "pallas" and block_size & (block_size - 1):
         raise ValueError(f"impl='pallas' streams power-of-two key tiles; block_size {block_size} is not one")

@@ -334,7 +334,7 @@ def ngram_lookup(
     Returns:
       [B, T, D] in cfg.jnp_dtype; differentiable in tables and proj.
     """
-    impl = resolve(impl)
+    impl = resolve(impl, partitions_itself=True)
     if not cfg.ngram_n:
         raise ValueError("N-gram embedding is off (ngram_n = 0); nothing to look up")
     G, dim, total_rows = cfg.ngram_branches, cfg.ngram_dim, sum(cfg.ngram_table_rows)

@@ -30,3 +30,17 @@ def test_backend_per_platform_and_context():
     with pytest.raises(ValueError, match="platform must be one of"):
         with impl.interpreting("cuda"):
             pass
+
+
+def test_auto_on_a_tpu_mesh_leaves_mosaic_kernels_to_their_own_shard_map():
+    """Under a mesh of several devices XLA would have to partition a Mosaic kernel, which Mosaic refuses:
+    there "auto" is XLA, except for an entry point that runs its kernel in its own shard_map."""
+    import jax
+
+    from sharding.mesh import make_mesh
+
+    with impl.lowering_for("tpu"), jax.set_mesh(make_mesh({"tp": 8})):
+        assert impl.resolve("auto") == "xla" and impl.resolve("pallas") == "pallas"
+        assert impl.resolve("auto", partitions_itself=True) == "pallas"
+    with impl.lowering_for("tpu"), jax.set_mesh(make_mesh({"tp": 1}, devices=jax.devices()[:1])):
+        assert impl.resolve("auto") == "pallas"  # one device: nothing to partition
