@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompt + output tokens per request (default: {DEFAULT_MAX_MODEL_LEN}, at most the "
                         "model's max_position_embeddings)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
-    p.add_argument("--num-pages", type=int,
-                   help="KV-cache pages in the pool (default: max-num-seqs full-length requests)")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--num-pages", type=int,
+                      help="KV-cache pages in the pool (default: max-num-seqs full-length requests)")
+    pool.add_argument("--kv-cache-memory", metavar="SIZE",
+                      help="the pool as a memory budget instead of a page count, e.g. 2GiB, 512MiB, 1.5GB")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per engine step")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="queued requests beyond which new ones get 429")
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds SIGTERM waits for running requests before aborting them")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server and engine log level")
+    p.add_argument("--no-precompile", action="store_true",
+                   help="compile each step shape when traffic first needs it, not all of them at start-up")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled programs in the persistent cache (~/.cache/longcat-jax/xla)")
     return p
@@ -104,6 +109,16 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     if not 0 <= args.port < 65536:
         p.error("--port must be in [0, 65535]")
     return args
+
+
+def _num_pages(args: argparse.Namespace, cfg: lj.Config) -> int | None:
+    """--num-pages, or the pages --kv-cache-memory holds (`paged_cache.page_bytes` per page)."""
+    if args.kv_cache_memory is None:
+        return args.num_pages
+    from longcat_jax.memory_plan import parse_bytes
+    from longcat_jax.model.paged_cache import page_bytes
+
+    return parse_bytes(args.kv_cache_memory) // page_bytes(cfg, args.page_size)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -173,21 +188,33 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
               f"{cfg.max_position_embeddings}", file=sys.stderr)
         return 2
     try:
+        num_pages = _num_pages(args, cfg)
+    except ValueError as e:
+        print(f"error: --kv-cache-memory: {e}", file=sys.stderr)
+        return 2
+    try:
         settings = EngineSettings(max_num_seqs=args.max_num_seqs, max_model_len=max_len,
-                                  page_size=args.page_size, num_pages=args.num_pages,
+                                  page_size=args.page_size, num_pages=num_pages,
                                   prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting).checked()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" + (" (--kv-cache-memory is too small)" if args.kv_cache_memory else ""),
+              file=sys.stderr)
         return 2
-    t = _phase(f"compiling: engine of {settings.max_num_seqs} sequences x {max_len} tokens, "
-               f"{settings.pool_pages} pages of {settings.page_size}; warm-up request")
     engine = Engine(model, settings, tokenizer=tokenizer)
+    del model  # on CPU the engine keeps its own per-layer copy of the weights (model.longcat.jit_paged_step)
+    if not args.no_precompile:
+        t = _phase(f"compiling: {len(engine.bucket_shapes())} step programs (engine of "
+                   f"{settings.max_num_seqs} sequences x {max_len} tokens, {settings.pool_pages} pages of "
+                   f"{settings.page_size})")
+        engine.compile_all()
+        _done(t, "compiled")
+    t = _phase("warm-up request")
     engine.start()
     error = _warm_up(engine, tokenizer)
     if error is not None:
         print(f"error: the warm-up request failed: {error}", file=sys.stderr)
         return 1
-    _done(t, "compiled")
+    _done(t)
     api_key = args.api_key or os.environ.get("LONGCAT_API_KEY") or None
     app = build_app(engine, tokenizer, model_name=name, api_key=api_key, max_n=args.max_n)
     host = f"[{args.host}]" if ":" in args.host else args.host

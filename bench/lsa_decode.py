@@ -31,11 +31,9 @@ def lsa_variants(names: list[str]) -> dict:
 
 
 def prepare_decode_step(model, context: int, page_size: int, seed: int = 0):
-    """(run one step, compile seconds): one paged_step (jit, batch 1, one new token at position context - 1)
-    over a paged cache of `context` rows of random values."""
-    from flax import nnx
-
-    from longcat_jax.model.longcat import paged_step
+    """(run one step, compile seconds): one paged_step as the engine runs it (`jit_paged_step`, batch 1, one
+    new token at position context - 1) over a paged cache of `context` rows of random values."""
+    from longcat_jax.model.longcat import jit_paged_step
     from longcat_jax.model.paged_cache import PagedCache, init_paged_cache
 
     cfg = model.cfg
@@ -46,11 +44,7 @@ def prepare_decode_step(model, context: int, page_size: int, seed: int = 0):
     index_k = None
     if abstract.index_k is not None:
         index_k = jax.random.normal(k2, abstract.index_k.shape, abstract.index_k.dtype)
-    graphdef, params = nnx.split(model)
-
-    def step(params, tokens, starts, new_lens, table, cache, history):
-        return paged_step(nnx.merge(graphdef, params), tokens, starts, new_lens, table, cache, history)
-
+    step, params = jit_paged_step(model)  # the serving engine's form of the step (per-layer arrays on CPU)
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (1, 1)), jnp.int32)
     starts, new_lens = jnp.asarray([context - 1], jnp.int32), jnp.asarray([1], jnp.int32)
@@ -59,8 +53,7 @@ def prepare_decode_step(model, context: int, page_size: int, seed: int = 0):
     history = jnp.asarray(rng.integers(3, cfg.vocab_size, (1, H)), jnp.int32) if H else None
     state = {"cache": PagedCache(kv=kv, index_k=index_k)}
     t = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=5).lower(params, tokens, starts, new_lens, table, state["cache"],
-                                                      history).compile()
+    compiled = step.lower(params, tokens, starts, new_lens, table, state["cache"], history).compile()
     compile_s = time.perf_counter() - t
 
     def run():

@@ -158,3 +158,14 @@ def test_serve_preset_end_to_end_and_sigterm_drains():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_kv_cache_memory_sizes_the_pool(capsys):
+    """--kv-cache-memory: a bad size and a budget too small for one request are one-line errors (before any
+    compile); --num-pages and --kv-cache-memory exclude each other."""
+    assert serve.main(["--preset", "tiny", "--port", "0", "--kv-cache-memory", "lots"]) == 2
+    assert "error: --kv-cache-memory: bad memory size 'lots'" in capsys.readouterr().err
+    assert serve.main(["--preset", "tiny", "--port", "0", "--kv-cache-memory", "1KiB"]) == 2
+    assert "(--kv-cache-memory is too small)" in capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(SystemExit):
+        serve.main(["--preset", "tiny", "--num-pages", "8", "--kv-cache-memory", "1GiB"])

@@ -23,7 +23,7 @@ from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
 from longcat_jax.model.indexer import Indexer, select
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.model.layers import MLP, RMSNorm
-from longcat_jax.model.mla import MLA, absorb_query
+from longcat_jax.model.mla import MLA, absorb_query, attend_paged_decode
 from longcat_jax.model.moe import MoE
 from longcat_jax.ops.indexer_scores import indexer_scores
 from longcat_jax.ops.masks import attention_mask, indices_to_mask
@@ -259,8 +259,9 @@ def dense_warmup_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, ind
 def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
     """Attention over the paged cache (serving; no aux). The selection is `paged_cache.select` (HI by each
     sequence's own length); one new token per sequence reads only its selected latent rows through the page
-    table (`pallas_kernels.sparse_mla_decode`), a prefill chunk attends in absorbed form with the selection as
-    a mask, as the reference path does. Returns (out, indices or None, None)."""
+    table (`pallas_kernels.sparse_mla_decode`), or without an indexer all its rows
+    (`mla.attend_paged_decode`); a prefill chunk attends in absorbed form with the selection as a mask, as the
+    reference path does. Returns (out, indices or None, None)."""
     cfg = attn.cfg
     if index_qkw is not None:
         indices = paged_cache.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.valid,
@@ -272,6 +273,11 @@ def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, c
                                         cfg.softmax_scale, new_rows=keys.new_rows, new_pos=ctx.cache_len,
                                         impl=impl)
         return attn.latent_output(o_lat[:, None]), indices, None
+    if indices is None and ctx.positions.shape[1] == 1:  # dense decode: every cached row, read in place
+        q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+        o_lat = attend_paged_decode(q_lat[:, 0], q_rope[:, 0], keys.pages, keys.page_table, ctx.cache_len,
+                                    keys.new_rows, cfg.softmax_scale)
+        return attn.latent_output(o_lat[:, None].astype(q_nope.dtype)), None, None
     mask = attention_mask(ctx.positions, keys.positions, keys.valid)
     if indices is not None:
         mask = mask & indices_to_mask(indices, mask.shape[-1])

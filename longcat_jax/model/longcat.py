@@ -26,6 +26,7 @@ from longcat_jax.model.ngram import NgramEmbedding, next_history
 from longcat_jax.model.paged_cache import PagedCache
 from pallas_kernels.ngram_lookup import ngram_lookup
 from sharding.constrain import constrain
+from sharding.divisibility import check_divisible
 from sharding.rules import RULES
 
 
@@ -88,16 +89,37 @@ def embed_tokens(model: LongCat, tokens, history=None):
     return e
 
 
+def unstack_layers(model: LongCat) -> list:
+    """Each layer's parameters as its own arrays (a copy): `paged_step(..., layers=...)` runs them one by one.
+
+    XLA:CPU copies a layer's weights out of the stacked [L, ...] arrays in every iteration of the layer scan
+    (a dynamic slice feeding a matmul is materialised), which costs about as much as the decode step's own
+    reads; separate arrays are read in place."""
+    _, state = nnx.split(model.layers)
+    return [jax.tree.map(lambda x, i=i: jnp.array(x[i]), state) for i in range(model.cfg.num_layers)]
+
+
 def _run_layers(model: LongCat, h, ctx: Context, layer_caches: dict | None, remat=None,
-                paged: bool = False):
+                paged: bool = False, layers: list | None = None):
     """Scan the stacked layers; returns (h, new per-layer cache dict or None, per-layer aux stacked on [L]).
 
     layer_caches: None, or the cache arrays stacked on a leading [L] axis by name (Cache's c_kv, k_rope and
     index_k, or PagedCache's kv and index_k). remat: None (keep every activation) or a jax.checkpoint policy
     applied to each layer. paged: layer_caches is the whole PagedCache (kv, index_k), which the layers only
-    read; the result holds every layer's new rows instead of a new cache (see `paged_step`).
+    read; the result holds every layer's new rows instead of a new cache (see `paged_step`). layers (paged
+    only): `unstack_layers(model)`, run in a Python loop instead of the scan.
     """
     graphdef, state = nnx.split(model.layers)
+    if paged and layers is not None:
+        all_rows, all_aux = [], []
+        for index, layer_state in enumerate(layers):
+            layer = nnx.merge(graphdef, layer_state)
+            h, rows, aux = layer(constrain(h, ("batch", "seq", "embed"), model.rules), ctx,
+                                 {**layer_caches, "layer": index})
+            all_rows.append(rows)
+            all_aux.append(aux)
+        stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+        return h, jax.tree.map(stack, *all_rows), jax.tree.map(stack, *all_aux)
     if paged:
         def paged_body(h, xs):
             layer_state, index = xs
@@ -181,13 +203,14 @@ def decode_step(model: LongCat, tokens: jax.Array, cache: Cache) -> tuple[jax.Ar
 
 
 def paged_step(model: LongCat, tokens: jax.Array, starts: jax.Array, new_lens: jax.Array,
-               page_table: jax.Array, cache: PagedCache, history: jax.Array | None = None
-               ) -> tuple[jax.Array, PagedCache]:
+               page_table: jax.Array, cache: PagedCache, history: jax.Array | None = None,
+               layers: list | None = None) -> tuple[jax.Array, PagedCache]:
     """One step of the serving engine over the paged cache: row b appends tokens[b, :new_lens[b]] to its
     sequence at positions starts[b].. (a prefill chunk, or one decode token); the rest of the row pads it to a
     compiled shape. history [B, N-1] holds the N-1 tokens before each row's first (N-gram embedding; zeros
-    before the sequence start). Returns (logits [B, V] f32 at each row's last real token, the cache); rows
-    with new_lens 0 are inert (their logits are meaningless).
+    before the sequence start). layers: `unstack_layers(model)` to run the layers from separate arrays (the
+    faster form on CPU), or None for the scan over the stacked ones. Returns (logits [B, V] f32 at each row's
+    last real token, the cache); rows with new_lens 0 are inert (their logits are meaningless).
     """
     cfg = model.cfg
     B, T = tokens.shape
@@ -200,14 +223,48 @@ def paged_step(model: LongCat, tokens: jax.Array, starts: jax.Array, new_lens: j
     layer_caches = {"kv": cache.kv}
     if cache.index_k is not None:
         layer_caches["index_k"] = cache.index_k
-    h, rows, _ = _run_layers(model, h, ctx, layer_caches, paged=True)
+    h, rows, _ = _run_layers(model, h, ctx, layer_caches, paged=True, layers=layers)
     # The layers read the pages; every layer's new rows are written once, after them, in place.
     slots = paged_cache.row_slots(page_table, positions, new_lens, cache.num_pages, cache.page_size)
+    if layers is not None:
+        # Unrolled, the last sublayer's page reads feed only h, so XLA could schedule the write before them,
+        # and copies the whole pool to keep them correct. A dependency on h that never changes a slot orders
+        # the write after every read (x != x and x == x is false for any x, NaN too; XLA does not fold it).
+        x = h[0, 0, 0]
+        slots = jnp.where((x != x) & (x == x), cache.num_pages * cache.page_size, slots)
     cache = PagedCache(kv=paged_cache.write_rows(cache.kv, rows["kv"], slots),
                        index_k=None if cache.index_k is None else
                        paged_cache.write_rows(cache.index_k, rows["index_k"], slots))
     last = jnp.take_along_axis(h, jnp.maximum(new_lens - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
     return _logits(model, last)[:, 0], cache
+
+
+def jit_paged_step(model: LongCat, unroll: bool | None = None):
+    """(the jitted serving step, the parameters it takes first): step(params, tokens, starts, new_lens,
+    page_table, cache, history) is `paged_step` with the cache donated.
+
+    unroll (None: on CPU only) holds the layers' parameters as separate per-layer arrays (`unstack_layers`)
+    and runs them unrolled: XLA:CPU copies each layer's weights out of the stacked arrays in every step of
+    the scan. The stacked model is rebuilt inside the step for its structure only (XLA drops the stack).
+    """
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+    if not unroll:
+        graphdef, state = nnx.split(model)
+
+        def step(state, tokens, starts, new_lens, table, cache, history):
+            return paged_step(nnx.merge(graphdef, state), tokens, starts, new_lens, table, cache, history)
+
+        return jax.jit(step, donate_argnums=5), state
+    graphdef, _, rest = nnx.split(model, nnx.PathContains("layers"), ...)
+
+    def unrolled(params, tokens, starts, new_lens, table, cache, history):
+        rest, layers = params
+        stacked = nnx.State({"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)})
+        return paged_step(nnx.merge(graphdef, stacked, rest), tokens, starts, new_lens, table, cache, history,
+                          layers=layers)
+
+    return jax.jit(unrolled, donate_argnums=5), (rest, unstack_layers(model))
 
 
 def prefill(model: LongCat, tokens: jax.Array, max_len: int) -> tuple[jax.Array, Cache]:
@@ -225,6 +282,8 @@ def build_model(cfg: Config, seed: int = 0, mesh: jax.sharding.Mesh | None = Non
     if mesh is None:
         with nnx.use_eager_sharding(False):
             return LongCat(cfg, nnx.Rngs(seed), rules)
+    # An axis that does not divide what it shards would leave the array silently replicated: refuse it first.
+    check_divisible(abstract_model(cfg, rules), mesh, rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         return jax.jit(lambda: LongCat(cfg, nnx.Rngs(seed), rules))()
 

@@ -9,6 +9,7 @@ k_rope [Hr]):
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -101,3 +102,26 @@ def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
 def latent_values(o_lat, w_kv_up, cfg: Config):
     """W_UV: per-head values [B,T,N,Hv] from the latent sums o_lat [B,T,N,R] of absorbed attention."""
     return jnp.einsum("btnr,rnh->btnh", o_lat, w_kv_up[..., cfg.qk_nope_head_dim :].astype(o_lat.dtype))
+
+
+def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, scale: float):
+    """Absorbed attention of one new token per sequence over all its rows, read through its page table (the
+    dense model's decode step; `pallas_kernels.sparse_mla_decode` reads only selected rows).
+
+    q_lat [B,N,R], q_rope [B,N,Hr]; pages [P, page, R + Hr] (c_kv | k_rope rows); page_table [B, W];
+    positions [B]: the new token's position, whose own row new_rows [B, R + Hr] is not in the pages yet.
+    Returns o_lat [B,N,R] f32. Scores and values read the rows as they are gathered, c_kv and k_rope together
+    (one matmul each, no slicing copies); the new row is put in place by a select that XLA fuses into the
+    gather. A row whose position is 0 attends to its own row only.
+    """
+    B, W = page_table.shape
+    S, R = W * pages.shape[1], q_lat.shape[-1]
+    rows = pages[page_table].reshape(B, S, pages.shape[2])  # [B, S, R + Hr]
+    pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+    rows = jnp.where((pos == positions[:, None])[..., None], new_rows[:, None].astype(rows.dtype), rows)
+    q = jnp.concatenate([q_lat, q_rope], axis=-1).astype(rows.dtype)  # [B, N, R + Hr]
+    s = jnp.einsum("bnx,bsx->bns", q, rows, preferred_element_type=jnp.float32) * scale
+    p = softmax_f32(s, (pos <= positions[:, None])[:, None, :])
+    # Values over the whole row: 25% more of a small matmul, cheaper than copying c_kv out of every row
+    o = jnp.einsum("bns,bsx->bnx", p.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
+    return jax.lax.slice_in_dim(o, 0, R, axis=2)

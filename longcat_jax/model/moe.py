@@ -111,7 +111,12 @@ def _combine(y_sorted, order, x, weights, indices, n_experts):
     y = y_sorted[inv].reshape(n, k, -1)  # [N, K, D]
     w = weights.astype(jnp.float32)
     is_id = indices >= n_experts
-    routed = jnp.sum(jnp.where(is_id, 0.0, w)[..., None] * y.astype(jnp.float32), axis=1)
+    w_routed = jnp.where(is_id, 0.0, w)
+    # Added slot by slot rather than jnp.sum over K: XLA:CPU turns that multiply-reduce into N tiny [1, K] x
+    # [K, D] matmuls, the slowest op of a prefill step; this stays one elementwise pass with the gather fused.
+    routed = w_routed[:, 0, None] * y[:, 0].astype(jnp.float32)
+    for j in range(1, k):
+        routed = routed + w_routed[:, j, None] * y[:, j].astype(jnp.float32)
     id_gate = jnp.sum(jnp.where(is_id, w, 0.0), axis=1, keepdims=True)  # [N, 1]
     return (routed + id_gate * x.astype(jnp.float32)).astype(x.dtype)
 
@@ -144,9 +149,10 @@ def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
         g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
         u = jax.lax.ragged_dot(xs, w_up, group_sizes)
         y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [N*K, D]
-    elif xs.shape[0] <= n_experts:
-        # Fewer assignments than experts (decode): read just the chosen experts' weights. The tile loop would
-        # copy every expert's weights of the layer into the loop first, which costs more than the math.
+    elif 4 * xs.shape[0] <= n_experts:
+        # A few assignments (decode of one or two sequences): gather just the chosen experts' weights. With
+        # more, the gather costs more than the tile loop (a 32-expert layer: 1.4 vs 2.4 ms for 4 assignments,
+        # 59 vs 18 ms for 32).
         e = jnp.minimum(sorted_e, n_experts - 1)
         g = jnp.einsum("md,mdf->mf", xs, w_gate[e])
         u = jnp.einsum("md,mdf->mf", xs, w_up[e])

@@ -20,6 +20,7 @@ from longcat_jax.config import Config
 from longcat_jax.model.indexer import select as reference_select
 from longcat_jax.ops.lsa_rules import use_hierarchical
 from pallas_kernels import indexer_topk
+from pallas_kernels.impl import resolve
 
 
 @flax.struct.dataclass
@@ -43,6 +44,14 @@ def init_paged_cache(cfg: Config, num_pages: int, page_size: int) -> PagedCache:
         index_k = jnp.zeros((L, cfg.indexer_sublayers, num_pages, page_size, cfg.index_head_dim), jnp.float32)
     kv = jnp.zeros((L, 2, num_pages, page_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim), cfg.jnp_dtype)
     return PagedCache(kv=kv, index_k=index_k)
+
+
+def page_bytes(cfg: Config, page_size: int) -> int:
+    """Bytes one page of `page_size` rows takes in every layer's pools (`init_paged_cache`): a memory budget
+    for the cache divided by this is the pool size."""
+    kv = 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(cfg.jnp_dtype).itemsize
+    index = cfg.indexer_sublayers * cfg.index_head_dim * 4 if cfg.use_indexer else 0
+    return cfg.num_layers * page_size * (kv + index)
 
 
 def row_slots(page_table, positions, new_lens, num_pages: int, page_size: int):
@@ -92,9 +101,11 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid, seq_lens):
     HI switches on by each sequence's own length (seq_lens [B] > cfg.hi_min_len) rather than by the key axis,
     which here is the page-table width the batch was compiled for: a sequence's selection must not depend on
     what else is batched with it. cfg.kernel_impl "reference" uses the [T, S] reference, else the fused
-    `pallas_kernels.indexer_topk` selection.
+    `pallas_kernels.indexer_topk` selection, except where that would be its XLA form and each row has one
+    query (a decode step): [1, S] scores are small, and XLA:CPU ranks them faster materialised (53 vs 93 ms
+    per token of the small preset at 32K keys, bench/serve.py's LSA part). Both choose the same keys.
     """
-    if cfg.kernel_impl == "reference":
+    if cfg.kernel_impl == "reference" or (q.shape[1] == 1 and resolve(cfg.kernel_impl) == "xla"):
         def rule(c):
             return reference_select(q, k, w, q_positions, k_positions, c, k_valid)
     else:

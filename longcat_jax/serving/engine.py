@@ -4,13 +4,14 @@ between steps, over one paged cache.
 Each step of the scheduler
   1. admits waiting requests while there is room (`max_num_seqs`), reusing the full pages of a cached prompt
      prefix (`pages.PagePool`);
-  2. gives every running request its next tokens: one for a request that is decoding, a chunk of its prompt
-     for one that is prefilling (all prefill chunks of a step share a budget of `prefill_chunk` tokens, so a
-     long prompt never stalls the decoding streams for more than one chunk);
+  2. gives every running request its next tokens: one for a request that is decoding, and a chunk of at most
+     `prefill_chunk` prompt tokens to the oldest one that is prefilling (so a long prompt never stalls the
+     decoding streams for more than one chunk);
   3. takes the pages those tokens need, preempting the newest running request when the pool is empty (it
      gives its pages back and recomputes its tokens when it is admitted again);
-  4. runs the prefill rows and the decode rows through `paged_step`, each jit-compiled for a few bucketed
-     shapes (rows, tokens per row, page-table width: powers of two), so a steady load compiles nothing new;
+  4. runs the prefill row and the decode rows through `paged_step`, each jit-compiled for a few bucketed
+     shapes (rows and page-table width: powers of two; chunk length: see `_chunk_bucket`), all compiled
+     ahead of traffic by `compile_all`;
   5. samples a token for each request whose tokens are all in the cache, detokenizes it, applies the stop
      rules and reports a `RequestOutput`.
 `Engine.generate` runs the steps in the caller's thread (offline use, notebooks); `start` runs them in a
@@ -20,6 +21,7 @@ background thread that `submit` and `abort` feed (the HTTP server).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -30,9 +32,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from longcat_jax.model.longcat import LongCat, paged_step
+from longcat_jax.model.longcat import LongCat, jit_paged_step
 from longcat_jax.model.paged_cache import init_paged_cache
 from longcat_jax.serving.pages import PagePool, page_hashes
 from longcat_jax.serving.params import InvalidRequest, RequestOutput, SamplingParams, TokenLogprob
@@ -58,6 +59,7 @@ class EngineSettings:
     num_pages: int | None = None  # the pool; None = room for max_num_seqs requests of max_model_len tokens
     prefill_chunk: int = 256  # prompt tokens per step, over all prefilling requests
     max_waiting: int = 256  # queued requests beyond which `submit` raises QueueFull
+    unroll_layers: bool | None = None  # per-layer weight arrays, layers unrolled; None = on CPU only
 
     def checked(self) -> EngineSettings:
         for name in ("max_num_seqs", "max_model_len", "page_size", "prefill_chunk", "max_waiting"):
@@ -106,6 +108,12 @@ def _bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(cap, 1 << (max(n, floor, 1) - 1).bit_length())
 
 
+def _chunk_bucket(n: int, cap: int, step: int = 32) -> int:
+    """The compiled length of a prefill chunk of n tokens: a power of two (>= 8) up to `step`, then a multiple
+    of it (a 135-token prompt computes 160 rows, not 256), at most cap."""
+    return _bucket(n, cap, 8) if n <= step else min(cap, -(-n // step) * step)
+
+
 class _Request:
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, on_output, tokenizer,
                  order: int):
@@ -142,13 +150,8 @@ class Engine:
         self.cfg, self.settings, self.tokenizer = model.cfg, settings.checked(), tokenizer
         self.pool = PagePool(settings.pool_pages, settings.page_size)
         self.cache = init_paged_cache(self.cfg, settings.pool_pages, settings.page_size)
-        graphdef, self._state = nnx.split(model)
-
-        def step(state, tokens, starts, new_lens, table, cache, history):
-            return paged_step(nnx.merge(graphdef, state), tokens, starts, new_lens, table, cache, history)
-
-        self._step = jax.jit(step, donate_argnums=5)
-        self._shapes: set[tuple[int, int, int]] = set()
+        self._step, self._state = jit_paged_step(model, settings.unroll_layers)
+        self._programs: dict[tuple[int, int, int], Callable] = {}  # (B, T, W) -> compiled step
         eos = {self.cfg.eos_token_id} | set(tokenizer.eos_token_ids if tokenizer is not None else ())
         self._eos = frozenset(eos)
         self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else None
@@ -277,7 +280,7 @@ class Engine:
                            running=len(self.running), waiting=len(self.waiting) + len(self._inbox),
                            prefix_cache_hits=t["prefix_hits"], prompt_tokens=t["prompt"],
                            generation_tokens=t["generated"], preemptions=t["preempted"],
-                           compiled_programs=len(self._shapes))
+                           compiled_programs=len(self._programs))
 
     # --- one step ----------------------------------------------------------------------------------------
 
@@ -329,15 +332,16 @@ class Engine:
             self.running.sort(key=lambda r: r.order)
 
     def _plan(self):
-        """(prefill rows, decode rows): lists of (request, tokens to feed), with their pages taken."""
-        budget = self.settings.prefill_chunk
+        """(prefill rows, decode rows): lists of (request, tokens to feed), with their pages taken. One prompt
+        chunk per step, the oldest request's: rows of a program share a length, so a shorter chunk beside it
+        would pad out to it at full cost; first come, first served also gives the first token soonest."""
         prefill, decode = [], []
         for req in list(self.running):
             if req not in self.running:  # preempted for an earlier request's pages
                 continue
             pending = len(req.tokens) - req.computed
-            n = 1 if pending == 1 else min(pending, budget)
-            if n == 0:
+            n = 1 if pending == 1 else min(pending, self.settings.prefill_chunk)
+            if n == 0 or (n > 1 and prefill):
                 continue
             if not self._take_pages(req, req.computed + n):
                 continue
@@ -345,7 +349,6 @@ class Engine:
                 decode.append((req, 1))
             else:
                 prefill.append((req, n))
-                budget -= n
         return prefill, decode
 
     def _take_pages(self, req: _Request, upto: int) -> bool:
@@ -372,17 +375,57 @@ class Engine:
         self.running.remove(req)
         self.waiting.appendleft(req)
 
+    def _shape(self, rows) -> tuple[int, int, int]:
+        """The compiled (rows B, tokens per row T, page-table width W) of a step's rows."""
+        s = self.settings
+        T = 1 if all(n == 1 for _, n in rows) else _chunk_bucket(max(n for _, n in rows), s.prefill_chunk)
+        return _bucket(len(rows), s.max_num_seqs), T, self._width(max(len(r.pages) for r, _ in rows))
+
+    def _width(self, pages: int) -> int:  # page tables of >= 256 tokens: short sequences share one program
+        s = self.settings
+        return _bucket(pages, s.pages_per_seq, -(-min(256, s.max_model_len) // s.page_size))
+
+    def bucket_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (B, T, W) a step can run: decode rows (T = 1) and one prefill chunk, at each width."""
+        s = self.settings
+        widths = sorted({self._width(n) for n in range(1, s.pages_per_seq + 1)})
+        rows = sorted({_bucket(n, s.max_num_seqs) for n in range(1, s.max_num_seqs + 1)})
+        chunk = range(2, min(s.prefill_chunk, s.max_model_len) + 1)
+        chunks = sorted({_chunk_bucket(n, s.prefill_chunk) for n in chunk})
+        return [(B, 1, W) for W in widths for B in rows] + [(1, T, W) for W in widths for T in chunks]
+
+    def compile_all(self, workers: int = 2) -> float:
+        """Compile every program of `bucket_shapes` now, so that no request waits for a compile (a new bucket
+        met mid-traffic stalls every running stream for seconds); returns the seconds taken. XLA compiles in
+        C++, so threads overlap one program's Python tracing with another's compile."""
+        t = time.perf_counter()
+        todo = [shape for shape in self.bucket_shapes() if shape not in self._programs]
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for shape, program in zip(todo, pool.map(self._compile, todo)):
+                self._programs[shape] = program
+        log.info("compiled %d step programs ahead of traffic in %.1f s", len(todo), time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    def _compile(self, shape: tuple[int, int, int]):
+        B, T, W = shape
+        H = (self.cfg.ngram_n or 1) - 1
+        ints = [jax.ShapeDtypeStruct(x, jnp.int32) for x in ((B, T), (B,), (B,), (B, W), (B, H))]
+        return self._step.lower(self._state, *ints[:4], self.cache, ints[4] if H else None).compile()
+
+    def _program(self, shape: tuple[int, int, int]):
+        if shape not in self._programs:
+            log.info("compiling the step for %d rows x %d tokens, %d pages per row (program %d)", *shape,
+                     len(self._programs) + 1)
+            self._programs[shape] = self._compile(shape)
+        return self._programs[shape]
+
     def _run_rows(self, rows) -> None:
-        s, ps = self.settings, self.settings.page_size
-        T = 1 if all(n == 1 for _, n in rows) else _bucket(max(n for _, n in rows), s.prefill_chunk, 8)
-        B = _bucket(len(rows), s.max_num_seqs)
-        # Page tables of at least 256 tokens: short sequences share one program
-        W = _bucket(max(len(r.pages) for r, _ in rows), s.pages_per_seq, -(-min(256, s.max_model_len) // ps))
+        B, T, W = self._shape(rows)
         tokens = np.zeros((B, T), np.int32)
         starts, new_lens = np.zeros(B, np.int32), np.zeros(B, np.int32)
         table = np.zeros((B, W), np.int32)
         H = (self.cfg.ngram_n or 1) - 1
-        history = np.zeros((B, H), np.int32)
+        history = np.zeros((B, H), np.int32) if H else None
         for b, (req, n) in enumerate(rows):
             all_tokens = req.tokens
             tokens[b, :n] = all_tokens[req.computed:req.computed + n]
@@ -391,13 +434,8 @@ class Engine:
             if H:
                 before = all_tokens[max(0, req.computed - H):req.computed]
                 history[b, H - len(before):] = before
-        if (B, T, W) not in self._shapes:
-            log.info("compiling the step for %d rows x %d tokens, %d pages per row (program %d)", B, T, W,
-                     len(self._shapes) + 1)
-            self._shapes.add((B, T, W))
-        logits, self.cache = self._step(self._state, jnp.asarray(tokens), jnp.asarray(starts),
-                                        jnp.asarray(new_lens), jnp.asarray(table), self.cache,
-                                        jnp.asarray(history) if H else None)
+        step = self._program((B, T, W))
+        logits, self.cache = step(self._state, tokens, starts, new_lens, table, self.cache, history)
         logits = np.asarray(logits)
         for b, (req, n) in enumerate(rows):
             req.computed += n
