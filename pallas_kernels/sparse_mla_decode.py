@@ -16,7 +16,7 @@ import functools
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.impl import resolve
+from pallas_kernels.impl import backend, resolve
 from pallas_kernels.sparse_mla import (
     _attend_rows,
     _online_softmax,
@@ -25,6 +25,7 @@ from pallas_kernels.sparse_mla import (
     _slot_block,
     _valid,
 )
+from pallas_kernels.tpu_sparse_mla_decode import tpu_sparse_mla_decode_paged
 
 
 def _decode_kernel(idx_ref, ql_ref, qr_ref, table_ref, new_pos_ref, new_row_ref, kv_ref, o_ref, *, scale,
@@ -70,6 +71,9 @@ def sparse_mla_decode_paged(q_lat, q_rope, kv_pages, page_table, indices, scale,
         raise ValueError(
             f"want page_table [B={B},pages], indices [B={B},K]: got {page_table.shape}, {indices.shape}"
         )
+    if impl == "pallas" and backend() == "mosaic":  # TPU: the Mosaic kernel (tpu_sparse_mla_decode.py)
+        return tpu_sparse_mla_decode_paged(q_lat, q_rope, kv_pages, page_table, indices, scale,
+                                           new_rows=new_rows, new_pos=new_pos)
     page_size = kv_pages.shape[1]
     kv_rows = kv_pages.reshape(-1, D)  # contiguous: a free view, no copy of the cache
     page_table, indices, scale = page_table.astype(jnp.int32), indices.astype(jnp.int32), float(scale)

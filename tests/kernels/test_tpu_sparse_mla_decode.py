@@ -91,3 +91,9 @@ def test_lowers_for_tpu_at_small_preset_shapes():
 
     text = lower_for_tpu(step, (q_lat, q_rope, kv_pages))
     assert text.count(TPU_CALL) == 1
+
+    def public(q_lat, q_rope, kv_pages):  # the entry point the engine calls picks the Mosaic kernel on TPU
+        return sparse_mla_decode_paged(q_lat, q_rope, kv_pages, page_table, idx, 0.1, new_rows=new_rows,
+                                       new_pos=new_pos, impl="pallas")
+
+    assert lower_for_tpu(public, (q_lat, q_rope, kv_pages)).count(TPU_CALL) == 1

@@ -197,6 +197,9 @@ def test_build_on_mesh_shards_params_and_matches():
         got = jax.jit(lj.forward)(sharded, tokens).logits
     plain = lj.build_model(cfg, seed=0)
     assert rel_err(got, lj.forward(plain, tokens).logits) < 1e-5
+    # 6 experts cannot be split 4 ways: an error before anything is built, not experts on every device.
+    with pytest.raises(ValueError, match=r"\(logical 'experts', size 6\) is not divisible by mesh axis 'ep'"):
+        lj.build_model(cfg, seed=0, mesh=make_mesh({"ep": 4, "dp": 2}))
 
 
 def test_context_positions_offset_matches_cache_path(tiny):
