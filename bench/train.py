@@ -30,9 +30,13 @@ rounds. XLA's own `cost_analysis()` flops of the compiled step are also recorded
 comparable: XLA counts a loop body once: the layer scan's (not per layer) and the expert-tile loop's
 (not per tile).
 
+`--bf16` adds bf16 compute on both sides (ours: `Config.dtype="bfloat16"`, float32 parameters and optimizer
+state; the reference: its forward and loss under `torch.autocast("cpu", torch.bfloat16)`); each bf16 side is
+compared with the other's bf16 side, and its share of the matmul rate with a bf16 jnp matmul.
+
 Usage:
   python bench/train.py [--steps N] [--batch-size B] [--seq-len T] [--json PATH] [--png PATH]
-                        [--capacity-factor CF] [--pause S] [--default-malloc]
+                        [--capacity-factor CF] [--bf16] [--pause S] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -158,8 +162,9 @@ def make_jax_step(cfg: Config, inputs, targets):
     return run, compile_s, float(cost.get("flops", float("nan"))), state
 
 
-def make_torch_step(cfg: Config, inputs, targets, threads: int):
-    """Build the reference model and return (run_one_step, info dict)."""
+def make_torch_step(cfg: Config, inputs, targets, threads: int, autocast: bool = False):
+    """Build the reference model and return (run_one_step, info dict). autocast: the forward and loss under
+    torch.autocast(bfloat16), PyTorch's mixed precision (parameters and optimizer stay float32)."""
     import torch
     import torch.nn.functional as F
     import torch.profiler
@@ -177,7 +182,8 @@ def make_torch_step(cfg: Config, inputs, targets, threads: int):
 
     def run():  # the record_function labels let bench/train_profile.py split the step's time
         opt.zero_grad(set_to_none=True)
-        with torch.profiler.record_function("forward + loss"):
+        with torch.profiler.record_function("forward + loss"), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=x, use_cache=False).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         with torch.profiler.record_function("backward"):
@@ -208,6 +214,9 @@ def parse_args(argv=None):
                    help="seconds of idle before every timed step and matmul measurement")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="also time ours with capacity-factor MoE dispatch (drops overflow) as a third side")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time both sides with bf16 compute: ours with Config.dtype=bfloat16, the "
+                        "reference under torch.autocast(bfloat16); parameters and optimizer float32 on both")
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc as it is (no keep_freed_host_memory)")
     p.add_argument("--json", default=DEFAULT_JSON, help="result file ('' to skip)")
@@ -243,7 +252,8 @@ def run(args) -> dict:
     inputs, targets = random_batch(cfg, B, T)
     info = machine_info()
 
-    # Timed sides, run in this order every round: ours, [ours with capacity dispatch], reference.
+    # Timed sides, run in this order every round: ours, [ours with capacity dispatch], [ours in bf16],
+    # reference, [reference in bf16].
     sides = {}
     run_fn, compile_s, xla_flops, state = make_jax_step(cfg, inputs, targets)
     sides["ours"] = dict(run=run_fn, compile_s=compile_s, xla_flops=xla_flops, state=state)
@@ -251,8 +261,14 @@ def run(args) -> dict:
         run_fn, compile_s, xla_flops, state = make_jax_step(cfg.replace(capacity_factor=args.capacity_factor),
                                                             inputs, targets)
         sides["ours_capacity"] = dict(run=run_fn, compile_s=compile_s, xla_flops=xla_flops, state=state)
+    if args.bf16:
+        run_fn, compile_s, xla_flops, state = make_jax_step(cfg.replace(dtype="bfloat16"), inputs, targets)
+        sides["ours_bf16"] = dict(run=run_fn, compile_s=compile_s, xla_flops=xla_flops, state=state)
     torch_run, torch_info = make_torch_step(cfg, inputs, targets, args.threads)
-    sides["reference"] = dict(run=torch_run)
+    sides["reference"] = dict(run=torch_run, info=torch_info)
+    if args.bf16:
+        torch_run, bf16_info = make_torch_step(cfg, inputs, targets, args.threads, autocast=True)
+        sides["reference_bf16"] = dict(run=torch_run, info=bf16_info)
     for _ in range(args.warmup):
         for side in sides.values():
             side["run"]()
@@ -261,6 +277,9 @@ def run(args) -> dict:
     times, mm = {name: [] for name in sides}, []
     faults, system_s = {name: [] for name in sides}, {name: [] for name in sides}  # process-wide, per step
     matmul_rates(args.matmul_size, 1)  # compile outside the timed rounds
+    mm_bf16 = []  # the bf16 sides' yardstick (--bf16)
+    if args.bf16:
+        matmul_rates(args.matmul_size, 1, jnp.bfloat16)
     # The pause lets the previous side's worker threads stop spinning (OpenMP and MKL spin-wait after each
     # parallel region) before the next side is timed, so no side pays for another's idle threads.
     for _ in range(args.steps):
@@ -275,6 +294,8 @@ def run(args) -> dict:
             system_s[name].append(after.ru_stime - before.ru_stime)
         time.sleep(args.pause)
         mm.append(max(matmul_rates(args.matmul_size, 3)))
+        if args.bf16:
+            mm_bf16.append(max(matmul_rates(args.matmul_size, 3, jnp.bfloat16)))
     torch_mm = torch_matmul_rates(args.matmul_size, 5)
     fl = analytic_flops(cfg, B, T)
     mm_rate = statistics.median(mm)
@@ -295,30 +316,35 @@ def run(args) -> dict:
                    xla_note="xla_cost_analysis_flops counts the layer scan body and the expert-tile "
                             "loop body once each"),
         matmul=dict(jax_flops_per_s_per_round=mm, jax_median=mm_rate, torch_flops_per_s=torch_mm,
-                    torch_median=statistics.median(torch_mm)),
+                    torch_median=statistics.median(torch_mm), jax_bf16_flops_per_s_per_round=mm_bf16),
     )
     for name, side in sides.items():
         med = statistics.median(times[name])
-        # The fraction is the median over rounds of (step FLOP/s / that round's matmul rate).
-        frac = statistics.median(fl["flops"] / t / m for t, m in zip(times[name], mm))
+        # The fraction is the median over rounds of (step FLOP/s / that round's matmul rate in its dtype).
+        rates = mm_bf16 if name.endswith("_bf16") else mm
+        frac = statistics.median(fl["flops"] / t / m for t, m in zip(times[name], rates))
         row = dict(step_s=times[name], median_step_s=med, tokens_per_s=tokens / med,
                    flops_per_s=fl["flops"] / med, fraction_of_matmul=frac,
                    minor_page_faults_per_step=statistics.median(faults[name]),
                    system_cpu_s_per_step=statistics.median(system_s[name]))
-        if name == "reference":
-            row.update(params=torch_info["params"], attn_implementation=torch_info["attn_implementation"],
-                       losses=torch_info["losses"])
+        if name.startswith("reference"):
+            info_ = side["info"]
+            row.update(params=info_["params"], attn_implementation=info_["attn_implementation"],
+                       losses=info_["losses"],
+                       dtype="bfloat16 autocast" if name.endswith("_bf16") else "float32")
         else:
             row.update(compile_s=side["compile_s"], xla_cost_analysis_flops=side["xla_flops"],
                        params=int(sum(x.size for x in jax.tree.leaves(side["state"]["params"]))),
                        losses=side["state"]["loss"],
-                       moe_dispatch="dropless (per-expert tiles on CPU)" if name == "ours"
-                       else f"capacity_factor={args.capacity_factor} (drops overflow)")
+                       dtype="bfloat16 compute" if name.endswith("_bf16") else "float32",
+                       moe_dispatch=f"capacity_factor={args.capacity_factor} (drops overflow)"
+                       if name == "ours_capacity" else "dropless (per-expert tiles on CPU)")
         result[name] = row
-    ref_s = result["reference"]["median_step_s"]
-    for name in sides:
-        if name != "reference":
-            result[name]["speedup_vs_reference"] = ref_s / result[name]["median_step_s"]
+    for name in sides:  # each of ours against the reference in the same dtype
+        if not name.startswith("reference"):
+            ref = "reference_bf16" if name.endswith("_bf16") else "reference"
+            speedup = result[ref]["median_step_s"] / result[name]["median_step_s"]
+            result[name]["speedup_vs_reference"] = speedup
     result["targets"] = dict(faster_than_reference=result["ours"]["speedup_vs_reference"] > 1,
                              at_least_half_matmul_rate=result["ours"]["fraction_of_matmul"] >= 0.5)
     return result
@@ -331,13 +357,14 @@ def print_table(r: dict):
           f"{r['flops']['flops'] / g:.1f} model GFLOP per step")
     print(f"{'':40}{'tokens/s':>10}{'step s':>9}{'GFLOP/s':>9}{'of matmul':>11}{'vs ref':>8}{'params':>13}"
           f"{'faults':>10}{'sys s':>7}")
-    names = {"ours": "ours (JAX, MoE dropless)", "reference": None,
-             "ours_capacity": "ours (JAX, MoE capacity_factor)"}
-    for key in ("ours", "ours_capacity", "reference"):
+    names = {"ours": "ours (JAX, MoE dropless)", "reference": None, "reference_bf16": None,
+             "ours_capacity": "ours (JAX, MoE capacity_factor)", "ours_bf16": "ours (JAX, dropless, bf16)"}
+    for key in ("ours", "ours_capacity", "ours_bf16", "reference", "reference_bf16"):
         if key not in r:
             continue
         row = r[key]
-        name = names[key] or f"transformers ({row['attn_implementation']}, eager MoE)"
+        name = names[key] or (f"transformers ({row['attn_implementation']}, eager MoE"
+                              + (", bf16)" if key.endswith("_bf16") else ")"))
         vs = f"{row['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in row else "1.00x"
         print(f"{name:40}{row['tokens_per_s']:10.1f}{row['median_step_s']:9.3f}{row['flops_per_s'] / g:9.2f}"
               f"{row['fraction_of_matmul']:11.1%}{vs:>8}{row['params']:13,}"
@@ -359,8 +386,9 @@ def save_png(r: dict, path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    keys = [k for k in ("ours", "ours_capacity", "reference") if k in r]
-    labels = {"ours": "longcat-jax", "ours_capacity": "longcat-jax\n(capacity)", "reference": "transformers"}
+    keys = [k for k in ("ours", "ours_capacity", "ours_bf16", "reference", "reference_bf16") if k in r]
+    labels = {"ours": "longcat-jax", "ours_capacity": "longcat-jax\n(capacity)", "reference": "transformers",
+              "ours_bf16": "longcat-jax\nbf16", "reference_bf16": "transformers\nbf16"}
     ax.bar([labels[k] for k in keys], [r[k]["tokens_per_s"] for k in keys])
     ax.set_ylabel("training tokens/s")
     ax.set_title(f"small preset, B={r['settings']['batch_size']} T={r['settings']['seq_len']}, CPU")
