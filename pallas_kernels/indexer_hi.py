@@ -233,3 +233,43 @@ def _hi_tile_plan(q, w, qp, real, dense, kp, k_ok, hier: _Hier, cfg: Config, bq:
     chosen, need = jax.lax.map(one_block, tuple(map(blocks, (q, w, qp, real, dense))))
     return jnp.moveaxis(chosen, 0, 1).reshape(B, T_pad, -1), jnp.moveaxis(need, 0, 1)
 
+
+
+class _TilePlan(NamedTuple):
+    """The inputs of a top-k kernel padded to its blocks, and which key tiles each query block needs."""
+
+    q: jax.Array  # [B, T_pad, I, J]; w, qp, q_seg likewise padded on T (padded rows dropped later)
+    w: jax.Array
+    qp: jax.Array
+    q_seg: jax.Array
+    k: jax.Array  # [B, S_pad, J]; kp, k_seg, k_ok padded on S (padded keys invalid)
+    kp: jax.Array
+    k_seg: jax.Array
+    k_ok: jax.Array
+    need: jax.Array  # bool [B, T_pad / bq, S_pad / bk]
+    dense: jax.Array | None  # HI only: bool [B, T_pad], rows whose valid keys fit in top-K
+    chosen: jax.Array | None  # HI only: the chosen blocks per query row (`_hi_tile_plan`)
+
+
+def tile_plan(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg: Config, hier: _Hier | None, bq: int,
+              bk: int) -> _TilePlan:
+    """Pad T to bq and S to bk, and find the key tiles each query block needs: the tiles holding a valid key
+    at or before the block's largest query position, or HI's chosen blocks (the Triton and the Mosaic top-k
+    kernels share it)."""
+    B, T = q.shape[:2]
+    S = k.shape[1]
+    T_pad, S_pad = -(-T // bq) * bq, -(-S // bk) * bk
+    nqb, nkb = T_pad // bq, S_pad // bk
+    q, w = _pad_to(q, 1, T_pad, 0), _pad_to(w, 1, T_pad, 0)
+    qp, q_seg = _pad_to(qp, 1, T_pad, -1), _pad_to(q_seg, 1, T_pad, 0)
+    k, kp, k_seg = _pad_to(k, 1, S_pad, 0), _pad_to(kp, 1, S_pad, 0), _pad_to(k_seg, 1, S_pad, 0)
+    k_ok = _pad_to(k_ok, 1, S_pad, False)
+    dense = chosen = None
+    if hier is None:
+        k_min = jnp.where(k_ok, kp, _INT_MAX).reshape(B, nkb, bk).min(axis=-1)
+        need = k_min[:, None, :] <= qp.reshape(B, nqb, bq).max(axis=-1)[:, :, None]
+    else:
+        real = jnp.broadcast_to(jnp.arange(T_pad) < T, (B, T_pad))
+        dense = _pad_to(hier.n_valid <= cfg.index_topk, 1, T_pad, False)
+        chosen, need = _hi_tile_plan(q, w, qp, real, dense, kp, k_ok, hier, cfg, bq, bk)
+    return _TilePlan(q, w, qp, q_seg, k, kp, k_seg, k_ok, need, dense, chosen)

@@ -55,10 +55,10 @@ from pallas_kernels.indexer_hi import (
     _block_stage,
     _gather_ok,
     _hi_sparse_rows,
-    _hi_tile_plan,
     _Hier,
     _key_index,
     _row_plan,
+    tile_plan,
 )
 from pallas_kernels.indexer_rules import (
     _INT_MAX,
@@ -265,29 +265,17 @@ def _kernel(n_tiles_ref, tiles_ref, q_ref, w_ref, qp_ref, qseg_ref, k_ref, kp_re
 def _select_pallas(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, apart, hier, bq, bk):
     """Pads T to bq and S to bk (padded keys invalid, padded rows dropped); grid (batch, query block)."""
     B, T, I, J = q.shape
-    S = k.shape[1]
-    K = cfg.index_topk
     width = _next_pow2(_width(cfg, apart))
     bk = min(bk, width)  # bitonic.merge_top takes tiles no wider than its buffer
-    T_pad, S_pad = -(-T // bq) * bq, -(-S // bk) * bk
+    plan = tile_plan(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, hier, bq, bk)
+    q, w, qp, q_seg, k, kp, k_seg, k_ok, need = plan[:9]
+    T_pad, S_pad = q.shape[1], k.shape[1]
     nqb, nkb = T_pad // bq, S_pad // bk
-    q, w = _pad_to(q, 1, T_pad, 0), _pad_to(w, 1, T_pad, 0)
-    qp, q_seg = _pad_to(qp, 1, T_pad, -1), _pad_to(q_seg, 1, T_pad, 0)
-    k, kp, k_seg = _pad_to(k, 1, S_pad, 0), _pad_to(kp, 1, S_pad, 0), _pad_to(k_seg, 1, S_pad, 0)
-    k_ok = _pad_to(k_ok, 1, S_pad, False)
-
     extra_inputs, num_blocks = [], 0
-    if hier is None:
-        # Reachable key tiles: those holding a valid key at or before the block's largest query position.
-        k_min = jnp.where(k_ok, kp, _INT_MAX).reshape(B, nkb, bk).min(axis=-1)
-        need = k_min[:, None, :] <= qp.reshape(B, nqb, bq).max(axis=-1)[:, :, None]
-    else:
+    if hier is not None:
         num_blocks = hier.k_bar.shape[1]
-        real = jnp.broadcast_to(jnp.arange(T_pad) < T, (B, T_pad))
-        dense = _pad_to(hier.n_valid <= K, 1, T_pad, False)
-        chosen, need = _hi_tile_plan(q, w, qp, real, dense, kp, k_ok, hier, cfg, bq, bk)
-        m_pad = _next_pow2(chosen.shape[-1])
-        extra_inputs = [dense.astype(jnp.int32), _pad_to(chosen, 2, m_pad, -1)]
+        m_pad = _next_pow2(plan.chosen.shape[-1])
+        extra_inputs = [plan.dense.astype(jnp.int32), _pad_to(plan.chosen, 2, m_pad, -1)]
     # The needed tiles first (the loop runs over n_tiles of them), each group in ascending order.
     nkb_pad = _next_pow2(nkb)
     tiles = _pad_to(jnp.argsort(~need, axis=-1, stable=True).astype(jnp.int32), 2, nkb_pad, 0)

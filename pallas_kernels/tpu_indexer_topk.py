@@ -39,8 +39,8 @@ from longcat_jax.config import Config
 from pallas_kernels import tpu_bitonic
 from pallas_kernels.bitonic import NEG_INF_KEY, order_key
 from pallas_kernels.impl import mosaic_params, tpu_interpret
-from pallas_kernels.indexer_hi import _hi_tile_plan, _Hier
-from pallas_kernels.indexer_rules import _INT_MAX, _next_pow2, _pad_to, _width
+from pallas_kernels.indexer_hi import _Hier, tile_plan
+from pallas_kernels.indexer_rules import _INT_MAX, _next_pow2, _width
 
 # Default (block_q, block_k): 8 query rows (one sublane tile; the MXU sees I * 8 rows) and 512-key tiles, cut
 # to the top-K buffer's width. Per key the work is sorting the tile (log2(bk)^2 / 2 layers) plus a share of
@@ -136,31 +136,21 @@ def tpu_select(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg: Config, apart: bool, hi
     """`indexer_topk._select_pallas` as a Mosaic kernel: same arguments (masks normalised, HI prepared),
     int32 [B, T, K or K - local] indices. bq is raised to at least 8 rows, bk to 128..W keys."""
     B, T, I, J = q.shape
-    S = k.shape[1]
     width = _width(cfg, apart)
     W = max(_LANES, _next_pow2(width))
     bq, bk = max(bq, 8), max(_LANES, min(bk, W))
-    T_pad, S_pad = -(-T // bq) * bq, -(-S // bk) * bk
+    tiles = tile_plan(q, k, w, qp, kp, k_ok, q_seg, k_seg, cfg, hier, bq, bk)
+    q, w, qp, q_seg, k, kp, k_seg, k_ok, need = tiles[:9]
+    T_pad, S_pad = q.shape[1], k.shape[1]
     nqb, nkb = T_pad // bq, S_pad // bk
-    q, w = _pad_to(q, 1, T_pad, 0), _pad_to(w, 1, T_pad, 0)
-    qp, q_seg = _pad_to(qp, 1, T_pad, -1), _pad_to(q_seg, 1, T_pad, 0)
-    k, kp, k_seg = _pad_to(k, 1, S_pad, 0), _pad_to(kp, 1, S_pad, 0), _pad_to(k_seg, 1, S_pad, 0)
-    k_ok = _pad_to(k_ok, 1, S_pad, False)
 
     hi_inputs, hi_specs, num_blocks = [], [], 0
     column = pl.BlockSpec((None, bq, 1), lambda b, i: (b, i, 0))
-    if hier is None:
-        # Reachable key tiles: those holding a valid key at or before the block's largest query position.
-        k_min = jnp.where(k_ok, kp, _INT_MAX).reshape(B, nkb, bk).min(axis=-1)
-        need = k_min[:, None, :] <= qp.reshape(B, nqb, bq).max(axis=-1)[:, :, None]
-    else:
+    if hier is not None:
         num_blocks = hier.k_bar.shape[1]
-        real = jnp.broadcast_to(jnp.arange(T_pad) < T, (B, T_pad))
-        dense = _pad_to(hier.n_valid <= cfg.index_topk, 1, T_pad, False)
-        chosen, need = _hi_tile_plan(q, w, qp, real, dense, kp, k_ok, hier, cfg, bq, bk)
-        M = chosen.shape[-1]
-        chosen = chosen.reshape(B, nqb, bq, M).transpose(0, 1, 3, 2)[..., None]  # [B, nqb, M, bq, 1]
-        hi_inputs = [dense.astype(jnp.int32)[..., None], chosen]
+        M = tiles.chosen.shape[-1]
+        chosen = tiles.chosen.reshape(B, nqb, bq, M).transpose(0, 1, 3, 2)[..., None]  # [B, nqb, M, bq, 1]
+        hi_inputs = [tiles.dense.astype(jnp.int32)[..., None], chosen]
         hi_specs = [column, pl.BlockSpec((None, None, M, bq, 1), lambda b, i: (b, i, 0, 0, 0))]
     # The plan per query block: how many tiles, then the needed tiles first, each group in ascending order.
     tiles = jnp.argsort(~need, axis=-1, stable=True).astype(jnp.int32)

@@ -21,6 +21,7 @@ from longcat_jax.config import Config
 from longcat_jax.model import indexer as ix
 from longcat_jax.ops.block_keys import block_keys
 from pallas_kernels import indexer_topk as kt
+from pallas_kernels.indexer_hi import _hi_tile_plan
 from pallas_kernels.si_window import window_indices
 
 IMPLS = ["xla", "pallas"]
@@ -364,7 +365,7 @@ def test_hi_pallas_skips_tiles():
     k_bar, count = block_keys(k, pos, HI_CFG.hi_block_size)
     hier = kt._Hier(k_bar, count, index, *kt._row_plan(index, pos, zeros, HI_CFG))
     dense = hier.n_valid <= HI_CFG.index_topk
-    _, need = kt._hi_tile_plan(q, w, pos, ones, dense, pos, ones, hier, HI_CFG, bq, bk)
+    _, need = _hi_tile_plan(q, w, pos, ones, dense, pos, ones, hier, HI_CFG, bq, bk)
     need = np.asarray(need[0, 8:])  # query blocks 8.. (every row at p >= K = 32), 5..16 reachable tiles
     reachable = np.arange(T // bk)[None, :] * bk <= (np.arange(8, T // bq) * bq + bq - 1)[:, None]
     assert need[:, 0].all() and not (need & ~reachable).any()
