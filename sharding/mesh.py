@@ -9,6 +9,7 @@ placed. Across hosts the same code applies once `jax.distributed.initialize` has
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -82,9 +83,11 @@ def make_mesh(sizes: dict[str, int] | None = None, devices=None) -> jax.sharding
         # jax.make_mesh orders devices by the physical topology (TPU torus, GPU ids), so the fastest-varying
         # axes (tp, vp) land on the closest devices; our own count check above keeps it from dropping devices.
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
+    except (ValueError, NotImplementedError, AssertionError) as e:
         # Some TPU shapes cannot be laid on the torus without splitting a physical axis; the plain device
-        # order still gives a correct (if slower) mesh, so prefer it to refusing the run.
+        # order still gives a correct (if slower) mesh, so prefer it to refusing the run, and say so.
+        warnings.warn(f"mesh {describe(sizes)}: no topology-aware device order ({e}); using the plain order",
+                      stacklevel=2)
         return jax.sharding.Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
