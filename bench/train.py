@@ -57,11 +57,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from longcat_jax import Config, build_model, forward
+from longcat_jax import Config, abstract_model, build_model, forward
 from longcat_jax.hf.config import FLASH, config_to_hf
 from longcat_jax.training.host_allocator import keep_freed_host_memory
 from longcat_jax.training.lm_loss import lm_head_stats
 from longcat_jax.training.matmul_rate import matmul_rates
+from longcat_jax.training.model_flops import active_matmul_params, step_flops
 from longcat_jax.training.optim import OptimizerSettings, make_optimizer
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_cpu.json")
@@ -75,29 +76,20 @@ def bench_config(**changes) -> Config:
 
 
 def analytic_flops(cfg: Config, batch: int, seq: int) -> dict:
-    """Model FLOPs of one training step (forward + backward), analytic.
+    """Model FLOPs of one training step (forward + backward), analytic: train.py's MFU count
+    (`training.model_flops`), here with every key scored (no indexer in the bench config).
 
-    Returns a dict: active_params (matmul weights one token touches), flops_params (6 x active x tokens),
-    flops_attention (3 x forward score + value matmuls over the full T x T square), flops (their sum).
+    Returns a dict: active_params (matmul weights one token touches), real_experts_per_token, flops_params
+    (6 x active x tokens), flops_attention (3 x forward score + value matmuls over the full T x T square),
+    flops (their sum).
     """
-    c = cfg
-    n, hq = c.num_heads, c.qk_head_dim
-    mla = (c.hidden_size * c.q_lora_rank + c.q_lora_rank * n * hq
-           + c.hidden_size * (c.kv_lora_rank + c.qk_rope_head_dim)
-           + c.kv_lora_rank * n * (c.qk_nope_head_dim + c.v_head_dim) + n * c.v_head_dim * c.hidden_size)
-    dense_mlp = 3 * c.hidden_size * c.ffn_hidden_size
-    router = c.hidden_size * c.num_slots
-    # Routing at initialisation is near uniform over all slots: K * E / (E + Z) real experts per token.
-    real_experts = c.expected_real_experts or c.moe_topk * c.n_routed_experts / c.num_slots
-    experts = real_experts * 3 * c.hidden_size * c.expert_ffn_hidden_size
-    per_layer = 2 * mla + 2 * dense_mlp + router + experts
-    active = c.num_layers * per_layer + c.hidden_size * c.vocab_size  # + LM head (the embedding is a gather)
-    tokens = batch * seq
-    attn_fwd = c.num_sublayers * 2 * batch * n * seq * seq * (hq + c.v_head_dim)
-    out = dict(active_params=active, real_experts_per_token=real_experts, flops_params=6 * active * tokens,
-               flops_attention=3 * attn_fwd)
-    out["flops"] = out["flops_params"] + out["flops_attention"]
-    return out
+    _, params = nnx.split(abstract_model(cfg))
+    active = active_matmul_params(cfg, params)
+    flops = step_flops(cfg, params, batch, seq, sparse=False)
+    real_experts = cfg.expected_real_experts or cfg.moe_topk * cfg.n_routed_experts / cfg.num_slots
+    return dict(active_params=active, real_experts_per_token=real_experts,
+                flops_params=6 * active * batch * seq, flops_attention=flops - 6 * active * batch * seq,
+                flops=flops)
 
 
 def random_batch(cfg: Config, batch: int, seq: int, seed: int = 0):
