@@ -23,7 +23,7 @@ from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
 from longcat_jax.model.indexer import Indexer, select
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.model.layers import MLP, RMSNorm
-from longcat_jax.model.mla import MLA, absorb_query, attend_paged_decode
+from longcat_jax.model.mla import MLA, attend_paged_decode
 from longcat_jax.model.moe import MoE
 from longcat_jax.ops.indexer_scores import indexer_scores
 from longcat_jax.ops.masks import attention_mask, indices_to_mask
@@ -247,7 +247,7 @@ def dense_warmup_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, ind
     cfg = attn.cfg
     if index_qkw is not None:
         indices = _kernel_select(index_qkw, keys, ctx, cfg)
-    q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+    q_lat = attn.absorb_query(q_nope)
     o_lat = dense_attention(q_lat, q_rope, keys.c_kv, keys.k_rope, cfg.softmax_scale, ctx.positions,
                             ctx.segment_ids)
     out = attn.latent_output(o_lat)
@@ -267,14 +267,14 @@ def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, c
         indices = paged_cache.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.valid,
                                      ctx.cache_len + ctx.new_lens)
     if indices is not None and ctx.positions.shape[1] == 1:
-        q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+        q_lat = attn.absorb_query(q_nope)
         impl = "xla" if cfg.kernel_impl == "reference" else cfg.kernel_impl
         o_lat = sparse_mla_decode_paged(q_lat[:, 0], q_rope[:, 0], keys.pages, keys.page_table, indices[:, 0],
                                         cfg.softmax_scale, new_rows=keys.new_rows, new_pos=ctx.cache_len,
                                         impl=impl)
         return attn.latent_output(o_lat[:, None]), indices, None
     if indices is None and ctx.positions.shape[1] == 1:  # dense decode: every cached row, read in place
-        q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+        q_lat = attn.absorb_query(q_nope)
         o_lat = attend_paged_decode(q_lat[:, 0], q_rope[:, 0], keys.pages, keys.page_table, ctx.cache_len,
                                     keys.new_rows, cfg.softmax_scale)
         return attn.latent_output(o_lat[:, None].astype(q_nope.dtype)), None, None
@@ -302,7 +302,7 @@ def _measured_recall(attn: MLA, latents, indices, keys: Keys, ctx: Context):
         return None
     cfg = attn.cfg
     q_nope, q_rope, c_kv, k_rope = latents
-    q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+    q_lat = attn.absorb_query(q_nope)
     args = [jax.lax.stop_gradient(a) for a in (q_lat, q_rope, c_kv, k_rope)]
     return selection_recall(*args, indices, cfg.softmax_scale, ctx.positions, keys.positions,
                             k_valid=keys.valid, segment_ids=ctx.segment_ids, query_mask=ctx.query_mask)
@@ -314,7 +314,7 @@ def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_pro
     [T, S] tensor; with `window`, indices lead with the SI window by offset. Returns (out [B,T,D], head-mean
     probs [B,T,K] of each slot or None)."""
     cfg = attn.cfg
-    q_lat = absorb_query(q_nope, attn.w_kv_up[...], cfg)
+    q_lat = attn.absorb_query(q_nope)
     out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window,
                      q_offset=q_offset, impl=cfg.kernel_impl, return_probs=return_probs)
     o_lat, probs = out if return_probs else (out, None)

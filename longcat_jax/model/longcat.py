@@ -21,6 +21,7 @@ from longcat_jax.model import paged_cache
 from longcat_jax.model.block import Context, DecoderLayer
 from longcat_jax.model.cache import Cache, init_cache
 from longcat_jax.model.layers import RMSNorm, config_inv_freq, param
+from longcat_jax.model.mla import add_absorbed_weights
 from longcat_jax.model.mtp import MTP
 from longcat_jax.model.ngram import NgramEmbedding, next_history
 from longcat_jax.model.paged_cache import PagedCache
@@ -239,6 +240,15 @@ def paged_step(model: LongCat, tokens: jax.Array, starts: jax.Array, new_lens: j
     return _logits(model, last)[:, 0], cache
 
 
+def serving_form(model: LongCat) -> LongCat:
+    """A copy of the model (sharing its arrays) whose attention holds W_UK and W_UV split out of w_kv_up
+    (`mla.add_absorbed_weights`), so that a decode step reads them in place instead of copying them."""
+    model = nnx.clone(model)
+    add_absorbed_weights(model.layers.attn0)
+    add_absorbed_weights(model.layers.attn1)
+    return model
+
+
 def jit_paged_step(model: LongCat, unroll: bool | None = None):
     """(the jitted serving step, the parameters it takes first): step(params, tokens, starts, new_lens,
     page_table, cache, history) is `paged_step` with the cache donated.
@@ -249,6 +259,7 @@ def jit_paged_step(model: LongCat, unroll: bool | None = None):
     """
     if unroll is None:
         unroll = jax.default_backend() == "cpu"
+    model = serving_form(model)
     if not unroll:
         graphdef, state = nnx.split(model)
 

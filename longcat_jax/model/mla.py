@@ -5,6 +5,10 @@ k_rope [Hr]):
   naive     expand keys and values per head with w_kv_up, then attend (training and prefill);
   absorbed  fold W_UK into the query and W_UV into the output, attend over the latent rows (decode and the
             sparse path).
+
+W_UK and W_UV are slices of w_kv_up [R, N, Hn + Hv]. A batched matmul over heads reads them head-major, so
+XLA copies the transposed slices out of w_kv_up in every call; a served model holds them split once
+(`add_absorbed_weights`), which on CPU takes those copies out of every decode step.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from flax import nnx
 from longcat_jax.config import Config
 from longcat_jax.model.layers import apply_rope, param, rms_norm
 from longcat_jax.ops.masks import softmax_f32
+
+
+class Absorbed(nnx.Variable):
+    """W_UK [N, Hn, R] or W_UV [N, R, Hv] split out of w_kv_up for serving; not a trained parameter."""
 
 
 class MLA(nnx.Module):
@@ -63,12 +71,27 @@ class MLA(nnx.Module):
         return self.project_out(o), probs
 
     def project_out(self, o):
-        """W_O: per-head values o [B,T,N,Hv] -> [B,T,D]."""
-        return jnp.einsum("btnh,nhd->btd", o, self.w_o[...].astype(o.dtype))
+        """W_O: per-head values o [B,T,N,Hv] -> [B,T,D].
+
+        One [B*T, N*Hv] x [N*Hv, D] matmul: as an einsum over (n, h), XLA:CPU may instead copy w_o into the
+        layout of o's heads (a decode step's largest copy)."""
+        B, T, N, H = o.shape
+        w = self.w_o[...].astype(o.dtype)
+        return (o.reshape(B * T, N * H) @ w.reshape(N * H, w.shape[-1])).reshape(B, T, -1)
+
+    def absorbed_weights(self):
+        """(W_UK [N,Hn,R], W_UV [N,R,Hv]): the split held by a served model, else split from w_kv_up."""
+        if hasattr(self, "w_uk"):
+            return self.w_uk[...], self.w_uv[...]
+        return split_absorbed(self.w_kv_up[...], self.cfg)
+
+    def absorb_query(self, q_nope):
+        """q~ = W_UK^T q_nope [B,T,N,R] (`absorb_query`)."""
+        return absorb_query(q_nope, self.absorbed_weights()[0])
 
     def latent_output(self, o_lat):
         """The output [B,T,D] from absorbed attention's latent sums o_lat [B,T,N,R]: W_UV, then W_O."""
-        return self.project_out(latent_values(o_lat, self.w_kv_up[...], self.cfg))
+        return self.project_out(latent_values(o_lat, self.absorbed_weights()[1]))
 
 
 def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
@@ -81,9 +104,23 @@ def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     return jnp.einsum("bnts,bsnh->btnh", p.astype(dt), v), p.mean(axis=1)
 
 
-def absorb_query(q_nope, w_kv_up, cfg: Config):
-    """q~ = W_UK^T q_nope [B,T,N,R]: the no-position query part, scored against the latent c_kv directly."""
-    return jnp.einsum("btnh,rnh->btnr", q_nope, w_kv_up[..., : cfg.qk_nope_head_dim].astype(q_nope.dtype))
+def split_absorbed(w_kv_up, cfg: Config):
+    """w_kv_up [..., R, N, Hn + Hv] -> (W_UK [..., N, Hn, R], W_UV [..., N, R, Hv]), head-major."""
+    w_uk = jnp.einsum("...rnh->...nhr", w_kv_up[..., : cfg.qk_nope_head_dim])
+    w_uv = jnp.einsum("...rnh->...nrh", w_kv_up[..., cfg.qk_nope_head_dim :])
+    return w_uk, w_uv
+
+
+def add_absorbed_weights(attn: MLA) -> None:
+    """Hold W_UK and W_UV split once (`Absorbed` variables; stacked layers get them stacked too)."""
+    w_uk, w_uv = split_absorbed(attn.w_kv_up[...], attn.cfg)
+    attn.w_uk, attn.w_uv = Absorbed(w_uk), Absorbed(w_uv)
+
+
+def absorb_query(q_nope, w_uk):
+    """q~ = W_UK^T q_nope [B,T,N,R] from W_UK [N,Hn,R]: the no-position query part, scored against the latent
+    c_kv directly."""
+    return jnp.einsum("btnh,nhr->btnr", q_nope, w_uk.astype(q_nope.dtype))
 
 
 def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
@@ -93,15 +130,16 @@ def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
 
 def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     """Absorbed form: q~ = W_UK^T q_nope scores against c_kv directly; W_UV maps the latent sum to values."""
-    q_lat = absorb_query(q_nope, w_kv_up, cfg)
+    w_uk, w_uv = split_absorbed(w_kv_up, cfg)
+    q_lat = absorb_query(q_nope, w_uk)
     p = softmax_f32(absorbed_scores(q_lat, q_rope, c_kv, k_rope) * cfg.softmax_scale, mask[:, None])
     o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(q_nope.dtype), c_kv)
-    return latent_values(o_lat, w_kv_up, cfg), p.mean(axis=1)
+    return latent_values(o_lat, w_uv), p.mean(axis=1)
 
 
-def latent_values(o_lat, w_kv_up, cfg: Config):
+def latent_values(o_lat, w_uv):
     """W_UV: per-head values [B,T,N,Hv] from the latent sums o_lat [B,T,N,R] of absorbed attention."""
-    return jnp.einsum("btnr,rnh->btnh", o_lat, w_kv_up[..., cfg.qk_nope_head_dim :].astype(o_lat.dtype))
+    return jnp.einsum("btnr,nrh->btnh", o_lat, w_uv.astype(o_lat.dtype))
 
 
 def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, scale: float):

@@ -59,28 +59,36 @@ def test_fused_decode_selection_equals_reference():
 
 
 def test_unrolled_step_equals_the_scan_and_writes_the_pool_in_place():
-    """jit_paged_step's per-layer form (CPU default) gives the scan's logits and cache, and XLA updates the
-    donated pool in place (no copy of the whole pool, see the write-after-read note in paged_step)."""
+    """jit_paged_step's per-layer form (CPU default) gives the scan's logits and cache, both equal the plain
+    model's paged_step (jit_paged_step serves a copy holding W_UK and W_UV split out of w_kv_up, and leaves
+    the model itself alone), and XLA updates the donated pool in place (no copy of the whole pool, see the
+    write-after-read note in paged_step)."""
     import jax
 
     import longcat_jax as lj
-    from longcat_jax.model.longcat import jit_paged_step
+    from longcat_jax.model.longcat import jit_paged_step, paged_step
     from longcat_jax.model.paged_cache import init_paged_cache
 
     model = lj.build_model(Config.tiny(vocab_size=384), seed=0)
     args = (jnp.asarray([[5, 6, 7, 0], [9, 3, 0, 0]], jnp.int32), jnp.asarray([0, 4], jnp.int32),
             jnp.asarray([3, 2], jnp.int32), jnp.asarray([[0, 1, 2, 3], [4, 5, 6, 7]], jnp.int32))
     H = model.cfg.ngram_n - 1
-    outs = []
+    history = jnp.zeros((2, H), jnp.int32)
+
+    def filled_cache():
+        cache = init_paged_cache(model.cfg, 8, 4)
+        return cache.replace(kv=cache.kv + 0.01)  # rows 4.. of sequence 1 are its cached prefix
+
+    outs = [jax.device_get(jax.jit(paged_step)(model, *args, filled_cache(), history))]
     for unroll in (False, True):
         step, params = jit_paged_step(model, unroll)
-        cache = init_paged_cache(model.cfg, 8, 4)
-        cache = cache.replace(kv=cache.kv + 0.01)  # rows 4.. of sequence 1 are its cached prefix
-        history = jnp.zeros((2, H), jnp.int32)
+        cache = filled_cache()
         if unroll:
             text = step.lower(params, *args, cache, history).compile().as_text()
             pool = "f32[{}]".format(",".join(map(str, cache.kv.shape)))
             assert not [line for line in text.splitlines() if f"{pool}" in line and " copy(" in line]
         outs.append(jax.device_get(step(params, *args, cache, history)))
-    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(outs[0][1].kv, outs[1][1].kv, rtol=1e-5, atol=1e-5)
+    assert not hasattr(model.layers.attn0, "w_uk")
+    for other in outs[1:]:
+        np.testing.assert_allclose(outs[0][0], other[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(outs[0][1].kv, other[1].kv, rtol=1e-5, atol=1e-5)
