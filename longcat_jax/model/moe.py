@@ -15,6 +15,9 @@ no scatter-add):
     (on CPU a loop over expert row tiles, `expert_tiles.tiled_expert_ffn`).
   * `moe_capacity`: fixed [E, C, D] buffers, assignments past capacity (token order) dropped.
 Both gather the expert outputs back to [N, K, D] and reduce over K, so results do not depend on atomics.
+Under a mesh that splits the experts, `moe_expert_parallel` gives the same result (a capacity's drops
+included) with each device's rows sent to the devices holding their experts by all-to-all (expert_parallel.py,
+docs/architecture.md#expert-parallelism).
 Parity reference: `transformers.models.longcat_flash` `LongcatFlashTopkRouter` / `LongcatFlashMoE`
 (docs/architecture.md#parity).
 """
@@ -28,8 +31,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
+from longcat_jax.model import expert_parallel
 from longcat_jax.model.expert_tiles import tiled_expert_ffn
 from longcat_jax.model.layers import expert_swiglu, param
+from sharding.rules import RULES
 
 # --- Router ------------------------------------------------------------------------------------------------
 
@@ -124,34 +129,31 @@ def _combine(y_sorted, order, x, weights, indices, n_experts):
 # --- Dispatch ----------------------------------------------------------------------------------------------
 
 
-def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
-    """Dropless expert FFN: sort by expert, grouped matmul, fixed-order combine.
+def grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down) -> jax.Array:
+    """SwiGLU of expert-sorted rows, each through its own expert; rows of no expert come out 0.
 
     The grouped matmul is jax.lax.ragged_dot on GPU/TPU and `tiled_expert_ffn` elsewhere (same result).
 
     Args:
-      x: [N, D] tokens; weights [N, K] f32; indices [N, K] int32 slots (>= E are identity experts).
-      w_gate, w_up: [E, D, Fe]; w_down: [E, Fe, D].
+      xs: [M, D] rows sorted by expert; sorted_e [M] their experts (>= E: no expert, sorted last).
+      starts: [E+1] int32 first row of each expert (starts[E] = rows of any expert).
+      w_gate, w_up: [E, D, Fe]; w_down: [E, Fe, D]; all in xs's dtype.
     Returns:
-      [N, D] in x's dtype.
+      [M, D] in xs's dtype.
     """
     n_experts = w_gate.shape[0]
-    k = indices.shape[1]
-    dt = cfg.jnp_dtype
-    order, sorted_e, starts = _sort_assignments(indices, n_experts)
-    group_sizes = starts[1:] - starts[:-1]  # [E]; identity rows sit past starts[E]
-    # Identity rows are outside every group. ragged_dot zero-fills such rows on CPU, but the masks below make
-    # the result (and its gradient to x) independent of what a backend leaves there.
+    group_sizes = starts[1:] - starts[:-1]  # [E]; rows of no expert sit past starts[E]
+    # Rows outside every group: ragged_dot zero-fills them on CPU, but the masks make the result (and its
+    # gradient to xs) independent of what a backend leaves there.
     is_routed = (sorted_e < n_experts)[:, None]
-    xs = jnp.where(is_routed, _replicate_sorted(x.astype(dt), order, k), 0)  # [N*K, D]
-    w_gate, w_up, w_down = w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt)
+    xs = jnp.where(is_routed, xs, 0)
     if jax.default_backend() in ("gpu", "tpu"):
         g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
         u = jax.lax.ragged_dot(xs, w_up, group_sizes)
-        y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [N*K, D]
+        y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [M, D]
     elif 4 * xs.shape[0] <= n_experts:
-        # A few assignments (decode of one or two sequences): gather just the chosen experts' weights. With
-        # more, the gather costs more than the tile loop (a 32-expert layer: 1.4 vs 2.4 ms for 4 assignments,
+        # A few rows (decode of one or two sequences): gather just the chosen experts' weights. With more,
+        # the gather costs more than the tile loop (a 32-expert layer: 1.4 vs 2.4 ms for 4 assignments,
         # 59 vs 18 ms for 32).
         e = jnp.minimum(sorted_e, n_experts - 1)
         g = jnp.einsum("md,mdf->mf", xs, w_gate[e])
@@ -163,7 +165,23 @@ def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
         per_expert = -(-xs.shape[0] // n_experts)
         tile = min(64, max(8, 1 << (per_expert - 1).bit_length()))
         y = tiled_expert_ffn(xs, starts, w_gate, w_up, w_down, tile)
-    y = jnp.where(is_routed, y, 0)
+    return jnp.where(is_routed, y, 0)
+
+
+def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.Array:
+    """Dropless expert FFN: sort by expert, grouped matmul (`grouped_swiglu`), fixed-order combine.
+
+    Args:
+      x: [N, D] tokens; weights [N, K] f32; indices [N, K] int32 slots (>= E are identity experts).
+      w_gate, w_up: [E, D, Fe]; w_down: [E, Fe, D].
+    Returns:
+      [N, D] in x's dtype.
+    """
+    n_experts = w_gate.shape[0]
+    dt = cfg.jnp_dtype
+    order, sorted_e, starts = _sort_assignments(indices, n_experts)
+    xs = _replicate_sorted(x.astype(dt), order, indices.shape[1])  # [N*K, D]
+    y = grouped_swiglu(xs, sorted_e, starts, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
     return _combine(y, order, x, weights, indices, n_experts)
 
 
@@ -200,6 +218,69 @@ def moe_capacity(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
     return _combine(y, order, x, weights, indices, n_experts)
 
 
+# --- Expert parallelism ----------------------------------------------------------------------------------
+
+
+def _within_capacity(indices, n_experts: int, cap: int, plan: expert_parallel.EPPlan):
+    """indices [n, K] of this device's tokens with the assignments `moe_capacity` drops replaced by E.
+
+    A rank inside an expert follows token order over all N tokens: this device's own rank plus the
+    assignments of the token shards before it, so exactly the one-device drops happen.
+    """
+    n, k = indices.shape
+    order, sorted_e, starts = _sort_assignments(indices, n_experts)
+    e = jnp.minimum(sorted_e, n_experts - 1)
+    offset = expert_parallel.earlier_counts(starts[1:] - starts[:-1], plan)
+    rank = (jnp.arange(n * k, dtype=jnp.int32) - starts[e] + offset[e])[jnp.argsort(order)].reshape(n, k)
+    return jnp.where(rank < cap, indices, n_experts)
+
+
+def _local_experts(rows, experts, w_gate, w_up, w_down):
+    """Received rows [M, D] through this device's experts; experts [M] int32 names each row's local expert
+    (E_loc = none: the row comes out 0). Sorted by expert for `grouped_swiglu`, returned in rows' order."""
+    order, sorted_e, starts = _sort_assignments(experts[:, None], w_gate.shape[0])
+    y = grouped_swiglu(rows[order], sorted_e, starts, w_gate, w_up, w_down)
+    return y[jnp.argsort(order)]
+
+
+def moe_expert_parallel(x, weights, indices, w_gate, w_up, w_down, cfg: Config,
+                        plan: expert_parallel.EPPlan) -> jax.Array:
+    """`moe_dropless` (or, with a capacity factor, `moe_capacity`) with the experts split over devices
+    (docs/architecture.md#expert-parallelism).
+
+    Each device takes its share of the tokens, sorts their assignments by expert, sends the rows to the
+    devices holding those experts by all-to-all (expert_parallel.py), runs its own experts over what arrives
+    with `grouped_swiglu`, and combines what comes back for its tokens (`_combine`: the identity term never
+    leaves the device). The drops of a capacity are the one-device ones (rank in token order over all N).
+    Shapes as in `moe_dropless`; w_* are split over plan.expert_axes, E must divide by plan.ep.
+    """
+    n, k = indices.shape
+    n_experts = w_gate.shape[0]
+    if n_experts % plan.ep:
+        raise ValueError(f"{n_experts} experts do not split over {'+'.join(plan.expert_axes)} = {plan.ep}")
+    e_local, dt = n_experts // plan.ep, cfg.jnp_dtype
+    cap = None if cfg.capacity_factor is None else capacity(cfg, n, n_experts)
+
+    def local(tokens, experts):
+        x, weights, indices = tokens
+        w_gate, w_up, w_down = (w.astype(dt) for w in experts)
+        sent_idx = indices if cap is None else _within_capacity(indices, n_experts, cap, plan)
+        order, sorted_e, starts = _sort_assignments(sent_idx, n_experts)
+        xs = _replicate_sorted(x.astype(dt), order, k)  # [n*K, D]
+        block = expert_parallel.block_rows(x.shape[0], k, e_local, cap)
+        rows, row_experts, sent = expert_parallel.send_to_experts(xs, starts, plan, block)
+        y = _local_experts(rows, row_experts, w_gate, w_up, w_down)
+        y = expert_parallel.return_from_experts(y, sent, plan, xs.shape[0])  # [n*K, D], zero where not sent
+        if plan.mlp_axes:  # each device ran its slice of Fe: sum the partial outputs
+            y = jax.lax.psum(y, plan.mlp_axes)
+        return _combine(y, order, x, weights, indices, n_experts)
+
+    # Padding tokens pick identity slot E with weight 0: they add exactly 0 and send nothing.
+    specs = (plan.weight_spec(2), plan.weight_spec(2), plan.weight_spec(1))
+    return expert_parallel.ep_map(local, plan, (x, weights, indices), (0, 0, n_experts),
+                                  (w_gate, w_up, w_down), specs)
+
+
 # --- Module ------------------------------------------------------------------------------------------------
 
 
@@ -228,13 +309,22 @@ class MoE(nnx.Module):
             weights, indices = mask_padding(weights, indices, token_mask.reshape(-1), self.cfg)
         return weights, indices, probs
 
-    def forward(self, u, token_mask=None):
-        """u [B, T, D] -> (out [B, T, D] in u's dtype, expert load [slots] int32, balance loss scalar f32)."""
+    def forward(self, u, token_mask=None, rules=RULES):
+        """u [B, T, D] -> (out [B, T, D] in u's dtype, expert load [slots] int32, balance loss scalar f32).
+
+        Under a mesh whose expert axes (by `rules`, the table the parameters were placed by) have size > 1
+        the dispatch is expert-parallel (`moe_expert_parallel`); otherwise it runs as on one device.
+        """
         cfg = self.cfg
         x = u.reshape(-1, u.shape[-1])
         weights, indices, probs = self.route_tokens(u, token_mask)
-        dispatch = moe_dropless if cfg.capacity_factor is None else moe_capacity
-        out = dispatch(x, weights, indices, self.w_gate[...], self.w_up[...], self.w_down[...], cfg)
+        experts = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        plan = expert_parallel.ep_plan(rules)
+        if plan is not None:
+            out = moe_expert_parallel(x, weights, indices, *experts, cfg, plan)
+        else:
+            dispatch = moe_dropless if cfg.capacity_factor is None else moe_capacity
+            out = dispatch(x, weights, indices, *experts, cfg)
         valid = None if token_mask is None else token_mask.reshape(-1)
         load = expert_load(indices, cfg, valid)
         return out.reshape(u.shape), load, balance_loss(probs, indices, cfg, valid)
