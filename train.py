@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 import longcat_jax as lj
+from longcat_jax.model import context_parallel
 from longcat_jax.training.host_allocator import keep_freed_host_memory
 from longcat_jax.training.init_weights import init_source_kind, init_source_tokenizer
 from longcat_jax.training.loop import REMAT_POLICIES, run
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, metavar="N",
                    help="split each step's batch into N micro-batches run one after another, their gradients "
                         "averaged (activation memory of batch-size / N rows)")
+    p.add_argument("--microbatches", type=int, default=1, metavar="M",
+                   help="pipeline parallelism: split each (micro-)batch into M microbatches that flow "
+                        "through the pp stages one after another; the idle share of stage time is "
+                        "(pp - 1) / (M + pp - 1) (needs a --mesh with pp > 1)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=steps_or_fraction, default=None,
                    help="learning-rate warm-up: steps, or a fraction (0-1) of the run "
@@ -200,7 +205,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Checks that span flags or need the machine; p.error exits with a one-line message."""
     positive = ("steps", "batch_size", "seq_len", "save_every", "keep", "eval_every", "max_bad_steps",
-                "log_every", "grad_accum")
+                "log_every", "grad_accum", "microbatches")
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -226,12 +231,22 @@ def _checked(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
     if micro % args.mesh_sizes.get("dp", 1):
         p.error(f"rows per micro-batch ({micro}: --batch-size / --grad-accum) must divide by "
                 f"dp={args.mesh_sizes['dp']}")
+    if args.microbatches > 1 and args.mesh_sizes.get("pp", 1) == 1:
+        p.error("--microbatches splits the batch over pipeline stages: give a --mesh with pp > 1")
+    if micro % (args.mesh_sizes.get("dp", 1) * args.microbatches):
+        p.error(f"rows per micro-batch ({micro}: --batch-size / --grad-accum) must divide by "
+                f"dp={args.mesh_sizes.get('dp', 1)} x --microbatches {args.microbatches}")
     if args.mesh:  # the sequence over cp as well: an axis that does not divide is an error, not replication
         try:
             check_divisible({"batch": ((micro, args.seq_len), ("batch", "seq"))},
                             abstract_mesh(args.mesh_sizes))
         except ValueError as e:
             p.error(f"--seq-len {args.seq_len}: {e}")
+        if args.mesh_sizes.get("cp", 1) > 1:  # the balanced layout cuts each row into 2 x cp chunks
+            try:
+                context_parallel.check_length(args.seq_len, args.mesh_sizes["cp"])
+            except ValueError as e:
+                p.error(f"--seq-len {args.seq_len}: {e}")
     try:
         lj.Config.preset(args.preset, dtype=args.dtype, **args.model)
     except (ValueError, TypeError) as e:

@@ -34,16 +34,18 @@ def prepare_decode_step(model, context: int, page_size: int, seed: int = 0):
     """(run one step, compile seconds): one paged_step as the engine runs it (`jit_paged_step`, batch 1, one
     new token at position context - 1) over a paged cache of `context` rows of random values."""
     from longcat_jax.model.longcat import jit_paged_step
-    from longcat_jax.model.paged_cache import PagedCache, init_paged_cache
+    from longcat_jax.model.paged_cache import PagedCache, index_sums, init_paged_cache
 
     cfg = model.cfg
     W = -(-context // page_size)
     k1, k2 = jax.random.split(jax.random.key(seed))
     abstract = jax.eval_shape(lambda: init_paged_cache(cfg, W, page_size))
     kv = jax.random.normal(k1, abstract.kv.shape, abstract.kv.dtype)
-    index_k = None
+    index_k = index_sum = None
     if abstract.index_k is not None:
         index_k = jax.random.normal(k2, abstract.index_k.shape, abstract.index_k.dtype)
+    if abstract.index_sum is not None:  # HI's page sums, kept equal to the rows as the engine keeps them
+        index_sum = index_sums(index_k, page_size // abstract.index_sum.shape[3])
     step, params = jit_paged_step(model)  # the serving engine's form of the step (per-layer arrays on CPU)
     rng = np.random.default_rng(seed)
     tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (1, 1)), jnp.int32)
@@ -51,7 +53,7 @@ def prepare_decode_step(model, context: int, page_size: int, seed: int = 0):
     table = jnp.arange(W, dtype=jnp.int32)[None]
     H = (cfg.ngram_n or 1) - 1
     history = jnp.asarray(rng.integers(3, cfg.vocab_size, (1, H)), jnp.int32) if H else None
-    state = {"cache": PagedCache(kv=kv, index_k=index_k)}
+    state = {"cache": PagedCache(kv=kv, index_k=index_k, index_sum=index_sum)}
     t = time.perf_counter()
     compiled = step.lower(params, tokens, starts, new_lens, table, state["cache"], history).compile()
     compile_s = time.perf_counter() - t

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
-from longcat_jax.model import paged_cache
+from longcat_jax.model import context_parallel, paged_cache, paged_select
 from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
 from longcat_jax.model.indexer import Indexer, select
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
@@ -31,6 +31,7 @@ from pallas_kernels import si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from pallas_kernels.sparse_mla import sparse_mla
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode_paged
+from sharding.rules import RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +56,23 @@ class Context:
     # recall against the dense attention (`indexer_loss.selection_recall`, O(T x S) work in linear memory). A
     # static flag, so a trainer compiles a second program and pays for it only at the steps it logs.
     measure_recall: bool = False
+    # The logical -> mesh table the model was built under (LongCat.rules): the MoE finds its expert axes in
+    # it.
+    rules: tuple = RULES
+    # Context parallelism (forward only): how the token axis is laid out over the shards of its mesh axis;
+    # attention then gathers its keys (docs/architecture.md#context-parallel). None = the axis is not split.
+    cp: context_parallel.Layout | None = None
 
     @property
     def query_mask(self):
         return None if self.segment_ids is None else self.segment_ids > 0
+
+    def laid_out(self, layout: context_parallel.Layout) -> Context:
+        """This context (natural order, no cache) for tokens in `layout`: positions and document ids move
+        with them."""
+        move = layout.from_natural
+        segment_ids = None if self.segment_ids is None else move(self.segment_ids)
+        return dataclasses.replace(self, positions=move(self.positions), segment_ids=segment_ids, cp=layout)
 
 
 # --- What each attention path reports (with ctx.collect_aux) for the indexer's loss and the recall ---------
@@ -125,8 +139,10 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     selection is discrete, and it learns only from its own KL loss.
 
     One of three paths attends (`attention_path`): the reference, the kernels' sparse path, or the kernels'
-    dense warm-up. Returns (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux): aux is None
-    unless ctx.collect_aux, else the path's `SublayerAux`.
+    dense warm-up. Under context parallelism (ctx.cp) the queries stay split over the sequence's mesh axis and
+    the keys are all-gathered over it (`_gather_keys`, docs/architecture.md#context-parallel). Returns
+    (out [B,T,D], new cache dict or None, indices [B,T,K] or None, aux): aux is None unless ctx.collect_aux,
+    else the path's `SublayerAux`.
     """
     q_nope, q_rope, c_q, c_kv, k_rope = attn.latents(x, ctx.positions, ctx.inv_freq)
     index_qkw = None
@@ -157,6 +173,8 @@ def _write_cache(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
     or None). Without a cache the keys are the new tokens', already in `dtype`."""
     B, T = ctx.positions.shape
     if cache is None:
+        if ctx.cp is not None:
+            c_kv, k_rope, index_qkw = _gather_keys(c_kv, k_rope, index_qkw, ctx.cp)
         return Keys(c_kv, k_rope, ctx.positions, None, 0), index_qkw, None
 
     def write(name, rows):
@@ -175,6 +193,18 @@ def _write_cache(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
     return keys, index_qkw, new_cache
 
 
+def _gather_keys(c_kv, k_rope, index_qkw, layout: context_parallel.Layout):
+    """Context parallelism: every shard's queries attend over every key, so the keys are all-gathered over the
+    shards on purpose (docs/architecture.md#context-parallel), the latents in one collective of R + Hr values
+    per token (576 for LongCat-2.0), the owner's indexer keys in another of J. Queries stay split."""
+    R = c_kv.shape[-1]
+    kv = layout.gather(jnp.concatenate([c_kv, k_rope], axis=-1), ("batch", "seq", "kv_lora"))
+    if index_qkw is not None:
+        q_i, k_i, w_i = index_qkw
+        index_qkw = (q_i, layout.gather(k_i, ("batch", "seq", "head_dim")), w_i)
+    return kv[..., :R], kv[..., R:], index_qkw
+
+
 def _paged_keys(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
     """`_write_cache` for the paged cache, which the layers only read: the keys are each sequence's rows
     gathered from its pages in logical order with the new rows put in place, and the new rows are returned
@@ -182,14 +212,21 @@ def _paged_keys(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
     rows are read).
 
     `cache` holds the whole cache (`_sublayer_cache`): kv [L, 2, P, page, R + Hr] and index_k [L, owners, P,
-    page, J], with this sublayer's pool numbers. Returns (Keys, the owner's (q, k, w) with k over the
-    gathered rows, this sublayer's new rows {"kv": [B, T, R + Hr], "index_k": [B, T, J] for an owner})."""
+    page, J], with this sublayer's pool numbers, and with HI index_sum [L, owners, P, page / span, J].
+    Returns (Keys, the owner's (q, k, w) with k over the gathered rows, this sublayer's new rows
+    {"kv": [B, T, R + Hr], "index_k": [B, T, J] for an owner}). A decode step (one new token per row) with
+    index_sum gathers no indexer keys: its k is a `paged_select.IndexPages`, the pages that
+    `paged_select.select` reads in place."""
     new = {"kv": jnp.concatenate([c_kv, k_rope], axis=-1)}
     if index_qkw is not None:
         q_i, k_i, w_i = index_qkw
         new["index_k"] = k_i
-        old = paged_cache.gather_rows(cache["index_k"], ctx.page_table, cache["index_pool"])
-        index_qkw = (q_i, paged_cache.overlay_rows(old, k_i, ctx.positions, ctx.new_lens), w_i)
+        if ctx.positions.shape[1] == 1 and "index_sum" in cache:
+            index_qkw = (q_i, paged_select.index_pages(cache["index_k"], cache["index_sum"], ctx.page_table,
+                                                       cache["index_pool"], k_i[:, 0]), w_i)
+        else:
+            old = paged_cache.gather_rows(cache["index_k"], ctx.page_table, cache["index_pool"])
+            index_qkw = (q_i, paged_cache.overlay_rows(old, k_i, ctx.positions, ctx.new_lens), w_i)
     old = paged_cache.gather_rows(cache["kv"], ctx.page_table, cache["kv_pool"])
     rows = paged_cache.overlay_rows(old, new["kv"], ctx.positions, ctx.new_lens).astype(dtype)
     B, S, R = rows.shape[0], rows.shape[1], c_kv.shape[-1]
@@ -212,7 +249,7 @@ def reference_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indice
     mask, selected = allowed, None
     if cfg.use_indexer:
         if index_qkw is not None:
-            indices = select(*index_qkw, q_pos, keys.positions, cfg, k_valid)
+            indices = _reference_select(index_qkw, keys, ctx, cfg, k_valid)
         selected = indices_to_mask(indices, allowed.shape[-1]) & allowed
         if not ctx.dense_attention:
             mask = selected
@@ -233,7 +270,7 @@ def sparse_kernel_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, in
     if index_qkw is not None:
         indices = _kernel_select(index_qkw, keys, ctx, cfg)
     out, slot_probs = attend_selected(attn, q_nope, q_rope, keys.c_kv, keys.k_rope, indices, ctx.collect_aux,
-                                      si_window.window_size(cfg), keys.q_offset)
+                                      si_window.window_size(cfg), keys.q_offset, ctx.cp)
     if not ctx.collect_aux:
         return out, indices, None
     recall = _measured_recall(attn, (q_nope, q_rope, keys.c_kv, keys.k_rope), indices, keys, ctx)
@@ -258,12 +295,16 @@ def dense_warmup_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, ind
 
 def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
     """Attention over the paged cache (serving; no aux). The selection is `paged_cache.select` (HI by each
-    sequence's own length); one new token per sequence reads only its selected latent rows through the page
-    table (`pallas_kernels.sparse_mla_decode`), or without an indexer all its rows
-    (`mla.attend_paged_decode`); a prefill chunk attends in absorbed form with the selection as a mask, as the
-    reference path does. Returns (out, indices or None, None)."""
+    sequence's own length), or for a decode step over HI's page sums the same keys by `paged_select.select`,
+    which reads only the block sums and the keys HI may pick; one new token per sequence reads only its
+    selected latent rows through the page table (`pallas_kernels.sparse_mla_decode`), or without an indexer
+    all its rows (`mla.attend_paged_decode`); a prefill chunk attends in absorbed form with the selection as a
+    mask, as the reference path does. Returns (out, indices or None, None)."""
     cfg = attn.cfg
-    if index_qkw is not None:
+    if index_qkw is not None and isinstance(index_qkw[1], paged_select.IndexPages):
+        q_i, index_pages, w_i = index_qkw
+        indices = paged_select.select(q_i, index_pages, w_i, ctx.cache_len, ctx.new_lens, cfg)
+    elif index_qkw is not None:
         indices = paged_cache.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.valid,
                                      ctx.cache_len + ctx.new_lens)
     if indices is not None and ctx.positions.shape[1] == 1:
@@ -285,13 +326,50 @@ def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, c
     return out, indices, None
 
 
+def _reference_select(index_qkw, keys: Keys, ctx: Context, cfg: Config, k_valid):
+    """The owner's selection by `indexer.select` over [T, S] scores (k_valid as for `attention_mask`)."""
+    if ctx.cp is None:
+        return select(*index_qkw, ctx.positions, keys.positions, cfg, k_valid)
+
+    def select_chunk(q, k, w, q_pos, k_pos, q_seg, k_seg, offset):
+        return select(q, k, w, q_pos, k_pos, cfg, q_seg[:, :, None] == k_seg[:, None, :])
+
+    return _chunked_select(select_chunk, index_qkw, keys, ctx)
+
+
 def _kernel_select(index_qkw, keys: Keys, ctx: Context, cfg: Config):
     """The owner's selection in linear memory. Under SI the local window is read as a contiguous band
     (pallas_kernels.si_window), so it leads the index set by offset and the indexer ranks only the other
     K - window slots."""
-    seg = ctx.segment_ids if keys.valid is None else None
-    return si_window.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.q_offset, k_valid=keys.valid,
-                            q_segment_ids=seg, k_segment_ids=seg, impl=cfg.kernel_impl)
+    if ctx.cp is None:
+        seg = ctx.segment_ids if keys.valid is None else None
+        return si_window.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.q_offset,
+                                k_valid=keys.valid, q_segment_ids=seg, k_segment_ids=seg,
+                                impl=cfg.kernel_impl)
+
+    def select_chunk(q, k, w, q_pos, k_pos, q_seg, k_seg, offset):
+        return si_window.select(q, k, w, q_pos, k_pos, cfg, offset, q_segment_ids=q_seg, k_segment_ids=k_seg,
+                                impl=cfg.kernel_impl)
+
+    return _chunked_select(select_chunk, index_qkw, keys, ctx)
+
+
+def _chunked_select(select_chunk, index_qkw, keys: Keys, ctx: Context):
+    """An owner's selection under context parallelism (no cache): per chunk of queries over the gathered keys
+    in natural order (`context_parallel.per_chunk`), so that the SI window's rows, HI's key index and top-k's
+    tie-break to the lower row are one device's; returns int [B,T,K] rows of the keys in layout order.
+
+    select_chunk(q, k, w, q_positions, k_positions, q_segment_ids, k_segment_ids, offset) -> int [B,C,K]
+    natural rows, offset the chunk's first natural row."""
+    layout, (q, k, w) = ctx.cp, index_qkw
+    # Without packed documents every token is in document 0: the same selection as no document ids.
+    seg = jnp.zeros_like(ctx.positions) if ctx.segment_ids is None else ctx.segment_ids
+
+    def one_chunk(queries, natural_keys, offset):
+        (q, w, q_pos, q_seg), (k, k_pos, k_seg) = queries, natural_keys
+        return layout.to_layout_rows(select_chunk(q, k, w, q_pos, k_pos, q_seg, k_seg, offset))
+
+    return context_parallel.per_chunk(layout, one_chunk, (q, w, ctx.positions, seg), (k, keys.positions, seg))
 
 
 def _measured_recall(attn: MLA, latents, indices, keys: Keys, ctx: Context):
@@ -309,14 +387,27 @@ def _measured_recall(attn: MLA, latents, indices, keys: Keys, ctx: Context):
 
 
 def attend_selected(attn: MLA, q_nope, q_rope, c_kv, k_rope, indices, return_probs: bool, window: int = 0,
-                    q_offset=0):
+                    q_offset=0, layout: context_parallel.Layout | None = None):
     """Absorbed MLA over the selected latent rows only (pallas_kernels.sparse_mla, cfg.kernel_impl): never a
-    [T, S] tensor; with `window`, indices lead with the SI window by offset. Returns (out [B,T,D], head-mean
-    probs [B,T,K] of each slot or None)."""
+    [T, S] tensor; with `window`, indices lead with the SI window by offset. Under context parallelism
+    (`layout`; c_kv, k_rope gathered, indices rows of them in layout order) it runs per chunk of queries over
+    the keys in natural order, where each chunk's window is the band of rows before it. Returns
+    (out [B,T,D], head-mean probs [B,T,K] of each slot or None)."""
     cfg = attn.cfg
     q_lat = attn.absorb_query(q_nope)
-    out = sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window,
-                     q_offset=q_offset, impl=cfg.kernel_impl, return_probs=return_probs)
+
+    def attend(q_lat, q_rope, c_kv, k_rope, indices, q_offset):
+        return sparse_mla(q_lat, q_rope, c_kv, k_rope, indices, cfg.softmax_scale, window=window,
+                          q_offset=q_offset, impl=cfg.kernel_impl, return_probs=return_probs)
+
+    if layout is None:
+        out = attend(q_lat, q_rope, c_kv, k_rope, indices, q_offset)
+    else:
+        def one_chunk(queries, natural_keys, offset):
+            q_lat, q_rope, indices = queries
+            return attend(q_lat, q_rope, *natural_keys, layout.to_natural_rows(indices), offset)
+
+        out = context_parallel.per_chunk(layout, one_chunk, (q_lat, q_rope, indices), (c_kv, k_rope))
     o_lat, probs = out if return_probs else (out, None)
     return attn.latent_output(o_lat), probs
 
@@ -337,8 +428,7 @@ def indexer_aux(owner: SublayerAux, served: list[SublayerAux], ctx: Context, cfg
         return {"indexer_kl": kl, "indexer_recall": recall}
     if isinstance(owner, SparseKernelAux):
         target = sum(a.slot_probs for a in served) / len(served)
-        out = {"indexer_kl": sparse_indexer_kl(*owner.index_qkw, owner.indices, target, ctx.query_mask,
-                                               impl=cfg.kernel_impl)}
+        out = {"indexer_kl": _sparse_kl(owner.index_qkw, owner.indices, target, ctx, cfg)}
     else:
         target = sum(a.probs for a in served) / len(served)
         allowed = owner.allowed if ctx.dense_attention else owner.selected
@@ -350,6 +440,20 @@ def indexer_aux(owner: SublayerAux, served: list[SublayerAux], ctx: Context, cfg
     if recalls:
         out["indexer_recall"] = sum(recalls) / len(recalls)
     return out
+
+
+def _sparse_kl(index_qkw, indices, target, ctx: Context, cfg: Config):
+    """The sparse-stage KL (`pallas_kernels.indexer_kl`); under context parallelism each shard takes its
+    queries' mean over the gathered keys and the means are weighted by query count."""
+    q, k, w = index_qkw
+
+    def kl(queries, k, query_mask):
+        q, w, indices, target = queries
+        return sparse_indexer_kl(q, k, w, indices, target, query_mask, impl=cfg.kernel_impl)
+
+    if ctx.cp is None:
+        return kl((q, w, indices, target), k, ctx.query_mask)
+    return context_parallel.query_mean(ctx.cp, kl, (q, w, indices, target), k, ctx.query_mask)
 
 
 class DecoderLayer(nnx.Module):
@@ -376,7 +480,7 @@ class DecoderLayer(nnx.Module):
         a = h + checkpoint_name(out, "attn_out")
         u = self.norm_post0(a)
         with jax.named_scope("moe"):
-            m, load, balance = self.moe.forward(u, ctx.query_mask)
+            m, load, balance = self.moe.forward(u, ctx.query_mask, ctx.rules)
         b = a + checkpoint_name(self.mlp0(u), "mlp_out")
         with jax.named_scope("attn1"):
             reuse = idx if self.indexer1 is None else None
@@ -405,7 +509,7 @@ def _sublayer_cache(cache: dict, i: int, cfg: Config) -> dict:
     sublayer's pools."""
     owner = cfg.use_indexer and i < cfg.indexer_sublayers
     if "layer" in cache:
-        out = {name: cache[name] for name in ("kv", "index_k") if name in cache}
+        out = {name: cache[name] for name in ("kv", "index_k", "index_sum") if name in cache}
         out["kv_pool"] = cache["layer"] * 2 + i
         if owner:
             out["index_pool"] = cache["layer"] * cfg.indexer_sublayers + i

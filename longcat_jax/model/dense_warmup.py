@@ -15,10 +15,9 @@ and backward hold the scores of one block, O(block_q x S), at a time:
 
 Plain JAX on every impl: the work stays quadratic, as dense attention's must; only the memory is linear. A
 block holds a few [B, block_q, N, S] f32 arrays; `block.attention_sublayer` uses block_q = 128. Scores are
-computed in the latents' dtype and normalised in f32, as on the reference path. Under a mesh that shards T
-(context parallelism), GSPMD keeps the keys sharded and gathers one block of queries per step, so the work is
-split over the keys. Self-attention rows only (keys = the queries' own tokens, no cache): the warm-up is a
-training stage.
+computed in the latents' dtype and normalised in f32, as on the reference path. Under context parallelism the
+keys arrive all-gathered (`block._gather_keys`) and the queries split (docs/architecture.md#context-parallel).
+Self-attention rows only (keys = the queries' own tokens, no cache): the warm-up is a training stage.
 """
 
 from __future__ import annotations

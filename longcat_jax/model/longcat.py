@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
-from longcat_jax.model import paged_cache
+from longcat_jax.model import context_parallel, paged_cache, pipeline
 from longcat_jax.model.block import Context, DecoderLayer
 from longcat_jax.model.cache import Cache, init_cache
 from longcat_jax.model.layers import RMSNorm, config_inv_freq, param
@@ -101,16 +101,32 @@ def unstack_layers(model: LongCat) -> list:
 
 
 def _run_layers(model: LongCat, h, ctx: Context, layer_caches: dict | None, remat=None,
-                paged: bool = False, layers: list | None = None):
+                paged: bool = False, layers: list | None = None, microbatches: int = 1):
     """Scan the stacked layers; returns (h, new per-layer cache dict or None, per-layer aux stacked on [L]).
 
+    Without a cache, under a mesh whose stage axis (the one the rules give `layers`) has several devices,
+    the layers run as a pipeline of `microbatches` microbatches over it instead (`pipeline.run`, the same
+    results).
+
     layer_caches: None, or the cache arrays stacked on a leading [L] axis by name (Cache's c_kv, k_rope and
-    index_k, or PagedCache's kv and index_k). remat: None (keep every activation) or a jax.checkpoint policy
-    applied to each layer. paged: layer_caches is the whole PagedCache (kv, index_k), which the layers only
-    read; the result holds every layer's new rows instead of a new cache (see `paged_step`). layers (paged
-    only): `unstack_layers(model)`, run in a Python loop instead of the scan.
+    index_k, or PagedCache's kv, index_k and, with HI, index_sum). remat: None (keep every activation) or a
+    jax.checkpoint policy applied to each layer. paged: layer_caches is the whole PagedCache (kv, index_k,
+    index_sum), which the layers only read; the result holds every layer's new rows instead of a new cache
+    (see `paged_step`). layers (paged only): `unstack_layers(model)`, run in a Python loop instead of the
+    scan.
     """
     graphdef, state = nnx.split(model.layers)
+    if layer_caches is None and (axis := pipeline.stage_axis(model.rules)) is not None:
+        def layer_fn(layer_state, h, ctx):
+            layer = nnx.merge(graphdef, layer_state)
+            h, _, aux = layer(constrain(h, ("batch", "seq", "embed"), model.rules), ctx)
+            return h, aux
+
+        h, aux = pipeline.run(layer_fn, state, h, ctx, axis, microbatches, model.rules, remat)
+        return h, None, aux
+    if microbatches != 1:
+        raise ValueError(f"{microbatches} microbatches: they split the batch for the pipeline, which needs a "
+                         "mesh whose axis for `layers` has more than one device")
     if paged and layers is not None:
         all_rows, all_aux = [], []
         for index, layer_state in enumerate(layers):
@@ -152,7 +168,7 @@ def _logits(model: LongCat, h):
 
 def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True, *,
             segment_ids: jax.Array | None = None, collect_aux: bool = False, dense_attention: bool = False,
-            measure_recall: bool = False, remat=None) -> Output:
+            measure_recall: bool = False, remat=None, microbatches: int = 1) -> Output:
     """Full-sequence forward.
 
     tokens int [B, T]; positions default to 0..T-1. segment_ids [B, T] marks packed documents (0 = padding),
@@ -160,16 +176,26 @@ def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = Non
     means pool whole rows (HI is training-free and off below hi_min_len). collect_aux returns the training
     statistics in Output.aux; dense_attention is the indexer warm-up stage (attention ignores the selection);
     measure_recall also measures the sparse stage's selection recall against the dense attention
-    (block.Context); remat is a jax.checkpoint policy for each layer.
+    (block.Context); remat is a jax.checkpoint policy for each layer. microbatches splits the batch's rows
+    for the pipeline over the stacked layers' mesh axis (`pipeline.run`; it needs that axis on the mesh).
     """
     cfg = model.cfg
     B, T = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), segment_ids=segment_ids,
-                  collect_aux=collect_aux, dense_attention=dense_attention, measure_recall=measure_recall)
+    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), rules=model.rules,
+                  segment_ids=segment_ids, collect_aux=collect_aux, dense_attention=dense_attention,
+                  measure_recall=measure_recall)
     h = embed_tokens(model, tokens)
-    h, _, layer_aux = _run_layers(model, h, ctx, None, remat)
+    # Context parallelism (docs/architecture.md#context-parallel): the layers run in the balanced layout, the
+    # head, the losses and MTP in natural order (MTP's attention still gathers its keys over the shards).
+    layout = context_parallel.balanced_layout(T, model.rules)
+    if layout is not None:
+        natural = dataclasses.replace(ctx, cp=layout.natural())
+        h, ctx = layout.from_natural(h), natural.laid_out(layout)
+    h, _, layer_aux = _run_layers(model, h, ctx, None, remat, microbatches=microbatches)
+    if layout is not None:
+        h, ctx = layout.to_natural(h), natural
     logits = _logits(model, h)
     mtp_logits, aux = None, {}
     if collect_aux:
@@ -191,7 +217,8 @@ def decode_step(model: LongCat, tokens: jax.Array, cache: Cache) -> tuple[jax.Ar
     cfg = model.cfg
     B, T = tokens.shape
     positions = cache.length + jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), cache_len=cache.length)
+    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), rules=model.rules,
+                  cache_len=cache.length)
     h = embed_tokens(model, tokens, cache.ngram_history)
     layer_caches = {"c_kv": cache.c_kv, "k_rope": cache.k_rope}
     if cache.index_k is not None:
@@ -218,12 +245,14 @@ def paged_step(model: LongCat, tokens: jax.Array, starts: jax.Array, new_lens: j
     positions = starts[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     real = jnp.arange(T)[None, :] < new_lens[:, None]
     # segment_ids = real keeps the padding out of the MoE (routed to the zero experts with weight 0)
-    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), cache_len=starts, page_table=page_table,
-                  new_lens=new_lens, segment_ids=real.astype(jnp.int32))
+    ctx = Context(positions=positions, inv_freq=config_inv_freq(cfg), rules=model.rules, cache_len=starts,
+                  page_table=page_table, new_lens=new_lens, segment_ids=real.astype(jnp.int32))
     h = embed_tokens(model, tokens, history)
     layer_caches = {"kv": cache.kv}
     if cache.index_k is not None:
         layer_caches["index_k"] = cache.index_k
+    if cache.index_sum is not None:
+        layer_caches["index_sum"] = cache.index_sum
     h, rows, _ = _run_layers(model, h, ctx, layer_caches, paged=True, layers=layers)
     # The layers read the pages; every layer's new rows are written once, after them, in place.
     slots = paged_cache.row_slots(page_table, positions, new_lens, cache.num_pages, cache.page_size)
@@ -233,9 +262,14 @@ def paged_step(model: LongCat, tokens: jax.Array, starts: jax.Array, new_lens: j
         # the write after every read (x != x and x == x is false for any x, NaN too; XLA does not fold it).
         x = h[0, 0, 0]
         slots = jnp.where((x != x) & (x == x), cache.num_pages * cache.page_size, slots)
-    cache = PagedCache(kv=paged_cache.write_rows(cache.kv, rows["kv"], slots),
-                       index_k=None if cache.index_k is None else
-                       paged_cache.write_rows(cache.index_k, rows["index_k"], slots))
+    index_k = index_sum = None
+    if cache.index_k is not None:
+        index_k = paged_cache.write_rows(cache.index_k, rows["index_k"], slots)
+    if cache.index_sum is not None:  # each page that took a row gets its sums anew from its rows
+        pages = paged_cache.written_pages(slots, positions, cache.page_size, cache.num_pages)
+        index_sum = paged_cache.write_index_sums(cache.index_sum, index_k, pages)
+    cache = PagedCache(kv=paged_cache.write_rows(cache.kv, rows["kv"], slots), index_k=index_k,
+                       index_sum=index_sum)
     last = jnp.take_along_axis(h, jnp.maximum(new_lens - 1, 0)[:, None, None], axis=1)  # [B, 1, D]
     return _logits(model, last)[:, 0], cache
 
@@ -296,7 +330,19 @@ def build_model(cfg: Config, seed: int = 0, mesh: jax.sharding.Mesh | None = Non
     # An axis that does not divide what it shards would leave the array silently replicated: refuse it first.
     check_divisible(abstract_model(cfg, rules), mesh, rules)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        return jax.jit(lambda: LongCat(cfg, nnx.Rngs(seed), rules))()
+        return jax.jit(lambda: _placed(LongCat(cfg, nnx.Rngs(seed), rules), rules))()
+
+
+def _placed(model: LongCat, rules) -> LongCat:
+    """Every parameter constrained to its logical names: nnx.vmap applies the per-layer constraints inside
+    and leaves the stacked `layers` axis replicated, so without this every pp device would store every
+    layer."""
+    graphdef, state = nnx.split(model)
+    for _, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding")
+        if names:
+            var.set_value(constrain(var.get_value(), tuple(names), rules))
+    return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: Config, rules=RULES) -> LongCat:

@@ -73,11 +73,12 @@ class MLA(nnx.Module):
     def project_out(self, o):
         """W_O: per-head values o [B,T,N,Hv] -> [B,T,D].
 
-        One [B*T, N*Hv] x [N*Hv, D] matmul: as an einsum over (n, h), XLA:CPU may instead copy w_o into the
-        layout of o's heads (a decode step's largest copy)."""
+        One [N*Hv] x [N*Hv, D] contraction: as an einsum over (n, h), XLA:CPU may instead copy w_o into the
+        layout of o's heads (a decode step's largest copy). B and T stay apart: under context parallelism T is
+        split and B is not, and merging them would make XLA gather the whole activation."""
         B, T, N, H = o.shape
         w = self.w_o[...].astype(o.dtype)
-        return (o.reshape(B * T, N * H) @ w.reshape(N * H, w.shape[-1])).reshape(B, T, -1)
+        return o.reshape(B, T, N * H) @ w.reshape(N * H, w.shape[-1])
 
     def absorbed_weights(self):
         """(W_UK [N,Hn,R], W_UV [N,R,Hv]): the split held by a served model, else split from w_kv_up."""

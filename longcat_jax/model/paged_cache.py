@@ -4,13 +4,15 @@ One pool of pages per layer and sublayer holds the latent rows c_kv | k_rope (R 
 layout `pallas_kernels.sparse_mla_decode` reads); each indexer owner has a pool of the same pages for its
 keys [J]. Logical position p of a sequence lives in page page_table[p // page_size], row p % page_size, so
 sequences of any length share the pool, and a page of a common prompt prefix can serve several sequences at
-once. The host (`longcat_jax.serving.pages`) decides which page holds what; these functions only read and
-write rows.
+once. With HI the cache also keeps the sum of every run of `sum_span` rows of the indexer keys, from which a
+decode step's selection takes its block means without reading the keys (`paged_select`). The host
+(`longcat_jax.serving.pages`) decides which page holds what; these functions only read and write rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.struct
 import jax
@@ -27,6 +29,9 @@ from pallas_kernels.impl import resolve
 class PagedCache:
     kv: jax.Array  # [L, 2, P, page, R + Hr] in the compute dtype: c_kv | k_rope rows
     index_k: jax.Array | None  # [L, indexers per layer, P, page, J] f32; None without an indexer
+    # [L, indexers per layer, P, page / sum_span, J] f32: the sum of each run of sum_span rows of index_k,
+    # kept equal to them by `write_index_sums`; None without HI
+    index_sum: jax.Array | None = None
 
     @property
     def num_pages(self) -> int:
@@ -39,11 +44,14 @@ class PagedCache:
 
 def init_paged_cache(cfg: Config, num_pages: int, page_size: int) -> PagedCache:
     L = cfg.num_layers
-    index_k = None
+    index_k = index_sum = None
     if cfg.use_indexer:
         index_k = jnp.zeros((L, cfg.indexer_sublayers, num_pages, page_size, cfg.index_head_dim), jnp.float32)
+    if has_index_sums(cfg):
+        runs = page_size // sum_span(cfg, page_size)
+        index_sum = jnp.zeros((L, cfg.indexer_sublayers, num_pages, runs, cfg.index_head_dim), jnp.float32)
     kv = jnp.zeros((L, 2, num_pages, page_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim), cfg.jnp_dtype)
-    return PagedCache(kv=kv, index_k=index_k)
+    return PagedCache(kv=kv, index_k=index_k, index_sum=index_sum)
 
 
 def page_bytes(cfg: Config, page_size: int) -> int:
@@ -51,7 +59,50 @@ def page_bytes(cfg: Config, page_size: int) -> int:
     for the cache divided by this is the pool size."""
     kv = 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(cfg.jnp_dtype).itemsize
     index = cfg.indexer_sublayers * cfg.index_head_dim * 4 if cfg.use_indexer else 0
-    return cfg.num_layers * page_size * (kv + index)
+    sums = 0
+    if has_index_sums(cfg):
+        sums = page_size // sum_span(cfg, page_size) * cfg.indexer_sublayers * cfg.index_head_dim * 4
+    return cfg.num_layers * (page_size * (kv + index) + sums)
+
+
+def has_index_sums(cfg: Config) -> bool:
+    """Whether the cache keeps `PagedCache.index_sum`: HI's block means are what it is for."""
+    return cfg.use_indexer and cfg.hi_enabled
+
+
+def sum_span(cfg: Config, page_size: int) -> int:
+    """Rows per entry of `PagedCache.index_sum`: gcd(page_size, hi_block_size), so that a run never crosses a
+    page or an HI block, and a block is a whole number of runs whichever of the two sizes is larger."""
+    return math.gcd(page_size, cfg.hi_block_size)
+
+
+def index_sums(index_k, span: int):
+    """[..., P, page, J] keys -> [..., P, page / span, J] f32 sums of each run of `span` rows."""
+    *lead, page, J = index_k.shape
+    return index_k.astype(jnp.float32).reshape(*lead, page // span, span, J).sum(-2)
+
+
+def written_pages(slots, positions, page_size: int, num_pages: int):
+    """Pages [B, n] that received a row in a step, each once per sequence, num_pages where none: the pages of
+    slots [B, T] (`row_slots`; positions [B, T] are consecutive in each row). Entry 0 is the page of the row's
+    first token, entry j > 0 the page of its j-th token that starts a page."""
+    T = slots.shape[1]
+    n = (T + page_size - 2) // page_size + 1  # most pages T consecutive rows can touch
+    first = jnp.arange(n) * page_size - positions[:, :1] % page_size  # [B, n]; entry 0 is <= 0
+    rows = jnp.take_along_axis(slots, jnp.clip(first, 0, T - 1), 1)
+    return jnp.where(first < T, rows // page_size, num_pages)  # padding slots are out of range: num_pages
+
+
+def write_index_sums(index_sum, index_k, pages):
+    """index_sum [L, n, P, page / span, J] with the sums of `pages` [B, m] (num_pages = none, dropped)
+    recomputed from index_k [L, n, P, page, J] after the step's rows were written: a page's sum is rebuilt
+    from its rows, never incremented, so rewriting a row (a recomputed request, a reused page) cannot count it
+    twice."""
+    P, page = index_k.shape[2:4]
+    pages = pages.reshape(-1)
+    rows = index_k[:, :, jnp.clip(pages, 0, P - 1)]  # [L, n, B * m, page, J]
+    span = page // index_sum.shape[3]
+    return index_sum.at[:, :, pages].set(index_sums(rows, span), mode="drop")
 
 
 def row_slots(page_table, positions, new_lens, num_pages: int, page_size: int):

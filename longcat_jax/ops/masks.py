@@ -6,6 +6,7 @@ these, so a mask means the same thing on every path.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -26,11 +27,15 @@ def indices_to_mask(indices, num_keys: int):
 
     indices int [B,T,K]; the caller still ANDs this with the causal / validity mask.
     """
-    B, T, _ = indices.shape
     # -1 must not wrap around to the last key: send it out of range and let the scatter drop it.
     safe = jnp.where(indices < 0, num_keys, indices)
-    mask = jnp.zeros((B, T, num_keys), dtype=bool)
-    return mask.at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], safe].set(True, mode="drop")
+
+    def one_query(slots):  # [K] -> [S]
+        return jnp.zeros((num_keys,), bool).at[slots].set(True, mode="drop")
+
+    # One scatter per (b, t) as batch dimensions, not iota coordinates: XLA then partitions it along a split
+    # query axis (context parallelism) instead of gathering every query's indices.
+    return jax.vmap(jax.vmap(one_query))(safe)
 
 
 def softmax_f32(scores, mask):

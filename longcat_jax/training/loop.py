@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import longcat_jax as lj
+from longcat_jax.model import pipeline
 from longcat_jax.training import run_settings
 from longcat_jax.training.corpus import Data, load_data
 from longcat_jax.training.init_weights import (
@@ -67,7 +68,7 @@ from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss,
 from sharding import distributed
 from sharding.divisibility import check_divisible
 from sharding.mesh import make_mesh
-from sharding.rules import logical_to_spec, override_rules
+from sharding.rules import RULES, logical_to_spec, override_rules
 
 REMAT_POLICIES = {
     "none": None,
@@ -197,6 +198,9 @@ def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | No
     warmup = resolve("warmup_steps", args.warmup_steps)
     indexer_warmup = resolve("indexer_warmup_steps", args.indexer_warmup_steps)
     phase(run_settings.describe_schedule(args, warmup, indexer_warmup if cfg.use_indexer else 0))
+    stages = _pipeline_stages(mesh)
+    if stages > 1:
+        phase(run_settings.describe_pipeline(stages, args.microbatches))
     opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=warmup, total_steps=args.steps,
                                      schedule=args.schedule, use_muon=args.optimizer == "muon")
     optimizer = make_optimizer(opt_settings, params)
@@ -235,6 +239,7 @@ def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | No
     step_fn = jax.jit(functools.partial(
         train_step, graphdef=graphdef, cfg=cfg, optimizer=optimizer, settings=settings,
         remat=REMAT_POLICIES[args.remat], host_opt_shardings=host_opt_shardings, grad_accum=args.grad_accum,
+        microbatches=args.microbatches,
     ), static_argnames=("dense_attention", "measure_recall"), donate_argnums=0,
         out_shardings=(state_shardings, None, None))
     held_out_loss = _held_out_loss_fn(graphdef, corpus, to_device)
@@ -265,6 +270,13 @@ def _fully_sharded(params: nnx.State, mesh) -> nnx.State:
         names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
         var.value = jax.device_put(var.value, NamedSharding(mesh, logical_to_spec(tuple(names), FSDP_RULES)))
     return params
+
+
+def _pipeline_stages(mesh) -> int:
+    """The pipeline stages of the run's mesh: the size of the axis the model's stacked layers are split over
+    (1: no pipeline)."""
+    axis = None if mesh is None else pipeline.stage_axis(RULES, mesh)
+    return 1 if axis is None else mesh.shape[axis]
 
 
 def _to_device_fn(mesh):
@@ -430,10 +442,12 @@ def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, 
         with open(os.path.join(args.out, "sample.txt"), "w") as f:
             f.write(sample)
     curve = plot_loss_curve(args.out)
+    stages = _pipeline_stages(steps.mesh)
     summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
                "held_out_loss_end": final_eval, "tokens_per_sec": throughput.tokens_per_sec,
                "mfu": throughput.mfu, "matmul_flops_per_sec": throughput.peak,
                "steady_steps": throughput.steps, "steady_seconds": throughput.seconds,
+               "pipeline_bubble": pipeline.bubble_fraction(stages, args.microbatches) if stages > 1 else None,
                "init_from": os.path.abspath(args.init_from) if args.init_from else None}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -23,6 +23,7 @@ import types
 import typing
 
 import longcat_jax as lj
+from longcat_jax.model import pipeline
 
 SETTINGS_FILE = "run_config.json"
 
@@ -86,6 +87,13 @@ def describe_schedule(args, warmup: int, indexer_warmup: int) -> str:
         return text + f"; dense indexer warm-up steps 1-{indexer_warmup}, sparse attention from step " \
                       f"{indexer_warmup + 1}"
     return text + "; sparse attention from step 1"
+
+
+def describe_pipeline(stages: int, microbatches: int) -> str:
+    """The start-up line of a pipelined run: its stages, microbatches and bubble."""
+    bubble = pipeline.bubble_fraction(stages, microbatches)
+    return (f"pipeline: {stages} stages, {microbatches} microbatches: bubble {bubble:.0%} of stage time "
+            "((stages - 1) / (microbatches + stages - 1))")
 
 
 def read_config_file(path: str) -> dict:

@@ -79,16 +79,16 @@ def mtp_targets(batch, k: int):
 
 
 def compute_loss(params, graphdef, batch, cfg: Config, settings: LossSettings, *, dense_attention=False,
-                 measure_recall=False, remat=None, fault_flip=False):
+                 measure_recall=False, remat=None, fault_flip=False, microbatches=1):
     """Total loss and its terms for one batch (dict of [B, T] arrays from longcat_jax.training.data).
 
     The terms hold indexer_recall in the dense warm-up, and in the sparse stage with measure_recall (static,
-    see `forward`).
+    see `forward`). microbatches: the pipeline's split of the batch (`forward`).
     """
     model = nnx.merge(graphdef, params)
     out = forward(model, batch["inputs"], batch["positions"], segment_ids=batch["segment_ids"],
                   collect_aux=True, dense_attention=dense_attention, measure_recall=measure_recall,
-                  remat=remat)
+                  remat=remat, microbatches=microbatches)
     mask = batch["loss_mask"]
     if settings.abft:
         # Recompute the LM-head matmul (the forward's own logits are then dead code) and verify it against the
@@ -178,12 +178,13 @@ def accumulated_grads(params, batch, grad_accum: int, **loss_kwargs):
 
 def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, settings: LossSettings,
                dense_attention=False, measure_recall=False, remat=None, nan_fault_step=-1, flip_fault_step=-1,
-               host_opt_shardings=None, grad_accum=1):
+               host_opt_shardings=None, grad_accum=1, microbatches=1):
     """One update: gradients, guard (NaN / spike / ABFT), optimizer, router-bias balancing.
 
     host_opt_shardings: the optimizer state lives in host memory (these are its shardings); it is copied to
     device memory for the update and the new state is written back to the host (optimizer-state offload).
-    grad_accum: micro-batches per step (`accumulated_grads`).
+    grad_accum: micro-batches per step (`accumulated_grads`). microbatches: the pipeline's split of each of
+    them over the stacked layers' mesh axis (`forward`).
 
     Returns (new state, metrics dict of scalars, expert_load [L, slots]). A bad step keeps the old parameters
     and optimizer state; the step counter still advances so the data stream stays aligned.
@@ -191,7 +192,7 @@ def train_step(state: TrainState, batch, *, graphdef, cfg: Config, optimizer, se
     grads, (terms, load, mismatch) = accumulated_grads(
         state.params, batch, grad_accum, graphdef=graphdef, cfg=cfg, settings=settings,
         dense_attention=dense_attention, measure_recall=measure_recall, remat=remat,
-        fault_flip=state.step == flip_fault_step)
+        fault_flip=state.step == flip_fault_step, microbatches=microbatches)
     grads = inject_nan(grads, where=state.step == nan_fault_step)
     grad_norm = optax.global_norm(grads)
     loss = jnp.where(mismatch, jnp.nan, terms["loss"])  # an SDC makes the step as untrustworthy as a NaN
