@@ -13,7 +13,7 @@ The 8 devices are simulated on this machine's cores, so step times say little ab
 share 2 cores); memory per device and the collectives are the point.
 
 Usage:
-  python bench/parallel.py [--steps N] [--batch-size B] [--seq-len T] [--layouts NAME,...] [--json PATH]
+  python bench/parallel.py [--steps N] [--batch-size B] [--seq-len T] [--layouts 'NAME;...'] [--json PATH]
 """
 
 from __future__ import annotations
@@ -66,10 +66,9 @@ COLLECTIVES = ("all-to-all", "collective-permute", "all-gather", "all-reduce", "
 def collective_counts(hlo: str) -> dict[str, int]:
     """How many instructions of each collective kind the compiled program holds (start ops of async pairs
     counted once)."""
-    counts = {}
-    for kind in COLLECTIVES:
-        counts[kind] = len(re.findall(rf"= [^=]*? {kind}(?:-start)?\(", hlo))
-    return counts
+    lines = [line for line in hlo.splitlines() if re.match(r"\s*(?:ROOT )?%[\w.\-]+ = ", line)]
+    return {kind: sum(bool(re.search(rf" {kind}(?:-start)?\(", line)) for line in lines)
+            for kind in COLLECTIVES}
 
 
 def bench_layout(name: str, flags: list[str], common: list[str], steps: int, corpus) -> dict:
@@ -116,11 +115,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per layout")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--layouts", default=",".join(LAYOUTS),
-                   help="comma-separated names of " + "; ".join(LAYOUTS))
+    p.add_argument("--layouts", default=";".join(LAYOUTS),
+                   help="names separated by ';', of: " + "; ".join(LAYOUTS))
     p.add_argument("--json", default=os.path.join(HERE, "results", "parallel_cpu.json"))
     a = p.parse_args(argv)
-    names = [n.strip() for n in a.layouts.split(",") if n.strip()]
+    names = [n.strip() for n in a.layouts.split(";") if n.strip()]
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         p.error(f"unknown layouts {unknown}; choose from {'; '.join(LAYOUTS)}")
