@@ -58,6 +58,12 @@ def bubble_fraction(stages: int, microbatches: int) -> float:
     return (stages - 1) / (microbatches + stages - 1)
 
 
+def stages(rules, mesh) -> int:
+    """The pipeline stages of `mesh` (None: no mesh): the size of the stage axis, 1 without a pipeline."""
+    axis = None if mesh is None else stage_axis(rules, mesh)
+    return 1 if axis is None else mesh.shape[axis]
+
+
 def check_microbatches(batch: int, microbatches: int, batch_shards: int = 1):
     """Raise ValueError unless `microbatches` splits each of the `batch_shards` blocks of the batch's rows
     evenly (each device then keeps its own rows in every microbatch)."""

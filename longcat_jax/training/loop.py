@@ -66,9 +66,9 @@ from longcat_jax.training.step_measures import (
 )
 from longcat_jax.training.train_step import LossSettings, TrainState, eval_loss, train_step
 from sharding import distributed
-from sharding.divisibility import check_divisible
+from sharding.fsdp import fully_sharded
 from sharding.mesh import make_mesh
-from sharding.rules import RULES, logical_to_spec, override_rules
+from sharding.rules import RULES
 
 REMAT_POLICIES = {
     "none": None,
@@ -198,7 +198,7 @@ def build(args, corpus: Data, ckpt: RunCheckpointer, init: tuple[dict, str] | No
     warmup = resolve("warmup_steps", args.warmup_steps)
     indexer_warmup = resolve("indexer_warmup_steps", args.indexer_warmup_steps)
     phase(run_settings.describe_schedule(args, warmup, indexer_warmup if cfg.use_indexer else 0))
-    stages = _pipeline_stages(mesh)
+    stages = pipeline.stages(RULES, mesh)
     if stages > 1:
         phase(run_settings.describe_pipeline(stages, args.microbatches))
     opt_settings = OptimizerSettings(lr=args.lr, warmup_steps=warmup, total_steps=args.steps,
@@ -252,31 +252,10 @@ def _model(args, cfg: lj.Config, weights: dict | None):
     mesh = make_mesh(args.mesh_sizes) if args.mesh else None
     graphdef, params = nnx.split(lj.build_model(cfg, seed=args.seed, mesh=mesh))
     if args.fsdp:
-        params = _fully_sharded(params, mesh)
+        params = fully_sharded(params, mesh)
     if weights is not None:
         place_weights(params, weights)
     return mesh, graphdef, params
-
-
-FSDP_RULES = override_rules("embed=dp")
-
-
-def _fully_sharded(params: nnx.State, mesh) -> nnx.State:
-    """FSDP: every parameter's model width also split over dp, so each device stores 1/dp of it and XLA
-    gathers a layer's weights when the layer runs. Only the parameters move: the model keeps the default
-    rules for its activations, whose width stays whole (their batch is on dp already)."""
-    check_divisible(params, mesh, FSDP_RULES)
-    for _, var in nnx.to_flat_state(params):
-        names = var.get_metadata().get("out_sharding") or (None,) * var.value.ndim
-        var.value = jax.device_put(var.value, NamedSharding(mesh, logical_to_spec(tuple(names), FSDP_RULES)))
-    return params
-
-
-def _pipeline_stages(mesh) -> int:
-    """The pipeline stages of the run's mesh: the size of the axis the model's stacked layers are split over
-    (1: no pipeline)."""
-    axis = None if mesh is None else pipeline.stage_axis(RULES, mesh)
-    return 1 if axis is None else mesh.shape[axis]
 
 
 def _to_device_fn(mesh):
@@ -442,7 +421,7 @@ def finish(args, steps: Steps, state: TrainState, step: int, first_eval: float, 
         with open(os.path.join(args.out, "sample.txt"), "w") as f:
             f.write(sample)
     curve = plot_loss_curve(args.out)
-    stages = _pipeline_stages(steps.mesh)
+    stages = pipeline.stages(RULES, steps.mesh)
     summary = {"preset": args.preset, "steps": step, "held_out_loss_start": first_eval,
                "held_out_loss_end": final_eval, "tokens_per_sec": throughput.tokens_per_sec,
                "mfu": throughput.mfu, "matmul_flops_per_sec": throughput.peak,
