@@ -2,8 +2,12 @@
 
 XLA:CPU lowers `lax.ragged_dot` to a dense matmul over every expert (E times the work). Here the sorted rows
 are cut into tiles of `tile` consecutive rows of one expert, and a loop runs only the tiles that hold rows
-(their count is known at run time only), each with its own expert's weights read in place. Nothing is dropped
-and nothing is padded beyond the last partial tile of each expert.
+(their count is known at run time only). Nothing is dropped and nothing is padded beyond the last partial tile
+of each expert. The forward picks the tile's expert with a switch over one branch per expert, so each branch
+slices its weights at a constant index: where the stacked weights are themselves a stack of separate arrays
+(the serving step's per-expert parameters), XLA folds the slice and the matmuls read the parameter in place;
+a run-time index would copy the expert's weights out first, which costs as much as the matmuls of a
+few-row decode tile.
 
     y[i] = (silu(xs[i] @ w_gate[e]) * (xs[i] @ w_up[e])) @ w_down[e]     for sorted row i of expert e
 
@@ -52,14 +56,18 @@ def _forward(xs, starts, w_gate, w_up, w_down, tile):
     count, expert, row0, rows = _tile_plan(starts, tile, m // tile + w_gate.shape[0])
     xs = jnp.concatenate([xs, jnp.zeros((tile, d), xs.dtype)])  # so the last tile never reads past the end
 
+    def expert_ffn(e, x):  # e static: its weights are a constant slice, which XLA can read in place
+        g, u = x @ w_gate[e], x @ w_up[e]
+        return (jax.nn.silu(g) * u) @ w_down[e], g, u
+
+    branches = [functools.partial(expert_ffn, e) for e in range(w_gate.shape[0])]
+
     def body(t, carry):
-        y, g_all, u_all = carry
-        e, r0 = expert[t], row0[t]
+        r0 = row0[t]
         keep = (jnp.arange(tile) < rows[t])[:, None]
         x = jax.lax.dynamic_slice_in_dim(xs, r0, tile)
-        g, u = x @ w_gate[e], x @ w_up[e]
-        out = (jax.nn.silu(g) * u) @ w_down[e]
-        return tuple(_masked_write(buf, new, r0, keep) for buf, new in ((y, out), (g_all, g), (u_all, u)))
+        new = jax.lax.switch(expert[t], branches, x)
+        return tuple(_masked_write(buf, value, r0, keep) for buf, value in zip(carry, new))
 
     zeros = functools.partial(jnp.zeros, dtype=xs.dtype)
     y, g_all, u_all = jax.lax.fori_loop(0, count, body, (zeros((m + tile, d)), zeros((m + tile, f)),

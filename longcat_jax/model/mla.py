@@ -66,8 +66,11 @@ class MLA(nnx.Module):
         Returns (out [B,T,D], probs [B,T,S] f32: the attention distribution averaged over heads, the target of
         the indexer's KL loss; XLA drops it when unused).
         """
-        fn = attend_absorbed if absorbed else attend_naive
-        o, probs = fn(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg)
+        if absorbed:
+            o, probs = attend_absorbed(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg,
+                                       split=self.absorbed_weights())
+        else:
+            o, probs = attend_naive(q_nope, q_rope, c_kv, k_rope, self.w_kv_up[...], mask, self.cfg)
         return self.project_out(o), probs
 
     def project_out(self, o):
@@ -129,9 +132,10 @@ def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
     return jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
 
 
-def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
-    """Absorbed form: q~ = W_UK^T q_nope scores against c_kv directly; W_UV maps the latent sum to values."""
-    w_uk, w_uv = split_absorbed(w_kv_up, cfg)
+def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config, split=None):
+    """Absorbed form: q~ = W_UK^T q_nope scores against c_kv directly; W_UV maps the latent sum to values.
+    split: (W_UK, W_UV) as `split_absorbed` gives them, where held already (a served model's prefill)."""
+    w_uk, w_uv = split_absorbed(w_kv_up, cfg) if split is None else split
     q_lat = absorb_query(q_nope, w_uk)
     p = softmax_f32(absorbed_scores(q_lat, q_rope, c_kv, k_rope) * cfg.softmax_scale, mask[:, None])
     o_lat = jnp.einsum("bnts,bsr->btnr", p.astype(q_nope.dtype), c_kv)

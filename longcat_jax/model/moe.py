@@ -151,19 +151,11 @@ def grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down) -> jax.Array:
         g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
         u = jax.lax.ragged_dot(xs, w_up, group_sizes)
         y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [M, D]
-    elif 4 * xs.shape[0] <= n_experts:
-        # A few rows (decode of one or two sequences): gather just the chosen experts' weights. With more,
-        # the gather costs more than the tile loop (a 32-expert layer: 1.4 vs 2.4 ms for 4 assignments,
-        # 59 vs 18 ms for 32).
-        e = jnp.minimum(sorted_e, n_experts - 1)
-        g = jnp.einsum("md,mdf->mf", xs, w_gate[e])
-        u = jnp.einsum("md,mdf->mf", xs, w_up[e])
-        y = jnp.einsum("mf,mfd->md", jax.nn.silu(g) * u, w_down[e])
     else:
         # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work). Tiles of 64 rows
-        # suit training; a decode batch has a few rows per expert, and a tile's rows are computed in full.
+        # suit training; a decode batch has a row or two per expert, and a tile's rows are computed in full.
         per_expert = -(-xs.shape[0] // n_experts)
-        tile = min(64, max(8, 1 << (per_expert - 1).bit_length()))
+        tile = min(64, 1 << (per_expert - 1).bit_length())
         y = tiled_expert_ffn(xs, starts, w_gate, w_up, w_down, tile)
     return jnp.where(is_routed, y, 0)
 

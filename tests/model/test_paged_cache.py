@@ -3,6 +3,7 @@ same keys, and HI follows each sequence's own length, so a sequence's selection 
 page-table width its batch was compiled for."""
 
 import dataclasses
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -59,10 +60,10 @@ def test_fused_decode_selection_equals_reference():
 
 
 def test_unrolled_step_equals_the_scan_and_writes_the_pool_in_place():
-    """jit_paged_step's per-layer form (CPU default) gives the scan's logits and cache, both equal the plain
-    model's paged_step (jit_paged_step serves a copy holding W_UK and W_UV split out of w_kv_up, and leaves
-    the model itself alone), and XLA updates the donated pool in place (no copy of the whole pool, see the
-    write-after-read note in paged_step)."""
+    """jit_paged_step's per-layer, per-expert form (CPU default) gives the scan's logits and cache, both equal
+    the plain model's paged_step (jit_paged_step serves a copy holding W_UK and W_UV split out of w_kv_up, and
+    leaves the model itself alone), XLA updates the donated pool in place (no copy of the whole pool, see the
+    write-after-read note in paged_step), and the expert loop reads per-expert weights in place."""
     import jax
 
     import longcat_jax as lj
@@ -83,10 +84,16 @@ def test_unrolled_step_equals_the_scan_and_writes_the_pool_in_place():
     for unroll in (False, True):
         step, params = jit_paged_step(model, unroll)
         cache = filled_cache()
+        text = step.lower(params, *args, cache, history).compile().as_text()
         if unroll:
-            text = step.lower(params, *args, cache, history).compile().as_text()
             pool = "f32[{}]".format(",".join(map(str, cache.kv.shape)))
             assert not [line for line in text.splitlines() if f"{pool}" in line and " copy(" in line]
+        # Per-expert arrays: the expert loop's matmuls read them in place; sliced out of a stacked array,
+        # each tile copies its expert's weights first.
+        D, F = model.cfg.hidden_size, model.cfg.expert_ffn_hidden_size
+        weight = re.compile(rf"= f32\[({D},{F}|{F},{D})\]\{{1,0\}} (fusion|slice|copy|dynamic-slice)\(")
+        copies = [line for line in text.splitlines() if "moe/" in line and weight.search(line)]
+        assert bool(copies) != unroll, copies[:3]
         outs.append(jax.device_get(step(params, *args, cache, history)))
     assert not hasattr(model.layers.attn0, "w_uk")
     for other in outs[1:]:
