@@ -103,7 +103,7 @@ def attend_naive(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config):
     dt = q_nope.dtype
     kv = jnp.einsum("bsr,rnh->bsnh", c_kv, w_kv_up.astype(dt))
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
-    scores = jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
+    scores = jnp.einsum("btnh,bsnh->bnts", q_nope, k_nope) + rope_scores(q_rope, k_rope)
     p = softmax_f32(scores * cfg.softmax_scale, mask[:, None])
     return jnp.einsum("bnts,bsnh->btnh", p.astype(dt), v), p.mean(axis=1)
 
@@ -129,7 +129,14 @@ def absorb_query(q_nope, w_uk):
 
 def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
     """Unscaled absorbed-form scores [B,N,T,S]: q~ . c_kv + q_rope . k_rope, in the inputs' dtype."""
-    return jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + jnp.einsum("btnh,bsh->bnts", q_rope, k_rope)
+    return jnp.einsum("btnr,bsr->bnts", q_lat, c_kv) + rope_scores(q_rope, k_rope)
+
+
+def rope_scores(q_rope, k_rope):
+    """q_rope [B,T,N,Hr] . k_rope [B,S,Hr] -> [B,N,T,S]. The heads go first on the small operand: a matmul
+    with only B as its batch dimension writes [B,T,N,S], and XLA:CPU then transposes the whole score tensor
+    (forward and backward)."""
+    return jnp.einsum("bnth,bsh->bnts", q_rope.transpose(0, 2, 1, 3), k_rope)
 
 
 def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config, split=None):
