@@ -98,7 +98,7 @@ def select(q, k, w, q_positions, k_positions, cfg: Config, *, k_valid=None, q_se
         the path's default (`TILES`).
     Returns:
       int32 [B,T,K] key indices (into the key axis), best first, ties to the lower index, -1 in empty slots.
-      Equal to `indexer.select(..., k_valid[:,None,:] & (q_seg[:,:,None] == k_seg[:,None,:]))`.
+      Equal to `indexer.select(..., k_valid, q_segment_ids=q_seg, k_segment_ids=k_seg)`.
     """
     impl = resolve(impl)
     impl = "mosaic" if impl == "pallas" and backend() == "mosaic" else impl  # TPU: tpu_indexer_topk
@@ -131,10 +131,9 @@ def _select(q, k, w, q_positions, k_positions, k_valid, q_segment_ids, k_segment
 
     hier = None
     if use_hierarchical(cfg, S):
-        # The reference pools with k_valid only when its mask is 2-D; with segments its mask is [B,T,S] and
-        # the means pool every key. Mirror that so the chosen blocks are the same.
-        pool_valid = None if has_segments else k_valid
-        k_bar, count = block_keys(k, k_positions, cfg.hi_block_size, pool_valid)
+        # As the reference: the means pool the keys k_valid admits (a padding key none), never restricted
+        # by the segments, so the chosen blocks are the same.
+        k_bar, count = block_keys(k, k_positions, cfg.hi_block_size, k_valid)
         index = _key_index(k_positions, k_ok, k_seg)
         hier = _Hier(k_bar, count, index, *_row_plan(index, q_positions, q_seg, cfg))
 

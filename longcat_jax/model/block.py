@@ -18,19 +18,20 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from longcat_jax.config import Config
-from longcat_jax.model import context_parallel, paged_cache, paged_select
+from longcat_jax.model import context_parallel
+from longcat_jax.model.cache import Keys
 from longcat_jax.model.dense_warmup import dense_attention, dense_indexer_stats
 from longcat_jax.model.indexer import Indexer, select
 from longcat_jax.model.indexer_loss import attention_recall, indexer_kl, selection_recall
 from longcat_jax.model.layers import MLP, RMSNorm
-from longcat_jax.model.mla import MLA, attend_paged_decode
+from longcat_jax.model.mla import MLA
 from longcat_jax.model.moe import MoE
+from longcat_jax.model.paged_attention import paged_attention, paged_keys
 from longcat_jax.ops.indexer_scores import indexer_scores
 from longcat_jax.ops.masks import attention_mask, indices_to_mask
 from pallas_kernels import si_window
 from pallas_kernels.indexer_kl import sparse_indexer_kl
 from pallas_kernels.sparse_mla import sparse_mla
-from pallas_kernels.sparse_mla_decode import sparse_mla_decode_paged
 from sharding.rules import RULES
 
 
@@ -47,7 +48,8 @@ class Context:
     page_table: jax.Array | None = None
     new_lens: jax.Array | None = None
     # Packed training rows: positions restart in every document, so "causal by position and same document" is
-    # exactly per-document causality, and the SI sinks and local window are each document's own.
+    # exactly per-document causality, and the SI sinks and local window are each document's own. Padding
+    # (segment 0, every position 0) is no document: its keys are invalid for every query (`key_valid`).
     segment_ids: jax.Array | None = None  # [B, T] document ids, 0 = padding
     # Also return the indexer KL, expert statistics and (see below) selection recall.
     collect_aux: bool = False
@@ -66,6 +68,13 @@ class Context:
     @property
     def query_mask(self):
         return None if self.segment_ids is None else self.segment_ids > 0
+
+    @property
+    def key_valid(self):
+        """bool [B, T] or None: which new tokens are keys at all; padding is not. As one more document, all at
+        position 0, a padding query would see the later padding rows too (the kernels' SI window band reads
+        only the rows before it) and HI would pool padding keys into block 0 for every real query."""
+        return self.query_mask
 
     def laid_out(self, layout: context_parallel.Layout) -> Context:
         """This context (natural order, no cache) for tokens in `layout`: positions and document ids move
@@ -112,22 +121,6 @@ class DenseWarmupAux:
 SublayerAux = ReferenceAux | SparseKernelAux | DenseWarmupAux
 
 
-@dataclasses.dataclass(frozen=True)
-class Keys:
-    """The keys one sublayer attends over, after its cache (if any) took the new rows."""
-
-    c_kv: jax.Array  # [B,S,R] in the compute dtype
-    k_rope: jax.Array  # [B,S,Hr]
-    positions: jax.Array  # [B,S]
-    valid: jax.Array | None  # [B,S] rows of the cache filled so far; None without a cache
-    q_offset: int | jax.Array  # the new tokens' first row (0 without a cache)
-    # The paged cache: every pool's latent rows [pools * P, page, R + Hr] as they were before the step, the
-    # sequences' page tables [B, W] into them, and the first new token's row [B, R + Hr] (not in the pages)
-    pages: jax.Array | None = None
-    page_table: jax.Array | None = None
-    new_rows: jax.Array | None = None
-
-
 def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg: Config,
                        cache: dict | None = None, indices=None):
     """One MLA sublayer with LSA selection.
@@ -149,7 +142,7 @@ def attention_sublayer(attn: MLA, indexer: Indexer | None, x, ctx: Context, cfg:
     if indexer is not None:
         index_qkw = indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), ctx.positions)
     if ctx.page_table is not None:
-        keys, index_qkw, new_cache = _paged_keys(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
+        keys, index_qkw, new_cache = paged_keys(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
         path = paged_attention
     else:
         keys, index_qkw, new_cache = _write_cache(cache, c_kv, k_rope, index_qkw, ctx, x.dtype)
@@ -205,51 +198,18 @@ def _gather_keys(c_kv, k_rope, index_qkw, layout: context_parallel.Layout):
     return kv[..., :R], kv[..., R:], index_qkw
 
 
-def _paged_keys(cache, c_kv, k_rope, index_qkw, ctx: Context, dtype):
-    """`_write_cache` for the paged cache, which the layers only read: the keys are each sequence's rows
-    gathered from its pages in logical order with the new rows put in place, and the new rows are returned
-    for `paged_cache.write_rows` to store after the last layer (XLA drops the gather where only the selected
-    rows are read).
-
-    `cache` holds the whole cache (`_sublayer_cache`): kv [L, 2, P, page, R + Hr] and index_k [L, owners, P,
-    page, J], with this sublayer's pool numbers, and with HI index_sum [L, owners, P, page / span, J].
-    Returns (Keys, the owner's (q, k, w) with k over the gathered rows, this sublayer's new rows
-    {"kv": [B, T, R + Hr], "index_k": [B, T, J] for an owner}). A decode step (one new token per row) with
-    index_sum gathers no indexer keys: its k is a `paged_select.IndexPages`, the pages that
-    `paged_select.select` reads in place."""
-    new = {"kv": jnp.concatenate([c_kv, k_rope], axis=-1)}
-    if index_qkw is not None:
-        q_i, k_i, w_i = index_qkw
-        new["index_k"] = k_i
-        if ctx.positions.shape[1] == 1 and "index_sum" in cache:
-            index_qkw = (q_i, paged_select.index_pages(cache["index_k"], cache["index_sum"], ctx.page_table,
-                                                       cache["index_pool"], k_i[:, 0]), w_i)
-        else:
-            old = paged_cache.gather_rows(cache["index_k"], ctx.page_table, cache["index_pool"])
-            index_qkw = (q_i, paged_cache.overlay_rows(old, k_i, ctx.positions, ctx.new_lens), w_i)
-    old = paged_cache.gather_rows(cache["kv"], ctx.page_table, cache["kv_pool"])
-    rows = paged_cache.overlay_rows(old, new["kv"], ctx.positions, ctx.new_lens).astype(dtype)
-    B, S, R = rows.shape[0], rows.shape[1], c_kv.shape[-1]
-    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    valid = k_pos < (ctx.cache_len + ctx.new_lens)[:, None]
-    pages, table = paged_cache.pool_pages(cache["kv"], ctx.page_table, cache["kv_pool"])
-    keys = Keys(rows[..., :R], rows[..., R:], k_pos, valid, ctx.cache_len, pages=pages, page_table=table,
-                new_rows=new["kv"][:, 0])
-    return keys, index_qkw, new
-
-
 def reference_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
     """Selection by `indexer.select` over [T, S] scores, applied as a mask to dense MLA (absorbed form over a
     cache). Returns (out [B,T,D], indices or None, ReferenceAux or None)."""
     cfg = attn.cfg
     q_pos, k_valid = ctx.positions, keys.valid
-    if keys.valid is None and ctx.segment_ids is not None:
-        k_valid = ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]  # [B, T, S]: same document
+    if keys.valid is None and ctx.segment_ids is not None:  # [B, T, S]: same document, padding keys invalid
+        k_valid = (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]) & ctx.key_valid[:, None, :]
     allowed = attention_mask(q_pos, keys.positions, k_valid)
     mask, selected = allowed, None
     if cfg.use_indexer:
         if index_qkw is not None:
-            indices = _reference_select(index_qkw, keys, ctx, cfg, k_valid)
+            indices = _reference_select(index_qkw, keys, ctx, cfg)
         selected = indices_to_mask(indices, allowed.shape[-1]) & allowed
         if not ctx.dense_attention:
             mask = selected
@@ -293,46 +253,18 @@ def dense_warmup_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, ind
     return out, indices, DenseWarmupAux((q_lat, q_rope, keys.c_kv, keys.k_rope), indices, index_qkw)
 
 
-def paged_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indices, ctx: Context):
-    """Attention over the paged cache (serving; no aux). The selection is `paged_cache.select` (HI by each
-    sequence's own length), or for a decode step over HI's page sums the same keys by `paged_select.select`,
-    which reads only the block sums and the keys HI may pick; one new token per sequence reads only its
-    selected latent rows through the page table (`pallas_kernels.sparse_mla_decode`), or without an indexer
-    all its rows (`mla.attend_paged_decode`); a prefill chunk attends in absorbed form with the selection as a
-    mask, as the reference path does. Returns (out, indices or None, None)."""
-    cfg = attn.cfg
-    if index_qkw is not None and isinstance(index_qkw[1], paged_select.IndexPages):
-        q_i, index_pages, w_i = index_qkw
-        indices = paged_select.select(q_i, index_pages, w_i, ctx.cache_len, ctx.new_lens, cfg)
-    elif index_qkw is not None:
-        indices = paged_cache.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.valid,
-                                     ctx.cache_len + ctx.new_lens)
-    if indices is not None and ctx.positions.shape[1] == 1:
-        q_lat = attn.absorb_query(q_nope)
-        impl = "xla" if cfg.kernel_impl == "reference" else cfg.kernel_impl
-        o_lat = sparse_mla_decode_paged(q_lat[:, 0], q_rope[:, 0], keys.pages, keys.page_table, indices[:, 0],
-                                        cfg.softmax_scale, new_rows=keys.new_rows, new_pos=ctx.cache_len,
-                                        impl=impl)
-        return attn.latent_output(o_lat[:, None]), indices, None
-    if indices is None and ctx.positions.shape[1] == 1:  # dense decode: every cached row, read in place
-        q_lat = attn.absorb_query(q_nope)
-        o_lat = attend_paged_decode(q_lat[:, 0], q_rope[:, 0], keys.pages, keys.page_table, ctx.cache_len,
-                                    keys.new_rows, cfg.softmax_scale)
-        return attn.latent_output(o_lat[:, None].astype(q_nope.dtype)), None, None
-    mask = attention_mask(ctx.positions, keys.positions, keys.valid)
-    if indices is not None:
-        mask = mask & indices_to_mask(indices, mask.shape[-1])
-    out, _ = attn.attend(q_nope, q_rope, keys.c_kv, keys.k_rope, mask, absorbed=True)
-    return out, indices, None
-
-
-def _reference_select(index_qkw, keys: Keys, ctx: Context, cfg: Config, k_valid):
-    """The owner's selection by `indexer.select` over [T, S] scores (k_valid as for `attention_mask`)."""
+def _reference_select(index_qkw, keys: Keys, ctx: Context, cfg: Config):
+    """The owner's selection by `indexer.select` over [T, S] scores: the cache's written rows, or the packed
+    documents with the padding keys invalid (so HI's block means do not pool them either)."""
     if ctx.cp is None:
-        return select(*index_qkw, ctx.positions, keys.positions, cfg, k_valid)
+        if keys.valid is None and ctx.segment_ids is not None:
+            seg = ctx.segment_ids
+            return select(*index_qkw, ctx.positions, keys.positions, cfg, ctx.key_valid, q_segment_ids=seg,
+                          k_segment_ids=seg)
+        return select(*index_qkw, ctx.positions, keys.positions, cfg, keys.valid)
 
     def select_chunk(q, k, w, q_pos, k_pos, q_seg, k_seg, offset):
-        return select(q, k, w, q_pos, k_pos, cfg, q_seg[:, :, None] == k_seg[:, None, :])
+        return select(q, k, w, q_pos, k_pos, cfg, k_seg > 0, q_segment_ids=q_seg, k_segment_ids=k_seg)
 
     return _chunked_select(select_chunk, index_qkw, keys, ctx)
 
@@ -343,13 +275,13 @@ def _kernel_select(index_qkw, keys: Keys, ctx: Context, cfg: Config):
     K - window slots."""
     if ctx.cp is None:
         seg = ctx.segment_ids if keys.valid is None else None
+        k_valid = keys.valid if seg is None else ctx.key_valid
         return si_window.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.q_offset,
-                                k_valid=keys.valid, q_segment_ids=seg, k_segment_ids=seg,
-                                impl=cfg.kernel_impl)
+                                k_valid=k_valid, q_segment_ids=seg, k_segment_ids=seg, impl=cfg.kernel_impl)
 
     def select_chunk(q, k, w, q_pos, k_pos, q_seg, k_seg, offset):
-        return si_window.select(q, k, w, q_pos, k_pos, cfg, offset, q_segment_ids=q_seg, k_segment_ids=k_seg,
-                                impl=cfg.kernel_impl)
+        return si_window.select(q, k, w, q_pos, k_pos, cfg, offset, k_valid=k_seg > 0, q_segment_ids=q_seg,
+                                k_segment_ids=k_seg, impl=cfg.kernel_impl)
 
     return _chunked_select(select_chunk, index_qkw, keys, ctx)
 
@@ -362,8 +294,9 @@ def _chunked_select(select_chunk, index_qkw, keys: Keys, ctx: Context):
     select_chunk(q, k, w, q_positions, k_positions, q_segment_ids, k_segment_ids, offset) -> int [B,C,K]
     natural rows, offset the chunk's first natural row."""
     layout, (q, k, w) = ctx.cp, index_qkw
-    # Without packed documents every token is in document 0: the same selection as no document ids.
-    seg = jnp.zeros_like(ctx.positions) if ctx.segment_ids is None else ctx.segment_ids
+    # Without packed documents every token is in document 1: the same selection as no document ids (segment 0
+    # would be padding, an invalid key).
+    seg = jnp.ones_like(ctx.positions) if ctx.segment_ids is None else ctx.segment_ids
 
     def one_chunk(queries, natural_keys, offset):
         (q, w, q_pos, q_seg), (k, k_pos, k_seg) = queries, natural_keys

@@ -8,6 +8,8 @@ slice them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,22 @@ class Cache:
     @property
     def max_len(self) -> int:
         return self.c_kv.shape[3]
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The keys one sublayer attends over, after its cache (if any) took the new rows."""
+
+    c_kv: jax.Array  # [B,S,R] in the compute dtype
+    k_rope: jax.Array  # [B,S,Hr]
+    positions: jax.Array  # [B,S]
+    valid: jax.Array | None  # [B,S] rows of the cache filled so far; None without a cache
+    q_offset: int | jax.Array  # the new tokens' first row (0 without a cache)
+    # The paged cache: every pool's latent rows [pools * P, page, R + Hr] as they were before the step, the
+    # sequences' page tables [B, W] into them, and the first new token's row [B, R + Hr] (not in the pages)
+    pages: jax.Array | None = None
+    page_table: jax.Array | None = None
+    new_rows: jax.Array | None = None
 
 
 def init_cache(cfg: Config, batch: int, max_len: int) -> Cache:

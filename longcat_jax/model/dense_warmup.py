@@ -35,8 +35,11 @@ from longcat_jax.ops.query_blocks import merge_queries, split_queries
 
 
 def _allowed(q_pos, q_seg, positions, segment_ids):
-    """Causal, same-document keys of a block of queries: bool [B, bq, S]."""
-    same_doc = None if segment_ids is None else segment_ids[:, None, :] == q_seg[..., None]
+    """Causal, same-document keys of a block of queries: bool [B, bq, S]. A padding key (segment 0) is no
+    document's, as on the reference path (`block.Context.key_valid`)."""
+    if segment_ids is None:
+        return attention_mask(q_pos, positions)
+    same_doc = (segment_ids[:, None, :] == q_seg[..., None]) & (segment_ids[:, None, :] > 0)
     return attention_mask(q_pos, positions, same_doc)
 
 

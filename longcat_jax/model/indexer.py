@@ -97,7 +97,8 @@ def select_topk(scores, q_positions, k_positions, cfg: Config, k_valid=None):
     return top_k_indices(jnp.where(valid, scores, -jnp.inf), cfg.index_topk)
 
 
-def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
+def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Config, k_valid=None, *,
+                             pool_valid=None):
     """HI selection (docs/architecture.md#hi): coarse block scores, token scores inside the best blocks, then
     the SI rule.
 
@@ -110,14 +111,18 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     may fill fewer than K slots when the chosen blocks hold too few tokens). Rows with at most K valid keys
     stay exact dense. Key positions must lie in [0, S) (see `block_keys`).
 
-    scores [B,T,S] token scores (from `indexer_scores`), q [B,T,I,J], k [B,S,J], w [B,T,I];
-    returns int32 [B,T,K].
+    scores [B,T,S] token scores (from `indexer_scores`), q [B,T,I,J], k [B,S,J], w [B,T,I]; pool_valid bool
+    [B,S]: the keys the block means pool, by default k_valid when it is [B,S], else every key. Returns int32
+    [B,T,K].
     """
     Bh, K = cfg.hi_block_size, cfg.index_topk
     # Without SI there is no streaming region: every complete past block competes.
     init, local = (cfg.index_init_tokens, cfg.index_local_tokens) if cfg.si_enabled else (0, 0)
-    # Block means pool whole rows; a per-query mask (packed documents) is applied to the tokens afterwards.
-    k_bar, count = block_keys(k, k_positions, Bh, k_valid if k_valid is None or k_valid.ndim == 2 else None)
+    # Block means pool whole rows (the valid keys); a per-query mask (packed documents) is applied to the
+    # tokens afterwards.
+    if pool_valid is None and k_valid is not None and k_valid.ndim == 2:
+        pool_valid = k_valid
+    k_bar, count = block_keys(k, k_positions, Bh, pool_valid)
     nb = k_bar.shape[1]
     start = jnp.arange(nb, dtype=jnp.int32) * Bh  # [NB] first absolute position of each block
     end = start + Bh - 1
@@ -151,16 +156,27 @@ def select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg: Con
     return select_topk(jnp.where(keep, scores, -jnp.inf), q_positions, k_positions, cfg, k_valid)
 
 
-def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid=None):
+def select(q, k, w, q_positions, k_positions, cfg: Config, k_valid=None, *, q_segment_ids=None,
+           k_segment_ids=None):
     """The model's entry point: indices int32 [B,T,K] from the indexer outputs, dispatching dense / SI / HI.
 
     q [B,T,I,J], k [B,S,J], w [B,T,I] (from `Indexer.project`; k may be the indexer-key cache),
-    q_positions [B,T], k_positions [B,S], k_valid bool [B,S], [B,T,S] or None. HI (when cfg.hi_enabled and
+    q_positions [B,T], k_positions [B,S], k_valid bool [B,S], [B,T,S] or None. q_segment_ids [B,T] and
+    k_segment_ids [B,S], both or neither: packed documents, a key counts for a query only in its document,
+    while HI's block means still pool every key k_valid [B,S] admits (so a padding key, invalid in k_valid,
+    pools in no block), as `pallas_kernels.indexer_topk.select` takes them. HI (when cfg.hi_enabled and
     S > cfg.hi_min_len) needs key positions in [0, S).
     """
+    pool_valid = k_valid if k_valid is not None and k_valid.ndim == 2 else None
+    if q_segment_ids is not None:
+        same_doc = q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
+        if k_valid is not None:
+            same_doc = same_doc & (k_valid[:, None, :] if k_valid.ndim == 2 else k_valid)
+        k_valid = same_doc
     scores = indexer_scores(q, k, w, q_positions, k_positions, k_valid)
     if use_hierarchical(cfg, k.shape[1]):
-        return select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg, k_valid)
+        return select_topk_hierarchical(scores, q, k, w, q_positions, k_positions, cfg, k_valid,
+                                        pool_valid=pool_valid)
     return select_topk(scores, q_positions, k_positions, cfg, k_valid)
 
 

@@ -194,8 +194,9 @@ def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = Non
     """Full-sequence forward.
 
     tokens int [B, T]; positions default to 0..T-1. segment_ids [B, T] marks packed documents (0 = padding),
-    with positions restarting at 0 in each: attention and selection then stay inside a document. HI block
-    means pool whole rows (HI is training-free and off below hi_min_len). collect_aux returns the training
+    with positions restarting at 0 in each: attention and selection then stay inside a document, and padding
+    is no query's key. HI block means pool whole rows but the padding (HI is training-free and off below
+    hi_min_len). collect_aux returns the training
     statistics in Output.aux; dense_attention is the indexer warm-up stage (attention ignores the selection);
     measure_recall also measures the sparse stage's selection recall against the dense attention
     (block.Context); remat is a jax.checkpoint policy for each layer. microbatches splits the batch's rows

@@ -59,8 +59,13 @@ class MTP(nnx.Module):
         the dense warm-up or with ctx.measure_recall.
         """
         h, indices, logits, steps = h0, None, [], []
+        seg = ctx.segment_ids
         for k in range(1, self.cfg.mtp_num_steps + 1):
             shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))  # x_{t+k}; zeros past the end
+            if seg is not None:
+                # Zeros past the end of t's document too: no token of the next document or of the padding
+                # reaches t (its draft target is masked, but the MTP indexer's KL counts every real query).
+                shifted = jnp.where(jnp.pad(seg[:, k:], ((0, 0), (0, k))) == seg, shifted, 0)
             with jax.named_scope(f"mtp_step{k}"):
                 h, indices, aux = self.step(h, shifted, ctx, indices)
             steps.append(aux)

@@ -41,11 +41,8 @@ def arange_positions(B, n, offset=0):
 
 
 def reference(q, k, w, qp, kp, cfg, k_valid=None, q_seg=None, k_seg=None):
-    full = k_valid
-    if q_seg is not None:
-        same_doc = q_seg[:, :, None] == k_seg[:, None, :]
-        full = same_doc if k_valid is None else k_valid[:, None, :] & same_doc
-    return np.asarray(_reference_select(q, k, w, qp, kp, cfg, full))
+    return np.asarray(_reference_select(q, k, w, qp, kp, cfg, k_valid, q_segment_ids=q_seg,
+                                        k_segment_ids=k_seg))
 
 
 # Jitted: one compile per shape instead of one per eager op.
@@ -105,7 +102,7 @@ def test_ragged_k_valid(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_packed_documents(impl):
     """Packed rows: segment ids 1, 2, ..., positions restarting per document, 0 = padding at the end
-    (also invalid in k_valid). With segments the reference mask is [B,T,S]: HI pools means over all keys."""
+    (also invalid in k_valid). HI's means pool every key k_valid admits, whatever its document."""
     B, T = 2, 48
     q, k, w = inputs(3, B, T, T)
     seg = np.zeros((B, T), np.int32)

@@ -1,7 +1,8 @@
 """The model on the kernel path (cfg.kernel_impl = "xla" | "pallas") equals the reference path.
 
 Forward logits (LSA with SI, CLI and HI, N-gram lookup, MTP), the training loss with its sparse-stage indexer
-KL and every gradient, and prefill + decode over a cache. Pallas runs interpreted on CPU.
+KL and every gradient on packed documents with padding, and prefill + decode over a cache. Pallas runs
+interpreted on CPU.
 """
 
 import dataclasses
@@ -17,7 +18,10 @@ from longcat_jax.training.train_step import LossSettings, compute_loss
 from tests.helpers import rel_err
 
 CFG = lj.Config.tiny()  # every feature on; HI engages above 24 keys, top-k 16
+PAD = 2  # padding tokens at the end of each row of the packed batch
 FORWARD = jax.jit(lj.forward, static_argnames=("with_mtp", "collect_aux", "dense_attention", "remat"))
+LOSS_AND_GRADS = jax.jit(jax.value_and_grad(compute_loss, has_aux=True), static_argnums=(1, 3, 4),
+                         static_argnames=("measure_recall", "dense_attention"))
 
 
 def _model(impl):
@@ -40,26 +44,32 @@ def _tokens(seed, T):
     return jnp.asarray(np.random.RandomState(seed).randint(0, CFG.vocab_size, (2, T)))
 
 
-def _packed_batch(T=40):
+def _packed_batch(T=40, pad_ids=None):
+    """Row 0: one document; row 1: two documents (positions restart in each). Both rows end in PAD padding
+    tokens as the eval data pipeline pads (id 0, segment 0, position 0, loss_mask 0); pad_ids [2, PAD]
+    replaces their ids. Every padding token sits at position 0: in HI's block 0 and in each other's SI
+    window."""
     rng = np.random.RandomState(0)
     ids = rng.randint(3, CFG.vocab_size, (2, T + 1)).astype(np.int32)
     seg = np.ones((2, T), np.int32)
     seg[1, 13:] = 2  # row 1 packs two documents
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (2, T)).copy()
     pos[1, 13:] = np.arange(T - 13)
-    return {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]),
+    inputs, targets = ids[:, :-1], ids[:, 1:].copy()  # the last real token's target stays real (an EOS)
+    seg[:, T - PAD:], pos[:, T - PAD:] = 0, 0
+    inputs[:, T - PAD:] = targets[:, T - PAD:] = 0 if pad_ids is None else pad_ids
+    return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
             "positions": jnp.asarray(pos), "segment_ids": jnp.asarray(seg),
-            "loss_mask": jnp.ones((2, T), jnp.float32)}
+            "loss_mask": jnp.asarray(seg > 0, jnp.float32)}
 
 
-def _loss_and_grads(model, dense=False):
+def _loss_and_grads(model, dense=False, batch=None):
     """Loss terms and gradients on the packed batch:
     the sparse stage (recall measured) or the dense warm-up."""
     graphdef, params = nnx.split(model)
-    fn = jax.jit(jax.value_and_grad(compute_loss, has_aux=True), static_argnums=(1, 3, 4),
-                 static_argnames=("measure_recall", "dense_attention"))
-    (_, (terms, _, _)), grads = fn(params, graphdef, _packed_batch(), model.cfg, LossSettings(),
-                                   measure_recall=not dense, dense_attention=dense)
+    batch = _packed_batch() if batch is None else batch
+    (_, (terms, _, _)), grads = LOSS_AND_GRADS(params, graphdef, batch, model.cfg, LossSettings(),
+                                               measure_recall=not dense, dense_attention=dense)
     return terms, grads
 
 
@@ -86,9 +96,9 @@ def test_forward_equals_reference(reference_results, impl):
 @pytest.mark.parametrize("stage", ["sparse", "warmup"])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_training_loss_and_gradients_equal_reference(reference_results, impl, stage):
-    """On packed documents, every loss term and every gradient match. Sparse stage: the indexer KL over the
-    selected keys and the measured selection recall. Dense warm-up: blockwise dense attention, the KL over
-    every allowed key and the recall (longcat_jax.model.dense_warmup)."""
+    """On packed documents with padding, every loss term and every gradient match. Sparse stage: the indexer
+    KL over the selected keys and the measured selection recall. Dense warm-up: blockwise dense attention, the
+    KL over every allowed key and the recall (longcat_jax.model.dense_warmup)."""
     want_terms, want_grads = reference_results["training" if stage == "sparse" else "warmup"]
     got_terms, got_grads = _loss_and_grads(_model(impl), dense=stage == "warmup")
     assert got_terms.keys() == want_terms.keys() and 0.5 < float(got_terms["indexer_recall"]) < 1.0
@@ -97,6 +107,18 @@ def test_training_loss_and_gradients_equal_reference(reference_results, impl, st
     assert float(got_terms["indexer_kl"]) > 0
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
         assert rel_err(g, w) < 1e-4, jax.tree_util.keystr(path)
+
+
+def test_padding_ids_change_no_loss_or_gradient(reference, reference_results):
+    """Padding is no document: other ids in the padding leave every loss term and gradient as they were
+    (HI's block means pool no padding key; MTP reads no token past a document's end)."""
+    want_terms, want_grads = reference_results["training"]
+    pad_ids = np.random.RandomState(5).randint(3, CFG.vocab_size, (2, PAD))
+    got_terms, got_grads = _loss_and_grads(reference, batch=_packed_batch(pad_ids=pad_ids))
+    for k, v in got_terms.items():
+        np.testing.assert_allclose(float(v), float(want_terms[k]), rtol=1e-6, err_msg=k)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        assert rel_err(g, w) < 1e-6, jax.tree_util.keystr(path)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
