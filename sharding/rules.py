@@ -100,3 +100,17 @@ def override_rules(text: str, rules=RULES) -> tuple[tuple[str, str | tuple[str, 
             raise ValueError(f"mesh axis repeated for {name!r} in {text!r}")
         table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
     return tuple(table.items())
+
+
+def split_axis(name: str, rules, mesh, purpose: str) -> str | None:
+    """The one mesh axis that logical axis `name` is split over on `mesh`, when that axis has more than one
+    device; None on an empty mesh, when `name` is unsharded or its axis has one device. Raises ValueError when
+    `name` maps to several mesh axes (`purpose` says what needs a single one)."""
+    if mesh.empty:
+        return None
+    axis = logical_to_spec((name,), rules, mesh.axis_names)[0]
+    if axis is None:
+        return None
+    if not isinstance(axis, str):
+        raise ValueError(f"{purpose} over one mesh axis; `{name}` maps to {axis}")
+    return axis if mesh.shape[axis] > 1 else None

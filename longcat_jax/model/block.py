@@ -49,7 +49,7 @@ class Context:
     new_lens: jax.Array | None = None
     # Packed training rows: positions restart in every document, so "causal by position and same document" is
     # exactly per-document causality, and the SI sinks and local window are each document's own. Padding
-    # (segment 0, every position 0) is no document: its keys are invalid for every query (`key_valid`).
+    # (segment 0, every position 0) is no document: its keys are invalid for every query (`query_mask`).
     segment_ids: jax.Array | None = None  # [B, T] document ids, 0 = padding
     # Also return the indexer KL, expert statistics and (see below) selection recall.
     collect_aux: bool = False
@@ -67,14 +67,11 @@ class Context:
 
     @property
     def query_mask(self):
+        """bool [B, T] or None: the real tokens, the queries whose losses and statistics count and the new
+        tokens that are keys at all; padding is neither. As one more document, all at position 0, a padding
+        query would see the later padding rows too (the kernels' SI window band reads only the rows before it)
+        and HI would pool padding keys into block 0 for every real query."""
         return None if self.segment_ids is None else self.segment_ids > 0
-
-    @property
-    def key_valid(self):
-        """bool [B, T] or None: which new tokens are keys at all; padding is not. As one more document, all at
-        position 0, a padding query would see the later padding rows too (the kernels' SI window band reads
-        only the rows before it) and HI would pool padding keys into block 0 for every real query."""
-        return self.query_mask
 
     def laid_out(self, layout: context_parallel.Layout) -> Context:
         """This context (natural order, no cache) for tokens in `layout`: positions and document ids move
@@ -204,7 +201,7 @@ def reference_attention(attn: MLA, q_nope, q_rope, keys: Keys, index_qkw, indice
     cfg = attn.cfg
     q_pos, k_valid = ctx.positions, keys.valid
     if keys.valid is None and ctx.segment_ids is not None:  # [B, T, S]: same document, padding keys invalid
-        k_valid = (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]) & ctx.key_valid[:, None, :]
+        k_valid = (ctx.segment_ids[:, :, None] == ctx.segment_ids[:, None, :]) & ctx.query_mask[:, None, :]
     allowed = attention_mask(q_pos, keys.positions, k_valid)
     mask, selected = allowed, None
     if cfg.use_indexer:
@@ -259,7 +256,7 @@ def _reference_select(index_qkw, keys: Keys, ctx: Context, cfg: Config):
     if ctx.cp is None:
         if keys.valid is None and ctx.segment_ids is not None:
             seg = ctx.segment_ids
-            return select(*index_qkw, ctx.positions, keys.positions, cfg, ctx.key_valid, q_segment_ids=seg,
+            return select(*index_qkw, ctx.positions, keys.positions, cfg, ctx.query_mask, q_segment_ids=seg,
                           k_segment_ids=seg)
         return select(*index_qkw, ctx.positions, keys.positions, cfg, keys.valid)
 
@@ -275,7 +272,7 @@ def _kernel_select(index_qkw, keys: Keys, ctx: Context, cfg: Config):
     K - window slots."""
     if ctx.cp is None:
         seg = ctx.segment_ids if keys.valid is None else None
-        k_valid = keys.valid if seg is None else ctx.key_valid
+        k_valid = keys.valid if seg is None else ctx.query_mask
         return si_window.select(*index_qkw, ctx.positions, keys.positions, cfg, keys.q_offset,
                                 k_valid=k_valid, q_segment_ids=seg, k_segment_ids=seg, impl=cfg.kernel_impl)
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sharding.constrain import constrain
-from sharding.rules import logical_to_spec
+from sharding.rules import split_axis
 
 
 def balanced_chunks(cp: int) -> tuple[int, ...]:
@@ -113,16 +113,10 @@ def balanced_layout(T: int, rules) -> Layout | None:
     not split (no mesh, `seq` unmapped, or its mesh axis of size 1). Raises ValueError when `seq` maps to
     several mesh axes or T is not a multiple of 2 cp."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return None
-    axis = logical_to_spec(("seq",), rules, mesh.axis_names)[0]
+    axis = split_axis("seq", rules, mesh, "context parallelism splits the sequence")
     if axis is None:
         return None
-    if not isinstance(axis, str):
-        raise ValueError(f"context parallelism splits the sequence over one mesh axis; `seq` maps to {axis}")
     cp = mesh.shape[axis]
-    if cp == 1:
-        return None
     check_length(T, cp)
     return Layout(balanced_chunks(cp), T, axis, tuple(rules))
 

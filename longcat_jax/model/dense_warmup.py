@@ -36,7 +36,7 @@ from longcat_jax.ops.query_blocks import merge_queries, split_queries
 
 def _allowed(q_pos, q_seg, positions, segment_ids):
     """Causal, same-document keys of a block of queries: bool [B, bq, S]. A padding key (segment 0) is no
-    document's, as on the reference path (`block.Context.key_valid`)."""
+    document's, as on the reference path (`block.Context.query_mask`)."""
     if segment_ids is None:
         return attention_mask(q_pos, positions)
     same_doc = (segment_ids[:, None, :] == q_seg[..., None]) & (segment_ids[:, None, :] > 0)

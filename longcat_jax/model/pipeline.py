@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from longcat_jax.model.block import Context
-from sharding.rules import logical_to_spec
+from sharding.rules import logical_to_spec, split_axis
 
 # The Context fields with a leading batch axis, split with the activations (the full-sequence forward sets
 # no cache fields).
@@ -43,14 +43,7 @@ def stage_axis(rules, mesh=None) -> str | None:
     when it has more than one device: the pipeline's stages. None without a mesh or when `layers` is
     unsharded."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    if mesh.empty:
-        return None
-    axis = logical_to_spec(("layers",), rules, mesh.axis_names)[0]
-    if axis is None:
-        return None
-    if not isinstance(axis, str):
-        raise ValueError(f"the pipeline runs its stages over one mesh axis; `layers` maps to {axis}")
-    return axis if mesh.shape[axis] > 1 else None
+    return split_axis("layers", rules, mesh, "the pipeline runs its stages")
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:

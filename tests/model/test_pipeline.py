@@ -18,7 +18,7 @@ from longcat_jax.training.loop import REMAT_POLICIES
 from longcat_jax.training.run_settings import describe_pipeline
 from longcat_jax.training.train_step import LossSettings, accumulated_grads
 from sharding.mesh import make_mesh
-from tests.helpers import rel_err
+from tests.helpers import packed_batch, rel_err
 
 # Four layers: two per stage on pp=2, so each stage also scans over its own layers. The indexer (whose KL and
 # recall are per-layer means) stays on; MTP and the N-gram embedding run outside the layers and are off.
@@ -31,15 +31,7 @@ ROWS, T = 4, 16
 
 def _batch():
     """Four rows: one with two packed documents, one ending in padding, so token counts differ per row."""
-    rng = np.random.RandomState(0)
-    inputs = rng.randint(3, CFG.vocab_size, (ROWS, T)).astype(np.int32)
-    seg = np.ones((ROWS, T), np.int32)
-    seg[2, 9:] = 2
-    seg[1, 11:] = 0
-    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (ROWS, T)).copy()
-    pos[2, 9:] = np.arange(T - 9)
-    return {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1), "segment_ids": seg, "positions": pos,
-            "loss_mask": (seg > 0).astype(np.float32)}
+    return packed_batch(CFG.vocab_size, ROWS, T, second_doc={2: 9}, padding={1: 11})
 
 
 def _grads(params, graphdef, microbatches, remat=None):

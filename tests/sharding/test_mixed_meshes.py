@@ -13,7 +13,7 @@ from flax import nnx
 import longcat_jax as lj
 from longcat_jax.training.train_step import LossSettings, accumulated_grads
 from sharding.mesh import make_mesh
-from tests.helpers import rel_err
+from tests.helpers import packed_batch, rel_err
 
 # Every feature on (N-gram for vp, indexer with SI / CLI / HI, MTP); 8 experts so that ep=4 divides them. One
 # MTP step keeps the compile short.
@@ -25,15 +25,7 @@ ROWS, T = 2, 32
 
 def _batch():
     """Two rows: one with two packed documents, one ending in padding."""
-    rng = np.random.RandomState(0)
-    inputs = rng.randint(3, CFG.vocab_size, (ROWS, T)).astype(np.int32)
-    seg = np.ones((ROWS, T), np.int32)
-    seg[0, 19:] = 2
-    seg[1, 27:] = 0
-    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (ROWS, T)).copy()
-    pos[0, 19:] = np.arange(T - 19)
-    return {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1), "segment_ids": seg, "positions": pos,
-            "loss_mask": (seg > 0).astype(np.float32)}
+    return packed_batch(CFG.vocab_size, ROWS, T, second_doc={0: 19}, padding={1: 27})
 
 
 def _grads(params, graphdef):
