@@ -14,6 +14,12 @@ Each step of the scheduler
      ahead of traffic by `compile_all`;
   5. samples a token for each request whose tokens are all in the cache, detokenizes it, applies the stop
      rules and reports a `RequestOutput`.
+A batch of decode rows that all take the argmax of their logits (greedy, no penalty) is chained: the device
+picks the tokens, and the next step is dispatched with them before the host reads them, so the host's work
+on step n (reading, detokenizing, stop rules, reporting; the next dispatch) overlaps the device's work on
+step n + 1, as vLLM's and SGLang's overlapped schedulers do. A request that a stop token or stop string ends
+at step n then computed one token in step n + 1 that nobody reads; its pages are freed as usual (later
+steps, which overwrite them, run after it). Nothing is chained while requests wait for admission or prefill.
 `Engine.generate` runs the steps in the caller's thread (offline use, notebooks); `start` runs them in a
 background thread that `submit` and `abort` feed (the HTTP server).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -37,7 +44,7 @@ from longcat_jax.model.longcat import LongCat, jit_paged_step
 from longcat_jax.model.paged_cache import init_paged_cache
 from longcat_jax.serving.pages import PagePool, page_hashes
 from longcat_jax.serving.params import InvalidRequest, RequestOutput, SamplingParams, TokenLogprob
-from longcat_jax.serving.sampling import sample
+from longcat_jax.serving.sampling import masked, sample, token_logprob
 from longcat_jax.serving.text import IncrementalDetokenizer, StopStrings, TextTokenizer
 
 log = logging.getLogger("longcat_jax.serving")
@@ -89,6 +96,7 @@ class EngineStats:
     prompt_tokens: int  # total
     generation_tokens: int  # total
     preemptions: int  # total: requests that gave their pages back to be recomputed later
+    chained_steps: int  # total: decode steps dispatched before the host read the tokens they feed
     compiled_programs: int
 
 
@@ -112,6 +120,26 @@ def _chunk_bucket(n: int, cap: int, step: int = 32) -> int:
     """The compiled length of a prefill chunk of n tokens: a power of two (>= 8) up to `step`, then a multiple
     of it (a 135-token prompt computes 160 rows, not 256), at most cap."""
     return _bucket(n, cap, 8) if n <= step else min(cap, -(-n // step) * step)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _argmax_next(logits, tokens, history, vocab_limit: int):
+    """The argmax of each row's logits [B, V] (ids below vocab_limit) as the next decode step's tokens [B, 1],
+    with that step's n-gram history: the H tokens before it, i.e. this step's shifted by its token."""
+    ids = jnp.arange(logits.shape[-1])
+    choice = jnp.argmax(jnp.where(ids < vocab_limit, logits, -jnp.inf), -1).astype(jnp.int32)[:, None]
+    if history is not None:
+        history = jnp.concatenate([history[:, 1:], tokens[:, -1:]], 1)
+    return choice, history
+
+
+@dataclasses.dataclass
+class _Launched:
+    """A dispatched step whose results the host has not read yet."""
+
+    rows: list  # (request, tokens fed)
+    logits: jax.Array  # [B, V] at each row's last token
+    chained: tuple[jax.Array, jax.Array | None] | None  # `_argmax_next`'s tokens and history, if it picked
 
 
 class _Request:
@@ -164,6 +192,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._draining = False
         self._totals = collections.Counter()
+        self._in_flight: _Launched | None = None  # a chained decode step, dispatched, not yet read
 
     # --- requests ----------------------------------------------------------------------------------------
 
@@ -280,22 +309,40 @@ class Engine:
                            running=len(self.running), waiting=len(self.waiting) + len(self._inbox),
                            prefix_cache_hits=t["prefix_hits"], prompt_tokens=t["prompt"],
                            generation_tokens=t["generated"], preemptions=t["preempted"],
-                           compiled_programs=len(self._programs))
+                           chained_steps=t["chained"], compiled_programs=len(self._programs))
 
     # --- one step ----------------------------------------------------------------------------------------
 
     def step(self) -> None:
         """One scheduling step: admit, plan, run the model, sample and report."""
         self._take_inbox()
-        self._admit()
-        prefill, decode = self._plan()
+        involved = []  # the rows of every step this call touches: a fault fails them all
         try:
+            if self._in_flight is not None:
+                launched, self._in_flight = self._in_flight, None
+                involved += launched.rows
+                chained = self._chain(launched)
+                self._land(launched)
+                if chained is not None:
+                    involved += chained.rows
+                    self._commit([(req, n) for req, n in chained.rows if not req.finished])
+                    self._in_flight = chained
+                    return
+            self._admit()
+            prefill, decode = self._plan()
+            involved += prefill + decode
             for rows in (prefill, decode):
                 if rows:
-                    self._run_rows(rows)
+                    launched = self._launch(rows)
+                    self._commit(rows)
+                    if launched.chained is not None and not prefill and self._settled(rows):
+                        self._in_flight = launched  # read at the next step, after dispatching its successor
+                    else:
+                        self._land(launched)
         except Exception as e:  # a fault in the step fails the requests in it, never the engine
             log.exception("engine step failed")
-            for req, _ in prefill + decode:
+            self._in_flight = None
+            for req, _ in involved:
                 if not req.finished:
                     self._finish(req, "error", error=f"engine error: {type(e).__name__}: {e}")
             # The step may have consumed the donated cache: start from an empty one, and let the other
@@ -403,6 +450,10 @@ class Engine:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for shape, program in zip(todo, pool.map(self._compile, todo)):
                 self._programs[shape] = program
+        H = (self.cfg.ngram_n or 1) - 1
+        for B in sorted({B for B, T, _ in todo if T == 1}):  # the device's pick for each decode batch
+            self._device_argmax(jnp.zeros((B, self.cfg.vocab_size)), np.zeros((B, 1), np.int32),
+                                np.zeros((B, H), np.int32) if H else None)
         log.info("compiled %d step programs ahead of traffic in %.1f s", len(todo), time.perf_counter() - t)
         return time.perf_counter() - t
 
@@ -419,29 +470,85 @@ class Engine:
             self._programs[shape] = self._compile(shape)
         return self._programs[shape]
 
-    def _run_rows(self, rows) -> None:
+    def _chain(self, launched: _Launched) -> _Launched | None:
+        """The next decode step of launched's rows, fed with the tokens the device picked, or None when the
+        batch must change first: a row was aborted or reaches its length limit with launched's token, a
+        request waits to be admitted or to prefill, or the rows need more pages than the pool has free."""
+        rows, limit = launched.rows, self.settings.max_model_len
+        if not self._settled(rows) or any(req.finished or len(req.output) + 1 >= req.params.max_tokens
+                                          or len(req.tokens) + 1 >= limit for req, _ in rows):
+            return None
+        ps = self.settings.page_size
+        if sum(max(0, req.computed // ps + 1 - len(req.pages)) for req, _ in rows) > self.pool.available:
+            return None
+        for req, _ in rows:
+            self._take_pages(req, req.computed + 1)
+        self._totals["chained"] += 1
+        return self._launch(rows, fed=launched.chained)
+
+    def _settled(self, rows) -> bool:
+        """Whether rows are the whole running batch and no waiting request could join it."""
+        s = self.settings
+        return len(self.running) == len(rows) and not (
+            self.waiting and len(self.running) < s.max_num_seqs and self.pool.available)
+
+    def _launch(self, rows, fed=None) -> _Launched:
+        """Dispatch one step for rows (request, tokens to feed). fed: the device's (tokens, history) for a
+        chained step, whose rows feed the token after their last one (not yet in `req.tokens`)."""
         B, T, W = self._shape(rows)
-        tokens = np.zeros((B, T), np.int32)
         starts, new_lens = np.zeros(B, np.int32), np.zeros(B, np.int32)
         table = np.zeros((B, W), np.int32)
+        for b, (req, n) in enumerate(rows):
+            starts[b], new_lens[b] = req.computed, n
+            table[b, : len(req.pages)] = req.pages
+        tokens, history = fed if fed is not None else self._host_inputs(rows, B, T)
+        step = self._program((B, T, W))
+        logits, self.cache = step(self._state, tokens, starts, new_lens, table, self.cache, history)
+        # Decode rows that take their argmax let the device pick, so that the next step can be chained.
+        device_picks = all(n == 1 and req.params.plain_greedy for req, n in rows)
+        return _Launched(rows, logits, self._device_argmax(logits, tokens, history) if device_picks else None)
+
+    def _device_argmax(self, logits, tokens, history):
+        return _argmax_next(logits, tokens, history, self._vocab_limit or self.cfg.vocab_size)
+
+    def _host_inputs(self, rows, B: int, T: int):
+        """The tokens [B, T] each row feeds, and the n-gram history [B, H] before them (None: no n-grams)."""
+        tokens = np.zeros((B, T), np.int32)
         H = (self.cfg.ngram_n or 1) - 1
         history = np.zeros((B, H), np.int32) if H else None
         for b, (req, n) in enumerate(rows):
             all_tokens = req.tokens
             tokens[b, :n] = all_tokens[req.computed:req.computed + n]
-            starts[b], new_lens[b] = req.computed, n
-            table[b, : len(req.pages)] = req.pages
             if H:
                 before = all_tokens[max(0, req.computed - H):req.computed]
                 history[b, H - len(before):] = before
-        step = self._program((B, T, W))
-        logits, self.cache = step(self._state, tokens, starts, new_lens, table, self.cache, history)
-        logits = np.asarray(logits)
-        for b, (req, n) in enumerate(rows):
+        return tokens, history
+
+    def _commit(self, rows) -> None:
+        """Count dispatched rows as computed (later steps run after them) and register the pages they fill."""
+        for req, n in rows:
             req.computed += n
             self._register_pages(req)
-            if req.computed == len(req.tokens):
-                self._emit_token(req, logits[b])
+
+    def _land(self, launched: _Launched) -> None:
+        """Read a step's results and give a token to each of its requests whose tokens are all computed."""
+        rows = [(b, req) for b, (req, _) in enumerate(launched.rows)
+                if not req.finished and req.computed == len(req.tokens)]
+        if not rows:
+            return
+        want_logits = launched.chained is None or any(req.params.logprobs is not None for _, req in rows)
+        logits = np.asarray(launched.logits) if want_logits else None
+        if launched.chained is not None:
+            chosen = np.asarray(launched.chained[0])[:, 0]
+        for b, req in rows:
+            p = req.params
+            if launched.chained is None:
+                token, lp = sample(logits[b], p, req.prompt, req.counts, req.rng, self._vocab_limit)
+            else:
+                token = int(chosen[b])
+                lp = None if p.logprobs is None else token_logprob(masked(logits[b], self._vocab_limit),
+                                                                   token, p.logprobs)
+            self._emit_token(req, token, lp)
 
     def _register_pages(self, req: _Request) -> None:
         full = req.computed // self.settings.page_size
@@ -450,9 +557,8 @@ class Engine:
             self.pool.register(req.pages[k], req.hashes[k])
         req.registered = max(req.registered, full)
 
-    def _emit_token(self, req: _Request, logits: np.ndarray) -> None:
+    def _emit_token(self, req: _Request, token: int, lp: TokenLogprob | None) -> None:
         p = req.params
-        token, lp = sample(logits, p, req.prompt, req.counts, req.rng, self._vocab_limit)
         req.output.append(token)
         req.counts[token] += 1
         self._totals["generated"] += 1

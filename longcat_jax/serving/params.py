@@ -67,6 +67,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The next token is the argmax of the model's own logits (greedy, no penalty): the device can pick it
+        and feed it to the next step before the host has read it."""
+        return (self.greedy and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty)
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:

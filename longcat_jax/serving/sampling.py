@@ -57,22 +57,30 @@ def sample(logits: np.ndarray, params: SamplingParams, prompt_ids, output_counts
            rng: np.random.Generator, vocab_limit: int | None = None) -> tuple[int, TokenLogprob | None]:
     """The next token for one request from its logits [V] (f32), and its logprobs when asked for.
 
-    Logprobs are the model's own (before penalties and temperature), as vLLM reports them by default.
     vocab_limit: ids at or above it (a model vocabulary padded beyond its tokenizer's) are never chosen.
     rng: the request's generator (unused when greedy).
     """
-    raw = np.array(logits, np.float32)
-    if vocab_limit is not None and vocab_limit < raw.shape[0]:
-        raw[vocab_limit:] = -np.inf  # padding ids, not tokens: neither chosen nor listed in the logprobs
-    x = raw.copy()
-    x = apply_penalties(x, params, prompt_ids, output_counts)
+    raw = masked(logits, vocab_limit)
+    x = apply_penalties(raw.copy(), params, prompt_ids, output_counts)
     if params.greedy:
         token = int(np.argmax(x))
     else:
         p = filtered_probs(x, params)
         token = int(rng.choice(p.shape[0], p=p))
-    if params.logprobs is None:
-        return token, None
-    lp = log_softmax(raw.astype(np.float64))
-    top = np.argsort(-lp, kind="stable")[: params.logprobs]
-    return token, TokenLogprob(token, float(lp[token]), tuple((int(t), float(lp[t])) for t in top))
+    return token, None if params.logprobs is None else token_logprob(raw, token, params.logprobs)
+
+
+def masked(logits: np.ndarray, vocab_limit: int | None) -> np.ndarray:
+    """logits as f32 with the padding ids (>= vocab_limit) at -inf: neither chosen nor listed in logprobs."""
+    raw = np.array(logits, np.float32)
+    if vocab_limit is not None and vocab_limit < raw.shape[0]:
+        raw[vocab_limit:] = -np.inf
+    return raw
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """token's logprob and the k most likely, from the model's own logits (before penalties and temperature),
+    as vLLM reports them by default."""
+    lp = log_softmax(logits.astype(np.float64))
+    top = np.argsort(-lp, kind="stable")[:k]
+    return TokenLogprob(token, float(lp[token]), tuple((int(t), float(lp[t])) for t in top))

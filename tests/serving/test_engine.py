@@ -49,6 +49,7 @@ def test_greedy_equals_generate_alone_and_batched(engine, prompts, expected):
     assert {o.finish_reason for o in outs} == {"length"}
     stats = engine.stats()
     assert stats.kv_pages_used == 0 and stats.running == stats.waiting == 0
+    assert stats.chained_steps > 0  # decode steps fed by the device's argmax before the host read it
     # The second run found the first one's prompt pages in the prefix cache, and still gave the same tokens.
     assert stats.prefix_cache_hits >= sum((n - 1) // 8 * 8 for n in LENGTHS[:1])
 
@@ -94,11 +95,26 @@ def test_a_long_prefill_does_not_stall_decoding(engine, prompts):
     assert got[-1].finish_reason == "abort" and engine.stats().kv_pages_used == 0
 
 
-def test_stop_token_and_bad_requests(engine, prompts, expected):
+def test_a_stop_or_an_abort_while_the_next_step_is_in_flight(engine, prompts, expected):
+    """A chained step computes one token past a stop that nobody reads; an abort lands mid-chain. Neither
+    leaks a page or changes the next request's output."""
+    chained = engine.stats().chained_steps
     stop_at = expected[0][2]
     out = engine.generate([prompts[0]], SamplingParams(max_tokens=6, temperature=0,
                                                        stop_token_ids=(stop_at,)))[0]
     assert out.token_ids == expected[0][:3] and out.finish_reason == "stop"
+    assert engine.stats().chained_steps >= chained + 2 and engine.stats().kv_pages_used == 0
+    got, chained = [], engine.stats().chained_steps
+    engine.submit("aborted", prompts[1], GREEDY, got.append)
+    while engine.stats().chained_steps < chained + 2:
+        engine.step()
+    engine.abort("aborted")
+    engine.step()
+    assert got[-1].finish_reason == "abort" and engine.stats().kv_pages_used == 0
+    assert [t for o in got for t in o.token_ids] == expected[1][:len(got) - 1]
+
+
+def test_bad_requests(engine, prompts, expected):
     bad = [([], GREEDY, "prompt"), ([1, 384], GREEDY, "prompt"), ([1] * 64, GREEDY, "prompt"),
            ([1] * 60, SamplingParams(max_tokens=5), "max_tokens"), ([1], SamplingParams(top_p=0), "top_p"),
            ([1], SamplingParams(temperature=-1), "temperature")]
