@@ -203,7 +203,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     engine = Engine(model, settings, tokenizer=tokenizer)
     del model  # on CPU the engine keeps its own per-layer copy of the weights (model.longcat.jit_paged_step)
     if not args.no_precompile:
-        t = _phase(f"compiling: {len(engine.bucket_shapes())} step programs (engine of "
+        t = _phase(f"compiling: {len(engine.programs.bucket_shapes())} step programs (engine of "
                    f"{settings.max_num_seqs} sequences x {max_len} tokens, {settings.pool_pages} pages of "
                    f"{settings.page_size})")
         engine.compile_all()

@@ -10,8 +10,7 @@ Each step of the scheduler
   3. takes the pages those tokens need, preempting the newest running request when the pool is empty (it
      gives its pages back and recomputes its tokens when it is admitted again);
   4. runs the prefill row and the decode rows through `paged_step`, each jit-compiled for a few bucketed
-     shapes (rows and page-table width: powers of two; chunk length: see `_chunk_bucket`), all compiled
-     ahead of traffic by `compile_all`;
+     shapes, all compiled ahead of traffic by `compile_all` (`step_programs`);
   5. samples a token for each request whose tokens are all in the cache, detokenizes it, applies the stop
      rules and reports a `RequestOutput`.
 A batch of decode rows that all take the argmax of their logits (greedy, no penalty) is chained: the device
@@ -27,9 +26,7 @@ background thread that `submit` and `abort` feed (the HTTP server).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
-import functools
 import logging
 import math
 import threading
@@ -37,14 +34,22 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from longcat_jax.model.longcat import LongCat, jit_paged_step
+from longcat_jax.model.longcat import LongCat
 from longcat_jax.model.paged_cache import init_paged_cache
 from longcat_jax.serving.pages import PagePool, page_hashes
-from longcat_jax.serving.params import InvalidRequest, RequestOutput, SamplingParams, TokenLogprob
+from longcat_jax.serving.params import (
+    EngineStats,
+    Generation,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from longcat_jax.serving.sampling import masked, sample, token_logprob
+from longcat_jax.serving.settings import EngineSettings
+from longcat_jax.serving.step_programs import StepPrograms
 from longcat_jax.serving.text import IncrementalDetokenizer, StopStrings, TextTokenizer
 
 log = logging.getLogger("longcat_jax.serving")
@@ -58,88 +63,13 @@ class EngineStopped(RuntimeError):
     """The engine is draining or stopped and takes no new requests."""
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    max_num_seqs: int = 32  # requests in the running batch
-    max_model_len: int = 2048  # prompt + output tokens of one request
-    page_size: int = 16  # tokens per cache page
-    num_pages: int | None = None  # the pool; None = room for max_num_seqs requests of max_model_len tokens
-    prefill_chunk: int = 256  # prompt tokens per step, over all prefilling requests
-    max_waiting: int = 256  # queued requests beyond which `submit` raises QueueFull
-    unroll_layers: bool | None = None  # per-layer weight arrays, layers unrolled; None = on CPU only
-
-    def checked(self) -> EngineSettings:
-        for name in ("max_num_seqs", "max_model_len", "page_size", "prefill_chunk", "max_waiting"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_pages is not None and self.num_pages < self.pages_per_seq:
-            raise ValueError(f"num_pages={self.num_pages} cannot hold one request of max_model_len="
-                             f"{self.max_model_len} tokens ({self.pages_per_seq} pages of {self.page_size})")
-        return self
-
-    @property
-    def pages_per_seq(self) -> int:
-        return math.ceil(self.max_model_len / self.page_size)
-
-    @property
-    def pool_pages(self) -> int:
-        return self.num_pages if self.num_pages is not None else self.max_num_seqs * self.pages_per_seq
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineStats:
-    kv_pages_used: int
-    kv_pages_total: int
-    running: int
-    waiting: int
-    prefix_cache_hits: int  # prompt tokens whose cache rows came from the prefix cache (total)
-    prompt_tokens: int  # total
-    generation_tokens: int  # total
-    preemptions: int  # total: requests that gave their pages back to be recomputed later
-    chained_steps: int  # total: decode steps dispatched before the host read the tokens they feed
-    compiled_programs: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """One finished request of `Engine.generate`."""
-
-    text: str | None  # None without a tokenizer
-    token_ids: list[int]
-    finish_reason: str
-    logprobs: list[TokenLogprob] | None = None
-    error: str | None = None
-
-
-def _bucket(n: int, cap: int, floor: int = 1) -> int:
-    """The compiled size for n: the next power of two >= max(n, floor), at most cap."""
-    return min(cap, 1 << (max(n, floor, 1) - 1).bit_length())
-
-
-def _chunk_bucket(n: int, cap: int, step: int = 32) -> int:
-    """The compiled length of a prefill chunk of n tokens: a power of two (>= 8) up to `step`, then a multiple
-    of it (a 135-token prompt computes 160 rows, not 256), at most cap."""
-    return _bucket(n, cap, 8) if n <= step else min(cap, -(-n // step) * step)
-
-
-@functools.partial(jax.jit, static_argnums=3)
-def _argmax_next(logits, tokens, history, vocab_limit: int):
-    """The argmax of each row's logits [B, V] (ids below vocab_limit) as the next decode step's tokens [B, 1],
-    with that step's n-gram history: the H tokens before it, i.e. this step's shifted by its token."""
-    ids = jnp.arange(logits.shape[-1])
-    choice = jnp.argmax(jnp.where(ids < vocab_limit, logits, -jnp.inf), -1).astype(jnp.int32)[:, None]
-    if history is not None:
-        history = jnp.concatenate([history[:, 1:], tokens[:, -1:]], 1)
-    return choice, history
-
-
 @dataclasses.dataclass
 class _Launched:
     """A dispatched step whose results the host has not read yet."""
 
     rows: list  # (request, tokens fed)
     logits: jax.Array  # [B, V] at each row's last token
-    chained: tuple[jax.Array, jax.Array | None] | None  # `_argmax_next`'s tokens and history, if it picked
+    chained: tuple[jax.Array, jax.Array | None] | None  # the device's pick and history, if it picked
 
 
 class _Request:
@@ -173,16 +103,16 @@ class Engine:
     output and stop strings (None: token ids only).
     """
 
-    def __init__(self, model: LongCat, settings: EngineSettings = EngineSettings(),
+    def __init__(self, model: LongCat, settings: EngineSettings | None = None,
                  tokenizer: TextTokenizer | None = None):
-        self.cfg, self.settings, self.tokenizer = model.cfg, settings.checked(), tokenizer
+        settings = (settings or EngineSettings()).checked()
+        self.cfg, self.settings, self.tokenizer = model.cfg, settings, tokenizer
         self.pool = PagePool(settings.pool_pages, settings.page_size)
         self.cache = init_paged_cache(self.cfg, settings.pool_pages, settings.page_size)
-        self._step, self._state = jit_paged_step(model, settings.unroll_layers)
-        self._programs: dict[tuple[int, int, int], Callable] = {}  # (B, T, W) -> compiled step
+        self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else None
+        self.programs = StepPrograms(model, self.settings, self.cache, self._vocab_limit)
         eos = {self.cfg.eos_token_id} | set(tokenizer.eos_token_ids if tokenizer is not None else ())
         self._eos = frozenset(eos)
-        self._vocab_limit = tokenizer.vocab_size if tokenizer is not None else None
         self.waiting: collections.deque[_Request] = collections.deque()
         self.running: list[_Request] = []
         self._ids: set[str] = set()
@@ -309,7 +239,7 @@ class Engine:
                            running=len(self.running), waiting=len(self.waiting) + len(self._inbox),
                            prefix_cache_hits=t["prefix_hits"], prompt_tokens=t["prompt"],
                            generation_tokens=t["generated"], preemptions=t["preempted"],
-                           chained_steps=t["chained"], compiled_programs=len(self._programs))
+                           chained_steps=t["chained"], compiled_programs=len(self.programs))
 
     # --- one step ----------------------------------------------------------------------------------------
 
@@ -422,53 +352,9 @@ class Engine:
         self.running.remove(req)
         self.waiting.appendleft(req)
 
-    def _shape(self, rows) -> tuple[int, int, int]:
-        """The compiled (rows B, tokens per row T, page-table width W) of a step's rows."""
-        s = self.settings
-        T = 1 if all(n == 1 for _, n in rows) else _chunk_bucket(max(n for _, n in rows), s.prefill_chunk)
-        return _bucket(len(rows), s.max_num_seqs), T, self._width(max(len(r.pages) for r, _ in rows))
-
-    def _width(self, pages: int) -> int:  # page tables of >= 256 tokens: short sequences share one program
-        s = self.settings
-        return _bucket(pages, s.pages_per_seq, -(-min(256, s.max_model_len) // s.page_size))
-
-    def bucket_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (B, T, W) a step can run: decode rows (T = 1) and one prefill chunk, at each width."""
-        s = self.settings
-        widths = sorted({self._width(n) for n in range(1, s.pages_per_seq + 1)})
-        rows = sorted({_bucket(n, s.max_num_seqs) for n in range(1, s.max_num_seqs + 1)})
-        chunk = range(2, min(s.prefill_chunk, s.max_model_len) + 1)
-        chunks = sorted({_chunk_bucket(n, s.prefill_chunk) for n in chunk})
-        return [(B, 1, W) for W in widths for B in rows] + [(1, T, W) for W in widths for T in chunks]
-
     def compile_all(self, workers: int = 2) -> float:
-        """Compile every program of `bucket_shapes` now, so that no request waits for a compile (a new bucket
-        met mid-traffic stalls every running stream for seconds); returns the seconds taken. XLA compiles in
-        C++, so threads overlap one program's Python tracing with another's compile."""
-        t = time.perf_counter()
-        todo = [shape for shape in self.bucket_shapes() if shape not in self._programs]
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for shape, program in zip(todo, pool.map(self._compile, todo)):
-                self._programs[shape] = program
-        H = (self.cfg.ngram_n or 1) - 1
-        for B in sorted({B for B, T, _ in todo if T == 1}):  # the device's pick for each decode batch
-            self._device_argmax(jnp.zeros((B, self.cfg.vocab_size)), np.zeros((B, 1), np.int32),
-                                np.zeros((B, H), np.int32) if H else None)
-        log.info("compiled %d step programs ahead of traffic in %.1f s", len(todo), time.perf_counter() - t)
-        return time.perf_counter() - t
-
-    def _compile(self, shape: tuple[int, int, int]):
-        B, T, W = shape
-        H = (self.cfg.ngram_n or 1) - 1
-        ints = [jax.ShapeDtypeStruct(x, jnp.int32) for x in ((B, T), (B,), (B,), (B, W), (B, H))]
-        return self._step.lower(self._state, *ints[:4], self.cache, ints[4] if H else None).compile()
-
-    def _program(self, shape: tuple[int, int, int]):
-        if shape not in self._programs:
-            log.info("compiling the step for %d rows x %d tokens, %d pages per row (program %d)", *shape,
-                     len(self._programs) + 1)
-            self._programs[shape] = self._compile(shape)
-        return self._programs[shape]
+        """Compile every step program now (`StepPrograms.compile_all`); returns the seconds taken."""
+        return self.programs.compile_all(workers)
 
     def _chain(self, launched: _Launched) -> _Launched | None:
         """The next decode step of launched's rows, fed with the tokens the device picked, or None when the
@@ -495,26 +381,24 @@ class Engine:
     def _launch(self, rows, fed=None) -> _Launched:
         """Dispatch one step for rows (request, tokens to feed). fed: the device's (tokens, history) for a
         chained step, whose rows feed the token after their last one (not yet in `req.tokens`)."""
-        B, T, W = self._shape(rows)
+        pages = max(len(req.pages) for req, _ in rows)
+        B, T, W = shape = self.programs.shape(len(rows), [n for _, n in rows], pages)
         starts, new_lens = np.zeros(B, np.int32), np.zeros(B, np.int32)
         table = np.zeros((B, W), np.int32)
         for b, (req, n) in enumerate(rows):
             starts[b], new_lens[b] = req.computed, n
             table[b, : len(req.pages)] = req.pages
         tokens, history = fed if fed is not None else self._host_inputs(rows, B, T)
-        step = self._program((B, T, W))
-        logits, self.cache = step(self._state, tokens, starts, new_lens, table, self.cache, history)
+        logits, self.cache = self.programs.run(shape, tokens, starts, new_lens, table, self.cache, history)
         # Decode rows that take their argmax let the device pick, so that the next step can be chained.
         device_picks = all(n == 1 and req.params.plain_greedy for req, n in rows)
-        return _Launched(rows, logits, self._device_argmax(logits, tokens, history) if device_picks else None)
-
-    def _device_argmax(self, logits, tokens, history):
-        return _argmax_next(logits, tokens, history, self._vocab_limit or self.cfg.vocab_size)
+        picked = self.programs.argmax_next(logits, tokens, history) if device_picks else None
+        return _Launched(rows, logits, picked)
 
     def _host_inputs(self, rows, B: int, T: int):
         """The tokens [B, T] each row feeds, and the n-gram history [B, H] before them (None: no n-grams)."""
         tokens = np.zeros((B, T), np.int32)
-        H = (self.cfg.ngram_n or 1) - 1
+        H = self.programs.history_len
         history = np.zeros((B, H), np.int32) if H else None
         for b, (req, n) in enumerate(rows):
             all_tokens = req.tokens

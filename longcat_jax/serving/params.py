@@ -1,4 +1,5 @@
-"""What a request asks of the engine (SamplingParams) and what the engine reports back (RequestOutput)."""
+"""What a request asks of the engine (SamplingParams) and what the engine reports back (RequestOutput, a
+finished `Generation`, the engine's `EngineStats`)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,28 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int  # generated so far
     error: str | None = None  # with finish_reason "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    kv_pages_used: int
+    kv_pages_total: int
+    running: int
+    waiting: int
+    prefix_cache_hits: int  # prompt tokens whose cache rows came from the prefix cache (total)
+    prompt_tokens: int  # total
+    generation_tokens: int  # total
+    preemptions: int  # total: requests that gave their pages back to be recomputed later
+    chained_steps: int  # total: decode steps dispatched before the host read the tokens they feed
+    compiled_programs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One finished request of `Engine.generate`."""
+
+    text: str | None  # None without a tokenizer
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None

@@ -164,13 +164,13 @@ def test_dense_model_equals_generate(prompts):
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, prompts, expected):
     eng = Engine(model, settings())
-    real_program = eng._program
-    eng._program = lambda shape: lambda *a: (_ for _ in ()).throw(RuntimeError("injected"))
+    real_program = eng.programs.program
+    eng.programs.program = lambda shape: lambda *a: (_ for _ in ()).throw(RuntimeError("injected"))
     got = []
     eng.submit("doomed", prompts[1], GREEDY, got.append)
     eng.step()
     assert got[-1].finish_reason == "error" and "injected" in got[-1].error
-    eng._program = real_program
+    eng.programs.program = real_program
     assert eng.generate([prompts[1]], GREEDY)[0].token_ids == expected[1]
     assert eng.stats().kv_pages_used == 0
 
@@ -178,7 +178,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, prompts,
 def test_compile_all_covers_every_step(model, prompts, expected):
     """After `compile_all` no step compiles: every shape the scheduler can ask for is among the buckets."""
     eng = Engine(model, settings(max_num_seqs=2, max_model_len=40, prefill_chunk=12))
-    shapes = eng.bucket_shapes()
+    shapes = eng.programs.bucket_shapes()
     assert (1, 1, 5) in shapes and (2, 1, 5) in shapes and (1, 12, 5) in shapes and (1, 8, 5) in shapes
     eng.compile_all()
     assert eng.stats().compiled_programs == len(shapes)
@@ -188,7 +188,7 @@ def test_compile_all_covers_every_step(model, prompts, expected):
 
 
 def test_chunk_buckets():
-    from longcat_jax.serving.engine import _chunk_bucket
+    from longcat_jax.serving.step_programs import chunk_bucket
 
-    assert [_chunk_bucket(n, 256) for n in (2, 9, 32, 33, 135, 250, 256)] == [8, 16, 32, 64, 160, 256, 256]
-    assert _chunk_bucket(100, 48) == 48
+    assert [chunk_bucket(n, 256) for n in (2, 9, 32, 33, 135, 250, 256)] == [8, 16, 32, 64, 160, 256, 256]
+    assert chunk_bucket(100, 48) == 48
