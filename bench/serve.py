@@ -8,8 +8,11 @@ One run, one machine, float32 everywhere:
              LongcatFlashForCausalLM lacks; about 83M parameters), a byte-level BPE trained on the Python
              standard library (`training.data.train_bpe`) and the default chat template
              (`serving.text.save_tokenizer_folder`). Both servers load this same folder.
-  serving    each server in turn (ours: `python serve.py --hf FOLDER`; theirs: `transformers serve FOLDER
-             --continuous-batching --device cpu --dtype float32`), on a free localhost port, driven by the
+  serving    both servers started (ours: `python serve.py --hf FOLDER`; theirs: `transformers serve FOLDER
+             --continuous-batching --device cpu --dtype float32`), each on a free localhost port, then level
+             by level one side after the other (which goes first alternates between levels; the idle
+             server takes no CPU), so that the two sides' measurements of a level are minutes apart at most
+             on a machine whose load drifts over a run. Each side is driven by the
              official `openai` client (AsyncOpenAI): streaming chat completions, greedy, exactly --max-tokens
              output tokens (ours: `ignore_eos`; transformers: `generation_config={"eos_token_id": -1}`,
              which its continuous batching reads as "no EOS"), prompts from distinct stdlib snippets of
@@ -46,6 +49,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -183,42 +187,73 @@ def bench_servers(args, folder: str, prompts: list[str], result: dict, save) -> 
     if args.skip_transformers_serve:
         del sides["transformers"]
     result["serving"] = dict(levels=levels, requests_per_level={c: n_requests(c) for c in levels},
-                             max_tokens=args.max_tokens, max_model_len=args.max_model_len)
-    for name, side in sides.items():
-        port = free_port()
-        cmd = [x.replace("{port}", str(port)) for x in side["cmd"]]
-        log_path = os.path.join(args.workdir, f"server_{name}.log")
-        side_env = dict(env)
-        if name == "transformers":
-            if args.transformers_pythonpath:
-                side_env["PYTHONPATH"] = os.pathsep.join(
-                    [args.transformers_pythonpath, *filter(None, [env.get("PYTHONPATH")])])
-            # `transformers serve` always loads with a device_map, which needs accelerate.
-            probe = subprocess.run([sys.executable, "-c", "import accelerate"], env=side_env,
-                                   capture_output=True)
-            if probe.returncode != 0:
-                msg = ("transformers serve needs the accelerate package (it always loads with a device_map): "
-                       "pip install accelerate, or pass --transformers-pythonpath DIR holding it")
-                print(f"[{name}] skipped: {msg}", flush=True)
-                result["serving"][name] = dict(command=cmd, error=msg)
-                save()
-                continue
-        try:
-            with Server(name, cmd, side_env, log_path, port, args.server_timeout) as server:
-                def compiles(server=server):
-                    return [line.split(": ", 1)[-1] for line in server.log_text().splitlines()
-                            if "compiling the step for" in line]
-
-                rows = asyncio.run(drive(server, side["model"], levels, prompts, n_requests, args.max_tokens,
-                                         side["extra"], compiles if name == "ours" else None))
-                result["serving"][name] = dict(command=cmd, startup_s=server.startup_s, levels=rows,
-                                               log_tail=server.tail(15).splitlines())
+                             max_tokens=args.max_tokens, max_model_len=args.max_model_len, order=[])
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for name, side in sides.items():
+            server = start_server(stack, name, side, env, args, result)
+            if server is not None:
+                servers[name] = server
+            save()
+        # Level by level, the sides one after the other (the first side alternating), so that the two
+        # measurements of a level lie minutes apart at most: the load of a shared machine drifts over a run.
+        # Each server idles (no CPU) while the other is driven.
+        used = 0
+        for i, c in enumerate(levels):
+            n = n_requests(c)
+            warm, timed = prompts[used:used + 1 + c], prompts[used + 1 + c:used + 1 + c + n]
+            used += 1 + c + n
+            for name in (list(servers) if i % 2 == 0 else list(servers)[::-1]):
+                server, entry = servers[name], result["serving"][name]
+                if "error" in entry:
+                    continue
+                result["serving"]["order"].append(f"{name}@{c}")
+                try:
+                    entry["levels"].append(asyncio.run(drive(
+                        server, sides[name]["model"], c, warm, timed, args.max_tokens, sides[name]["extra"],
+                        functools.partial(compiled_programs, server) if name == "ours" else None)))
+                except (RuntimeError, TimeoutError, OSError) as e:  # one server failing leaves the rest
+                    print(f"[{name}] failed: {e}", flush=True)
+                    entry["error"] = str(e)[-3000:]
                 if name == "ours":
-                    result["serving"][name]["programs_compiled_total"] = len(compiles())
-        except (RuntimeError, TimeoutError, OSError) as e:  # one server failing leaves the rest of the run
-            print(f"[{name}] failed: {e}", flush=True)
-            result["serving"][name] = dict(command=cmd, error=str(e)[-3000:])
-        save()
+                    entry["programs_compiled_total"] = len(compiled_programs(server))
+                entry["log_tail"] = server.tail(15).splitlines()
+                save()
+
+
+def compiled_programs(server) -> list[str]:
+    """Our server's log lines for each step program it compiled on demand (not ahead of traffic)."""
+    lines = server.log_text().splitlines()
+    return [line.split(": ", 1)[-1] for line in lines if "compiling the step for" in line]
+
+
+def start_server(stack, name: str, side: dict, env: dict, args, result: dict):
+    """Start one side's server inside stack (stopped when the run ends); None, with the reason recorded in
+    result["serving"][name], when it cannot start."""
+    port = free_port()
+    cmd = [x.replace("{port}", str(port)) for x in side["cmd"]]
+    log_path = os.path.join(args.workdir, f"server_{name}.log")
+    side_env = dict(env)
+    if name == "transformers":
+        if args.transformers_pythonpath:
+            side_env["PYTHONPATH"] = os.pathsep.join(
+                [args.transformers_pythonpath, *filter(None, [env.get("PYTHONPATH")])])
+        # `transformers serve` always loads with a device_map, which needs accelerate.
+        probe = subprocess.run([sys.executable, "-c", "import accelerate"], env=side_env, capture_output=True)
+        if probe.returncode != 0:
+            msg = ("transformers serve needs the accelerate package (it always loads with a device_map): "
+                   "pip install accelerate, or pass --transformers-pythonpath DIR holding it")
+            print(f"[{name}] skipped: {msg}", flush=True)
+            result["serving"][name] = dict(command=cmd, error=msg)
+            return None
+    try:
+        server = stack.enter_context(Server(name, cmd, side_env, log_path, port, args.server_timeout))
+    except (RuntimeError, TimeoutError, OSError) as e:
+        print(f"[{name}] failed: {e}", flush=True)
+        result["serving"][name] = dict(command=cmd, error=str(e)[-3000:])
+        return None
+    result["serving"][name] = dict(command=cmd, startup_s=server.startup_s, levels=[])
+    return server
 
 
 # --- Batch-1 decode ---------------------------------------------------------------------------------------

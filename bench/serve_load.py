@@ -151,42 +151,37 @@ def level_stats(results, wall: float, concurrency: int) -> dict:
                 tpot_median_s=pct(tpot, 50), tpot_p99_s=pct(tpot, 99))
 
 
-async def drive(server: Server, model: str, levels, prompts, n_requests, max_tokens, extra,
-                count_compiles=None) -> list[dict]:
+async def drive(server: Server, model: str, c: int, warm: list[str], timed: list[str], max_tokens, extra,
+                count_compiles=None) -> dict:
+    """One concurrency level c on server: an untimed warm-up wave (warm[0] alone, then warm[1:] at c at once,
+    so that the server has compiled / allocated for that batch size), then the timed requests at c."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=1800)
-    rows, used = [], 0
     try:
-        for c in levels:
-            n = n_requests(c)
-            warm = prompts[used:used + 1 + c]
-            timed = prompts[used + 1 + c:used + 1 + c + n]
-            used += 1 + c + n
-            t = time.perf_counter()
-            await run_wave(client, model, warm[:1], 1, max_tokens, extra)
-            out, _ = await run_wave(client, model, warm[1:], c, max_tokens, extra)
-            bad = [r for r in out if not isinstance(r, dict)]
-            if bad:
-                raise RuntimeError(f"{server.name}: warm-up request failed: {bad[0]!r}")
-            warm_s = time.perf_counter() - t
-            before = len(count_compiles()) if count_compiles else None
-            out, wall = await run_wave(client, model, timed, c, max_tokens, extra)
-            row = level_stats(out, wall, c)
-            row["warmup_s"] = warm_s
-            if count_compiles:
-                new = count_compiles()[before:]
-                row["programs_compiled_during_timed_requests"] = len(new)
-                row["programs_compiled_during_timed_requests_log"] = new
-            rows.append(row)
-            print(f"[{server.name}] {c:3d} streams x {n:3d} requests: "
-                  f"{row['output_tokens_per_s']:8.1f} tok/s, "
-                  f"TTFT median {fmt_ms(row['ttft_median_s'])} p99 {fmt_ms(row['ttft_p99_s'])}, "
-                  f"TPOT median {fmt_ms(row['tpot_median_s'])} p99 {fmt_ms(row['tpot_p99_s'])}, "
-                  f"tokens/request {row['output_tokens_per_request']}, errors {len(row['errors'])}, "
-                  f"warm-up {warm_s:.1f} s"
-                  + (f", programs compiled while timed {row['programs_compiled_during_timed_requests']}"
-                     if count_compiles else ""), flush=True)
+        t = time.perf_counter()
+        await run_wave(client, model, warm[:1], 1, max_tokens, extra)
+        out, _ = await run_wave(client, model, warm[1:], c, max_tokens, extra)
+        bad = [r for r in out if not isinstance(r, dict)]
+        if bad:
+            raise RuntimeError(f"{server.name}: warm-up request failed: {bad[0]!r}")
+        warm_s = time.perf_counter() - t
+        before = len(count_compiles()) if count_compiles else None
+        out, wall = await run_wave(client, model, timed, c, max_tokens, extra)
     finally:
         await client.close()
-    return rows
+    row = level_stats(out, wall, c)
+    row["warmup_s"] = warm_s
+    if count_compiles:
+        new = count_compiles()[before:]
+        row["programs_compiled_during_timed_requests"] = len(new)
+        row["programs_compiled_during_timed_requests_log"] = new
+    print(f"[{server.name}] {c:3d} streams x {len(timed):3d} requests: "
+          f"{row['output_tokens_per_s']:8.1f} tok/s, "
+          f"TTFT median {fmt_ms(row['ttft_median_s'])} p99 {fmt_ms(row['ttft_p99_s'])}, "
+          f"TPOT median {fmt_ms(row['tpot_median_s'])} p99 {fmt_ms(row['tpot_p99_s'])}, "
+          f"tokens/request {row['output_tokens_per_request']}, errors {len(row['errors'])}, "
+          f"warm-up {warm_s:.1f} s"
+          + (f", programs compiled while timed {row['programs_compiled_during_timed_requests']}"
+             if count_compiles else ""), flush=True)
+    return row
