@@ -117,14 +117,19 @@ def torch_matmul_rates(n: int, reps: int) -> list[float]:
 # --- The two training steps -------------------------------------------------------------------------------
 
 
+def bench_optimizer(params):
+    """Our side's optimizer: AdamW with the reference's settings (constant rate, global-norm clip)."""
+    return make_optimizer(OptimizerSettings(lr=LR, warmup_steps=0, total_steps=10**6, schedule="wsd",
+                                            wsd_decay_fraction=1e-6, weight_decay=WD, clip_norm=CLIP,
+                                            use_muon=False, adam_b1=BETAS[0], adam_b2=BETAS[1], adam_eps=EPS),
+                          params)
+
+
 def make_jax_step(cfg: Config, inputs, targets):
     """Build, compile and return (run_one_step, compile_seconds, xla_cost_flops)."""
     model = build_model(cfg, seed=0)
     graphdef, params = nnx.split(model)
-    tx = make_optimizer(OptimizerSettings(lr=LR, warmup_steps=0, total_steps=10**6, schedule="wsd",
-                                          wsd_decay_fraction=1e-6, weight_decay=WD, clip_norm=CLIP,
-                                          use_muon=False, adam_b1=BETAS[0], adam_b2=BETAS[1], adam_eps=EPS),
-                        params)
+    tx = bench_optimizer(params)
     opt_state = tx.init(params)
 
     def loss_fn(params, x, y):  # next-token CE through the fused LM head, as train.py computes it
