@@ -325,8 +325,7 @@ def our_floor(bt, hlo_text: str, hlo: dict, per_op: dict, params) -> dict:
     """The floor of our step: each dot's isolated time x the times its instruction ran per step (its thunk's
     events in the trace), plus the optimizer update alone. per_op: instruction -> (events, seconds) a step.
     The in-step times beside it are the dot-holding instructions' traced times (a fusion's whole time, once
-    each); an unfused dot's thunk can end its trace event before its matmul ends (XLA:CPU may run it
-    asynchronously on the intra-op pool), so its in-step time can read far below its isolated time."""
+    each; an unfused dot's up to its first reader, `async_dot_ends`), inflated where ops ran side by side."""
     dots = hlo_dots(hlo_text)
     runs = {d["name"]: per_op.get(d["instruction"], (0, 0.0))[0] for d in dots}
     isolated = {sig: time_dot(sig) for sig in dict.fromkeys(d["sig"] for d in dots)}
