@@ -427,25 +427,53 @@ def aborted(url: str) -> float:
     return 0.0
 
 
-def test_stream_disconnect_aborts_and_frees_pages(stack):
+@contextlib.contextmanager
+def held_until_aborted(engine: Engine, monkeypatch, n: int) -> Iterator[None]:
+    """Hold the engine's thread after its first step that generates a token until the API has asked it to
+    abort `n` requests, so a tiny model cannot finish them before the test's client has gone away."""
+    asked, let_go = [], threading.Event()
+    step, abort, generated = engine.step, engine.abort, engine.stats().generation_tokens
+
+    def held_step():
+        step()
+        if engine.stats().generation_tokens > generated:
+            let_go.wait(60)
+
+    def counted_abort(request_id: str):
+        abort(request_id)
+        asked.append(request_id)
+        if len(asked) >= n:
+            let_go.set()
+
+    monkeypatch.setattr(engine, "step", held_step)
+    monkeypatch.setattr(engine, "abort", counted_abort)
+    try:
+        yield
+        assert let_go.wait(60), f"the API asked for {len(asked)} of {n} aborts"
+    finally:
+        let_go.set()
+
+
+def test_stream_disconnect_aborts_and_frees_pages(stack, monkeypatch):
     """Closing a stream after its first chunk aborts its 4 choices and returns their pages."""
     engine, before = stack["engine"], aborted(stack["url"])
     body = {"prompt": "while True:", "max_tokens": 240, "ignore_eos": True, "stream": True, "n": 4}
-    with httpx.Client(base_url=stack["url"], timeout=180) as c, \
-            c.stream("POST", "/v1/completions", json=body) as r:
-        assert next(line for line in r.iter_lines() if line.startswith("data: "))
-        assert engine.stats().kv_pages_used > 0
+    with held_until_aborted(engine, monkeypatch, 4), httpx.Client(base_url=stack["url"], timeout=180) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()  # held: a dropped line iterator closes the connection as it is collected
+            assert next(line for line in lines if line.startswith("data: "))
+            assert engine.stats().kv_pages_used > 0
     wait_idle(engine)
     assert aborted(stack["url"]) == before + 4
 
 
-def test_non_stream_disconnect_aborts_at_once(stack):
+def test_non_stream_disconnect_aborts_at_once(stack, monkeypatch):
     """A client that closes its connection while waiting for a whole answer: its 4 choices are aborted (not
     run to their 240 tokens) and their pages freed."""
     engine, before = stack["engine"], aborted(stack["url"])
     body = json.dumps({"prompt": "while True:", "max_tokens": 240, "ignore_eos": True, "n": 4}).encode()
     host, port = stack["url"].removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
+    with held_until_aborted(engine, monkeypatch, 4), socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 120
