@@ -237,6 +237,7 @@ DOT = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* dot\(%([\w.\
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
+
 def _dot_dims(attrs: str, key: str) -> tuple[int, ...]:
     """A dot's dimension list (lhs_contracting_dims, rhs_batch_dims, ...); an absent one is empty."""
     m = re.search(rf"\b{key}=\{{([\d,]*)\}}", attrs)
