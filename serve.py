@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server and engine log level")
     p.add_argument("--no-precompile", action="store_true",
-                   help="compile each step shape when traffic first needs it, not all of them at start-up")
+                   help="compile and first run each step shape when traffic needs it, not all at start-up")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled programs in the persistent cache (~/.cache/longcat-jax/xla)")
     return p
@@ -203,9 +203,9 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     engine = Engine(model, settings, tokenizer=tokenizer)
     del model  # on CPU the engine keeps its own per-layer copy of the weights (model.longcat.jit_paged_step)
     if not args.no_precompile:
-        t = _phase(f"compiling: {len(engine.programs.bucket_shapes())} step programs (engine of "
-                   f"{settings.max_num_seqs} sequences x {max_len} tokens, {settings.pool_pages} pages of "
-                   f"{settings.page_size})")
+        t = _phase(f"compiling and warming up: {len(engine.programs.bucket_shapes())} step programs "
+                   f"(engine of {settings.max_num_seqs} sequences x {max_len} tokens, "
+                   f"{settings.pool_pages} pages of {settings.page_size})")
         engine.compile_all()
         _done(t, "compiled")
     t = _phase("warm-up request")

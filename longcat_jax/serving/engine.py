@@ -353,8 +353,10 @@ class Engine:
         self.waiting.appendleft(req)
 
     def compile_all(self, workers: int = 2) -> float:
-        """Compile every step program now (`StepPrograms.compile_all`); returns the seconds taken."""
-        return self.programs.compile_all(workers)
+        """Compile and run every step program now (`StepPrograms.compile_all`); returns the seconds taken."""
+        t = time.perf_counter()
+        self.cache = self.programs.compile_all(self.cache, workers)
+        return time.perf_counter() - t
 
     def _chain(self, launched: _Launched) -> _Launched | None:
         """The next decode step of launched's rows, fed with the tokens the device picked, or None when the

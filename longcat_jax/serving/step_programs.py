@@ -56,6 +56,7 @@ class StepPrograms:
         self.vocab_size = model.cfg.vocab_size
         self.vocab_limit = vocab_limit or self.vocab_size
         self.history_len = (model.cfg.ngram_n or 1) - 1  # N-gram history tokens per row (0: no N-grams)
+        self.n_experts, self.topk = model.cfg.n_routed_experts, model.cfg.moe_topk
         self._step, self._params = jit_paged_step(model, settings.unroll_layers)
         self._cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                    cache)
@@ -84,21 +85,48 @@ class StepPrograms:
         chunks = sorted({chunk_bucket(n, s.prefill_chunk) for n in chunk})
         return [(B, 1, W) for W in widths for B in rows] + [(1, T, W) for W in widths for T in chunks]
 
-    def compile_all(self, workers: int = 2) -> float:
-        """Compile every program of `bucket_shapes` now, so that no request waits for a compile (a new bucket
-        met mid-traffic stalls every running stream for seconds); returns the seconds taken. XLA compiles in
-        C++, so threads overlap one program's Python tracing with another's compile."""
+    def compile_all(self, cache, workers: int = 2):
+        """Compile every program of `bucket_shapes` now and run each once, so that no request waits for either
+        (a new bucket met mid-traffic stalls every running stream); returns the cache, which the runs donate
+        and leave as it was. XLA compiles in C++, so threads overlap one program's Python tracing with
+        another's compile.
+
+        The run matters as much as the compile: an XLA:CPU program's first execution sets up its kernels,
+        130-230 ms more than later ones on the serving benchmark's model. The runs feed no token (every row's
+        new_lens is 0: no row is written), and a decode program's logits go to `argmax_next`, which is
+        compiled for the program's committed output (not for an array made here) and for both kinds of tokens
+        it is given: the host's and its own earlier pick.
+        """
         t = time.perf_counter()
         todo = [shape for shape in self.bucket_shapes() if shape not in self._programs]
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for shape, program in zip(todo, pool.map(self._compile, todo)):
                 self._programs[shape] = program
-        H = self.history_len
-        for B in sorted({B for B, T, _ in todo if T == 1}):  # the device's pick for each decode batch
-            self.argmax_next(jnp.zeros((B, self.vocab_size)), np.zeros((B, 1), np.int32),
-                             np.zeros((B, H), np.int32) if H else None)
-        log.info("compiled %d step programs ahead of traffic in %.1f s", len(todo), time.perf_counter() - t)
-        return time.perf_counter() - t
+        H, P = self.history_len, self.settings.pool_pages
+        rng = np.random.default_rng(0)
+        for shape in todo:
+            B, T, W = shape
+            for _ in range(self._warm_runs(B * T)):
+                tokens = rng.integers(0, self.vocab_limit, (B, T), dtype=np.int32)
+                history = rng.integers(0, self.vocab_limit, (B, H), dtype=np.int32) if H else None
+                # Every row real, every page past the pool: the rows' writes are dropped.
+                logits, cache = self.run(shape, tokens, np.zeros(B, np.int32), np.full(B, T, np.int32),
+                                         np.full((B, W), P, np.int32), cache, history)
+                if T == 1:  # both ways a step asks for the pick: after host tokens, and chained on its own
+                    self.argmax_next(logits, *self.argmax_next(logits, tokens, history))
+        jax.block_until_ready(cache)
+        log.info("compiled and ran %d step programs ahead of traffic in %.1f s", len(todo),
+                 time.perf_counter() - t)
+        return cache
+
+    def _warm_runs(self, tokens: int) -> int:
+        """Runs of a program of `tokens` tokens that warm it up. One, except on XLA:CPU, where each expert's
+        matmuls sit in a branch of their own (`moe.grouped_swiglu`) whose kernels are set up at that branch's
+        first execution (~1 ms a matmul): there, enough runs of random tokens for about 8 picks of each expert
+        (at most 32 runs)."""
+        if jax.default_backend() != "cpu":
+            return 1
+        return min(32, -(-8 * self.n_experts // (tokens * self.topk)))
 
     def _compile(self, shape: tuple[int, int, int]):
         B, T, W = shape

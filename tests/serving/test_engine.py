@@ -1,6 +1,7 @@
 """The continuous-batching engine against the plain model's greedy `generate`, on the tiny preset (every
 feature on: N-gram embedding, LSA with SI + CLI + HI, ScMoE)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -176,15 +177,24 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, prompts,
 
 
 def test_compile_all_covers_every_step(model, prompts, expected):
-    """After `compile_all` no step compiles: every shape the scheduler can ask for is among the buckets."""
+    """After `compile_all` nothing compiles: every shape the scheduler can ask for is among the buckets, and
+    the device's greedy pick was compiled for the programs' own output. Its warm-up runs leave the cache as
+    they found it (here random rows, as free pages hold stale ones)."""
+    from longcat_jax.serving.step_programs import _argmax_next
+
     eng = Engine(model, settings(max_num_seqs=2, max_model_len=40, prefill_chunk=12))
     shapes = eng.programs.bucket_shapes()
     assert (1, 1, 5) in shapes and (2, 1, 5) in shapes and (1, 12, 5) in shapes and (1, 8, 5) in shapes
+    keys = iter(jax.random.split(jax.random.key(0), 3))
+    eng.cache = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), eng.cache)
+    before = jax.tree.map(np.asarray, eng.cache)
     eng.compile_all()
     assert eng.stats().compiled_programs == len(shapes)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, eng.cache), before)
+    picks = _argmax_next._cache_size()
     outs = eng.generate(prompts[1:3], GREEDY)
     assert [o.token_ids for o in outs] == expected[1:3]
-    assert eng.stats().compiled_programs == len(shapes)
+    assert eng.stats().compiled_programs == len(shapes) and _argmax_next._cache_size() == picks
 
 
 def test_chunk_buckets():
