@@ -53,8 +53,7 @@ class StepPrograms:
 
     def __init__(self, model: LongCat, settings: EngineSettings, cache, vocab_limit: int | None = None):
         self.settings = settings
-        self.vocab_size = model.cfg.vocab_size
-        self.vocab_limit = vocab_limit or self.vocab_size
+        self.vocab_limit = vocab_limit or model.cfg.vocab_size
         self.history_len = (model.cfg.ngram_n or 1) - 1  # N-gram history tokens per row (0: no N-grams)
         self.n_experts, self.topk = model.cfg.n_routed_experts, model.cfg.moe_topk
         self._step, self._params = jit_paged_step(model, settings.unroll_layers)
@@ -92,10 +91,11 @@ class StepPrograms:
         another's compile.
 
         The run matters as much as the compile: an XLA:CPU program's first execution sets up its kernels,
-        130-230 ms more than later ones on the serving benchmark's model. The runs feed no token (every row's
-        new_lens is 0: no row is written), and a decode program's logits go to `argmax_next`, which is
-        compiled for the program's committed output (not for an array made here) and for both kinds of tokens
-        it is given: the host's and its own earlier pick.
+        130-230 ms more than later ones on the serving benchmark's model. The runs feed random tokens through
+        page tables that point past the pool, so every row is computed and no row is written (`paged_cache`
+        drops out-of-pool slots); a decode program's logits go to `argmax_next`, which is thus compiled for
+        the program's committed output and for both kinds of tokens it is given: the host's and its own
+        earlier pick.
         """
         t = time.perf_counter()
         todo = [shape for shape in self.bucket_shapes() if shape not in self._programs]
@@ -126,7 +126,7 @@ class StepPrograms:
         (at most 32 runs)."""
         if jax.default_backend() != "cpu":
             return 1
-        return min(32, -(-8 * self.n_experts // (tokens * self.topk)))
+        return max(1, min(32, -(-8 * self.n_experts // (tokens * self.topk))))
 
     def _compile(self, shape: tuple[int, int, int]):
         B, T, W = shape
