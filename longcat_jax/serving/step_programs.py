@@ -85,48 +85,53 @@ class StepPrograms:
         return [(B, 1, W) for W in widths for B in rows] + [(1, T, W) for W in widths for T in chunks]
 
     def compile_all(self, cache, workers: int = 2):
-        """Compile every program of `bucket_shapes` now and run each once, so that no request waits for either
-        (a new bucket met mid-traffic stalls every running stream); returns the cache, which the runs donate
-        and leave as it was. XLA compiles in C++, so threads overlap one program's Python tracing with
-        another's compile.
+        """Compile every program of `bucket_shapes` now and run it (`_warm_up_inputs`), so that no request
+        waits for either (a new bucket met mid-traffic stalls every running stream); returns the cache, which
+        the runs donate and leave as it was. XLA compiles in C++, so threads overlap one program's Python
+        tracing with another's compile.
 
         The run matters as much as the compile: an XLA:CPU program's first execution sets up its kernels,
-        130-230 ms more than later ones on the serving benchmark's model. The runs feed random tokens through
-        page tables that point past the pool, so every row is computed and no row is written (`paged_cache`
-        drops out-of-pool slots); a decode program's logits go to `argmax_next`, which is thus compiled for
-        the program's committed output and for both kinds of tokens it is given: the host's and its own
-        earlier pick.
+        130-230 ms more than later ones on the serving benchmark's model. A decode program's logits go to
+        `argmax_next`, which is thus compiled for the program's committed output and for both kinds of tokens
+        it is given: the host's and its own earlier pick.
         """
         t = time.perf_counter()
         todo = [shape for shape in self.bucket_shapes() if shape not in self._programs]
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for shape, program in zip(todo, pool.map(self._compile, todo)):
                 self._programs[shape] = program
-        H, P = self.history_len, self.settings.pool_pages
         rng = np.random.default_rng(0)
         for shape in todo:
-            B, T, W = shape
-            for _ in range(self._warm_runs(B * T)):
-                tokens = rng.integers(0, self.vocab_limit, (B, T), dtype=np.int32)
-                history = rng.integers(0, self.vocab_limit, (B, H), dtype=np.int32) if H else None
-                # Every row real, every page past the pool: the rows' writes are dropped.
-                logits, cache = self.run(shape, tokens, np.zeros(B, np.int32), np.full(B, T, np.int32),
-                                         np.full((B, W), P, np.int32), cache, history)
-                if T == 1:  # both ways a step asks for the pick: after host tokens, and chained on its own
+            for tokens, new_lens, table, history in self._warm_up_inputs(shape, rng):
+                logits, cache = self.run(shape, tokens, np.zeros(shape[0], np.int32), new_lens, table, cache,
+                                         history)
+                if shape[1] == 1:  # both ways a step asks for the pick: after host tokens, and on its own
                     self.argmax_next(logits, *self.argmax_next(logits, tokens, history))
         jax.block_until_ready(cache)
         log.info("compiled and ran %d step programs ahead of traffic in %.1f s", len(todo),
                  time.perf_counter() - t)
         return cache
 
-    def _warm_runs(self, tokens: int) -> int:
-        """Runs of a program of `tokens` tokens that warm it up. One, except on XLA:CPU, where each expert's
-        matmuls sit in a branch of their own (`moe.grouped_swiglu`) whose kernels are set up at that branch's
-        first execution (~1 ms a matmul): there, enough runs of random tokens for about 8 picks of each expert
-        (at most 32 runs)."""
+    def _warm_up_inputs(self, shape: tuple[int, int, int], rng):
+        """(tokens, new_lens, page table, history) of each warm-up run of a program; no run writes a row.
+
+        One run with no real token and every page in the pool, except on XLA:CPU, where each expert's matmuls
+        sit in a branch of their own (`moe.grouped_swiglu`) whose kernels are set up at that branch's first
+        execution (~1 ms a matmul): there the rows are real (random tokens) and their page tables point past
+        the pool, so every row is computed, XLA clamps the page reads and the writes are dropped
+        (`paged_cache.write_rows`), in enough runs for about 8 picks of each expert (at most 32). Elsewhere a
+        page past the pool could be read out of bounds by a kernel, and the experts are one grouped matmul.
+        """
+        B, T, W = shape
+        H = self.history_len
         if jax.default_backend() != "cpu":
-            return 1
-        return max(1, min(32, -(-8 * self.n_experts // (tokens * self.topk))))
+            history = np.zeros((B, H), np.int32) if H else None
+            yield np.zeros((B, T), np.int32), np.zeros(B, np.int32), np.zeros((B, W), np.int32), history
+            return
+        for _ in range(max(1, min(32, -(-8 * self.n_experts // (B * T * self.topk))))):
+            history = rng.integers(0, self.vocab_limit, (B, H), dtype=np.int32) if H else None
+            yield (rng.integers(0, self.vocab_limit, (B, T), dtype=np.int32), np.full(B, T, np.int32),
+                   np.full((B, W), self.settings.pool_pages, np.int32), history)
 
     def _compile(self, shape: tuple[int, int, int]):
         B, T, W = shape
