@@ -129,6 +129,12 @@ def _combine(y_sorted, order, x, weights, indices, n_experts):
 # --- Dispatch ----------------------------------------------------------------------------------------------
 
 
+def tiled_experts() -> bool:
+    """Whether `grouped_swiglu` runs `tiled_expert_ffn` (each expert's matmuls in a branch of their own)
+    rather than `lax.ragged_dot`, which only GPU and TPU lower to a grouped matmul."""
+    return jax.default_backend() not in ("gpu", "tpu")
+
+
 def grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down) -> jax.Array:
     """SwiGLU of expert-sorted rows, each through its own expert; rows of no expert come out 0.
 
@@ -147,7 +153,7 @@ def grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down) -> jax.Array:
     # gradient to xs) independent of what a backend leaves there.
     is_routed = (sorted_e < n_experts)[:, None]
     xs = jnp.where(is_routed, xs, 0)
-    if jax.default_backend() in ("gpu", "tpu"):
+    if not tiled_experts():
         g = jax.lax.ragged_dot(xs, w_gate, group_sizes)
         u = jax.lax.ragged_dot(xs, w_up, group_sizes)
         y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [M, D]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longcat_jax.model.longcat import LongCat, jit_paged_step
+from longcat_jax.model.moe import tiled_experts
 from longcat_jax.serving.settings import EngineSettings
 
 log = logging.getLogger("longcat_jax.serving")
@@ -115,16 +116,17 @@ class StepPrograms:
     def _warm_up_inputs(self, shape: tuple[int, int, int], rng):
         """(tokens, new_lens, page table, history) of each warm-up run of a program; no run writes a row.
 
-        One run with no real token and every page in the pool, except on XLA:CPU, where each expert's matmuls
-        sit in a branch of their own (`moe.grouped_swiglu`) whose kernels are set up at that branch's first
+        One run with no real token and every page in the pool, except where each expert's matmuls sit in a
+        branch of their own (`moe.tiled_experts`: XLA:CPU), whose kernels are set up at that branch's first
         execution (~1 ms a matmul): there the rows are real (random tokens) and their page tables point past
         the pool, so every row is computed, XLA clamps the page reads and the writes are dropped
-        (`paged_cache.write_rows`), in enough runs for about 8 picks of each expert (at most 32). Elsewhere a
-        page past the pool could be read out of bounds by a kernel, and the experts are one grouped matmul.
+        (`paged_cache.write_rows`), in enough runs for about 8 picks of each expert (at most 32). On GPU and
+        TPU a page past the pool could be read out of bounds by a kernel, and the experts are one grouped
+        matmul.
         """
         B, T, W = shape
         H = self.history_len
-        if jax.default_backend() != "cpu":
+        if not tiled_experts():
             history = np.zeros((B, H), np.int32) if H else None
             yield np.zeros((B, T), np.int32), np.zeros(B, np.int32), np.zeros((B, W), np.int32), history
             return
