@@ -167,6 +167,11 @@ def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, s
     Returns o_lat [B,N,R] f32. Scores and values read the rows as they are gathered, c_kv and k_rope together
     (one matmul each, no slicing copies); the new row is put in place by a select that XLA fuses into the
     gather. A row whose position is 0 attends to its own row only.
+
+    Scores and probabilities stay [B,S,N] (rows . q: the S rows on the matmul's long side): XLA:CPU runs the
+    [B,N,S] form's batched matmul, whose long operand is contracted on its minor axis, at about a third of the
+    speed, and it folds a transpose of the scores back into that form (decode step of 32 rows over 512
+    positions on the serving benchmark's model: 1.23x faster in all; 8 rows over 256 positions, 1.1x).
     """
     B, W = page_table.shape
     S, R = W * pages.shape[1], q_lat.shape[-1]
@@ -174,8 +179,10 @@ def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, s
     pos = jnp.arange(S, dtype=jnp.int32)[None, :]
     rows = jnp.where((pos == positions[:, None])[..., None], new_rows[:, None].astype(rows.dtype), rows)
     q = jnp.concatenate([q_lat, q_rope], axis=-1).astype(rows.dtype)  # [B, N, R + Hr]
-    s = jnp.einsum("bnx,bsx->bns", q, rows, preferred_element_type=jnp.float32) * scale
-    p = softmax_f32(s, (pos <= positions[:, None])[:, None, :])
+    s = jnp.einsum("bsx,bnx->bsn", rows, q, preferred_element_type=jnp.float32) * scale
+    # Never a fully masked row (position 0 is always valid), so the plain softmax: `softmax_f32`'s guards
+    # against one cost this step 3-4% (they keep XLA from fusing the reductions over the middle axis).
+    p = jax.nn.softmax(jnp.where((pos <= positions[:, None])[:, :, None], s, -jnp.inf), axis=1)
     # Values over the whole row: 25% more of a small matmul, cheaper than copying c_kv out of every row
-    o = jnp.einsum("bns,bsx->bnx", p.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bsn,bsx->bnx", p.astype(rows.dtype), rows, preferred_element_type=jnp.float32)
     return jax.lax.slice_in_dim(o, 0, R, axis=2)
