@@ -106,8 +106,8 @@ class StepPrograms:
             for tokens, new_lens, table, history in self._warm_up_inputs(shape, rng):
                 logits, cache = self.run(shape, tokens, np.zeros(shape[0], np.int32), new_lens, table, cache,
                                          history)
-                if shape[1] == 1:  # both ways a step asks for the pick: after host tokens, and on its own
-                    self.argmax_next(logits, *self.argmax_next(logits, tokens, history))
+            if shape[1] == 1:  # both ways a step asks for the pick: after host tokens, and on its own
+                self.argmax_next(logits, *self.argmax_next(logits, tokens, history))
         jax.block_until_ready(cache)
         log.info("compiled and ran %d step programs ahead of traffic in %.1f s", len(todo),
                  time.perf_counter() - t)
