@@ -1,4 +1,5 @@
-"""Pallas kernels (sparse indexer, sparse MLA attention, N-gram lookup), each beside its plain-JAX path.
+"""Pallas kernels (sparse indexer, sparse MLA attention, N-gram lookup), each beside its plain-JAX path, and
+one C++ kernel for CPU serving (`cpu_matmul`: few-row float32 matmuls as an XLA FFI custom call).
 
 Every entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`). The kernels import only
 `longcat_jax.ops` (math they share with the model), `longcat_jax.config` and `sharding`; the model imports

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from longcat_jax.model.layers import swiglu_backward
+from pallas_kernels.cpu_matmul import matmul
 
 
 def _tile_plan(starts, tile: int, max_tiles: int):
@@ -57,8 +58,8 @@ def _forward(xs, starts, w_gate, w_up, w_down, tile):
     xs = jnp.concatenate([xs, jnp.zeros((tile, d), xs.dtype)])  # so the last tile never reads past the end
 
     def expert_ffn(e, x):  # e static: its weights are a constant slice, which XLA can read in place
-        g, u = x @ w_gate[e], x @ w_up[e]
-        return (jax.nn.silu(g) * u) @ w_down[e], g, u
+        g, u = matmul(x, w_gate[e]), matmul(x, w_up[e])
+        return matmul(jax.nn.silu(g) * u, w_down[e]), g, u
 
     branches = [functools.partial(expert_ffn, e) for e in range(w_gate.shape[0])]
 

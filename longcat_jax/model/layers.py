@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
+from pallas_kernels.cpu_matmul import matmul
 
 INIT_STD = 0.02  # HF `initializer_range`; docs/architecture.md#init
 
@@ -105,8 +106,9 @@ def _swiglu(x, w_gate, w_up, w_down):
 
 
 def _swiglu_fwd(x, w_gate, w_up, w_down):
-    g, u = x @ w_gate, x @ w_up
-    return (jax.nn.silu(g) * u) @ w_down, (x, w_gate, w_up, w_down, g, u)
+    dot = matmul if w_gate.ndim == 2 else jnp.matmul  # per-expert weights: a batched matmul
+    g, u = dot(x, w_gate), dot(x, w_up)
+    return dot(jax.nn.silu(g) * u, w_down), (x, w_gate, w_up, w_down, g, u)
 
 
 def _swiglu_bwd(res, dy):

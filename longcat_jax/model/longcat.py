@@ -25,6 +25,7 @@ from longcat_jax.model.mla import add_absorbed_weights
 from longcat_jax.model.mtp import MTP
 from longcat_jax.model.ngram import NgramEmbedding, next_history
 from longcat_jax.model.paged_cache import PagedCache
+from pallas_kernels.cpu_matmul import matmul, small_rows
 from pallas_kernels.ngram_lookup import ngram_lookup
 from sharding.constrain import constrain
 from sharding.divisibility import check_divisible
@@ -184,8 +185,7 @@ def _run_layers(model: LongCat, h, ctx: Context, layer_caches: dict | None, rema
 
 
 def _logits(model: LongCat, h):
-    return jnp.einsum("btd,dv->btv", model.final_norm(h),
-                      model.lm_head[...].astype(h.dtype)).astype(jnp.float32)
+    return matmul(model.final_norm(h), model.lm_head[...].astype(h.dtype)).astype(jnp.float32)
 
 
 def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True, *,
@@ -313,16 +313,19 @@ def jit_paged_step(model: LongCat, unroll: bool | None = None):
     unroll (None: on CPU only) holds the layers' parameters as separate per-layer (and per-expert) arrays
     (`unstack_layers`) and runs them unrolled: XLA:CPU copies each layer's weights out of the stacked arrays
     in every step of the scan, and each expert's out of the stacked experts in every tile. The stacked model
-    is rebuilt inside the step for its structure only (XLA drops the stack).
+    is rebuilt inside the step for its structure only (XLA drops the stack). On CPU the step's matmuls of few
+    rows run `pallas_kernels.cpu_matmul` (`small_rows`).
     """
+    on_cpu = jax.default_backend() == "cpu"
     if unroll is None:
-        unroll = jax.default_backend() == "cpu"
+        unroll = on_cpu
     model = serving_form(model)
     if not unroll:
         graphdef, params = nnx.split(model)
 
         def step(state, tokens, starts, new_lens, table, cache, history):
-            return paged_step(nnx.merge(graphdef, state), tokens, starts, new_lens, table, cache, history)
+            with small_rows(on_cpu):
+                return paged_step(nnx.merge(graphdef, state), tokens, starts, new_lens, table, cache, history)
     else:
         graphdef, _, rest = nnx.split(model, nnx.PathContains("layers"), ...)
         params = (rest, unstack_layers(model))
@@ -331,8 +334,9 @@ def jit_paged_step(model: LongCat, unroll: bool | None = None):
             rest, layers = params
             layers = [restack_experts(layer) for layer in layers]
             stacked = nnx.State({"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)})
-            return paged_step(nnx.merge(graphdef, stacked, rest), tokens, starts, new_lens, table, cache,
-                              history, layers=layers)
+            with small_rows(on_cpu):
+                return paged_step(nnx.merge(graphdef, stacked, rest), tokens, starts, new_lens, table, cache,
+                                  history, layers=layers)
 
     # The parameters travel as a flat list of arrays: flattening the nnx state (507 arrays at the `small`
     # preset) on every call cost the host 0.5-1 ms, up to a tenth of a batch-1 decode step on CPU.

@@ -20,6 +20,7 @@ from flax import nnx
 from longcat_jax.config import Config
 from longcat_jax.model.layers import apply_rope, param, rms_norm
 from longcat_jax.ops.masks import softmax_f32
+from pallas_kernels.cpu_matmul import matmul
 
 
 class Absorbed(nnx.Variable):
@@ -49,11 +50,10 @@ class MLA(nnx.Module):
         k_rope [B,T,Hr] (rotated, unscaled).
         """
         cfg, dt = self.cfg, x.dtype
-        c_q = rms_norm(jnp.einsum("btd,dr->btr", x, self.w_q_down[...].astype(dt)), self.q_norm[...],
-                       cfg.mla_norm_eps)
-        q = jnp.einsum("btr,rnh->btnh", c_q, self.w_q_up[...].astype(dt)) * jnp.asarray(cfg.q_scale, dt)
+        c_q = rms_norm(matmul(x, self.w_q_down[...].astype(dt)), self.q_norm[...], cfg.mla_norm_eps)
+        q = matmul(c_q, self.w_q_up[...].astype(dt)) * jnp.asarray(cfg.q_scale, dt)
         q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
-        kv = jnp.einsum("btd,dr->btr", x, self.w_kv_down[...].astype(dt))
+        kv = matmul(x, self.w_kv_down[...].astype(dt))
         c_kv = rms_norm(kv[..., : cfg.kv_lora_rank], self.kv_norm[...], cfg.mla_norm_eps)
         c_kv = c_kv * jnp.asarray(cfg.kv_scale, dt)
         k_rope = apply_rope(kv[..., cfg.kv_lora_rank :], positions, inv_freq, interleaved=True)
@@ -81,7 +81,7 @@ class MLA(nnx.Module):
         split and B is not, and merging them would make XLA gather the whole activation."""
         B, T, N, H = o.shape
         w = self.w_o[...].astype(o.dtype)
-        return o.reshape(B, T, N * H) @ w.reshape(N * H, w.shape[-1])
+        return matmul(o.reshape(B, T, N * H), w.reshape(N * H, w.shape[-1]))
 
     def absorbed_weights(self):
         """(W_UK [N,Hn,R], W_UV [N,R,Hv]): the split held by a served model, else split from w_kv_up."""

@@ -1,0 +1,125 @@
+// y = x @ w for a few rows of float32 on CPU, as an XLA FFI custom call (see cpu_matmul.py for why).
+//
+// x [M, K] and w [K, N] are row-major. The columns of w are cut into panels of kPanel columns; a panel's
+// rows are read once per block of up to kRows rows of x, with the block's outputs held in vector registers
+// for the whole K loop, so w streams from memory once (a second block of rows reads the panel again from
+// L2), and the rows of w a few steps ahead are prefetched. Panels are handed out in chunks to the calling
+// thread and to XLA's intra-op threads. Each output is summed in order of k, whatever M is: a row's result
+// does not depend on the other rows.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using Matrix = ffi::Buffer<ffi::F32, 2>;
+using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
+
+#if defined(__AVX512F__)
+typedef float Vec __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
+#else
+typedef float Vec __attribute__((vector_size(32), aligned(4)));
+#endif
+constexpr int kLanes = sizeof(Vec) / sizeof(float);
+constexpr int kPanelVecs = 2;
+constexpr int kPanel = kPanelVecs * kLanes;  // columns of a panel
+constexpr int kRows = 8;                     // rows of a block: kRows * kPanelVecs accumulators
+constexpr int kPrefetchRows = 16;            // how many rows of w ahead to prefetch
+constexpr int64_t kPanelsPerChunk = 4;
+
+template <int R>
+void Block(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t n0) {
+  Vec acc[R][kPanelVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* row = w + k * N + n0;
+    if (k + kPrefetchRows < K)
+      for (int c = 0; c < kPanel; c += 16) __builtin_prefetch(row + kPrefetchRows * N + c);
+    Vec wv[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) wv[v] = *reinterpret_cast<const Vec*>(row + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * K + k];
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] += xr * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) *reinterpret_cast<Vec*>(y + r * N + n0 + v * kLanes) = acc[r][v];
+}
+
+// All M rows of one panel starting at column n0, kRows at a time.
+void Panel(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t n0) {
+  for (int64_t m = 0; m < M; m += kRows) {
+    const float* xb = x + m * K;
+    float* yb = y + m * N;
+    switch (std::min<int64_t>(kRows, M - m)) {
+      case 8: Block<8>(xb, K, w, N, yb, n0); break;
+      case 7: Block<7>(xb, K, w, N, yb, n0); break;
+      case 6: Block<6>(xb, K, w, N, yb, n0); break;
+      case 5: Block<5>(xb, K, w, N, yb, n0); break;
+      case 4: Block<4>(xb, K, w, N, yb, n0); break;
+      case 3: Block<3>(xb, K, w, N, yb, n0); break;
+      case 2: Block<2>(xb, K, w, N, yb, n0); break;
+      default: Block<1>(xb, K, w, N, yb, n0); break;
+    }
+  }
+}
+
+// The columns past the last full panel, one output at a time (summed in order of k, as the panels are).
+void TailColumns(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t n0) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < N; ++n) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + n];
+      y[m * N + n] = s;
+    }
+}
+
+// Shared by the calling thread and the helpers it schedules; a helper that starts after the work is done
+// finds no chunk left, so the caller never waits for a helper that has not started.
+struct Work {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t M, K, N, panels, chunks;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Run() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t end = std::min(panels, (c + 1) * kPanelsPerChunk);
+      for (int64_t p = c * kPanelsPerChunk; p < end; ++p) Panel(x, M, K, w, N, y, p * kPanel);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, Matrix x, Matrix w, MatrixResult y) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
+  if (w.dimensions()[0] != K || y->dimensions()[0] != M || y->dimensions()[1] != N)
+    return ffi::Error::InvalidArgument("small_rows_matmul: shapes do not match");
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->w = w.typed_data();
+  work->y = y->typed_data();
+  work->M = M, work->K = K, work->N = N;
+  work->panels = N / kPanel;
+  work->chunks = (work->panels + kPanelsPerChunk - 1) / kPanelsPerChunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  TailColumns(work->x, M, K, work->w, N, work->y, work->panels * kPanel);
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatSmallRowsMatmul, SmallRowsMatmul,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Matrix>().Arg<Matrix>().Ret<Matrix>());

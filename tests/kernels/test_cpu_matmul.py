@@ -1,0 +1,63 @@
+"""The few-row CPU matmul custom call against `x @ w`, its dispatch, and its fallback without a compiler."""
+
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import cpu_matmul
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU custom call")
+
+
+@pytest.fixture(scope="module")
+def built():
+    assert cpu_matmul.available(), "the kernel did not build (a C++ compiler is part of the test machine)"
+
+
+# Rows 1..16 (blocks of 8 and their remainders), columns with and without a partial panel, odd K.
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (3, 64, 31), (8, 512, 1536), (13, 100, 257), (16, 7, 64)])
+def test_equals_float64_reference_and_each_row_is_independent_of_the_others(built, m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    y = np.asarray(jax.jit(cpu_matmul.small_rows_matmul)(x, w))
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # Summed in order of k whatever the batch: a row alone gives the same bits (batch invariance).
+    alone = np.asarray(jax.jit(cpu_matmul.small_rows_matmul)(x[-1:], w))
+    np.testing.assert_array_equal(alone[0], y[-1])
+
+
+def test_matmul_dispatch(built):
+    """The custom call only inside `small_rows`, for float32 and at most MAX_ROWS rows; w's trailing axes
+    are flattened and restored (an MLA up-projection [R, N, H])."""
+    x, w = jnp.ones((2, 3, 8), jnp.float32), jnp.ones((8, 4, 5), jnp.float32)
+
+    def hlo(x, w, enabled=True):  # a new function each time: jit reuses a trace of the same one
+        with cpu_matmul.small_rows(enabled):
+            return jax.jit(lambda x, w: cpu_matmul.matmul(x, w)).lower(x, w).as_text()
+
+    assert "longcat_small_rows_matmul" in hlo(x, w)
+    assert "longcat_small_rows_matmul" not in hlo(x, w, enabled=False)
+    assert "longcat_small_rows_matmul" not in hlo(jnp.ones((cpu_matmul.MAX_ROWS + 1, 8)), w)
+    assert "longcat_small_rows_matmul" not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    with cpu_matmul.small_rows():
+        y = jax.jit(cpu_matmul.matmul)(x, w)
+    np.testing.assert_array_equal(y, jnp.tensordot(x, w, 1))
+
+
+def test_bad_shapes_name_the_problem():
+    with pytest.raises(ValueError, match=r"\[M, K\] @ \[K, N\]"):
+        cpu_matmul.small_rows_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match="float32 only"):
+        cpu_matmul.small_rows_matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 5), jnp.bfloat16))
+
+
+def test_without_a_compiler_the_build_fails_with_a_named_reason(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no library built earlier is found
+    with pytest.raises((OSError, subprocess.SubprocessError), match="no-such-compiler"):
+        cpu_matmul._build()
+    assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left where a later run would look
