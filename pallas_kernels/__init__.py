@@ -1,7 +1,8 @@
 """Pallas kernels (sparse indexer, sparse MLA attention, N-gram lookup), each beside its plain-JAX path, and
 one C++ kernel for CPU serving (`cpu_matmul`: few-row float32 matmuls as an XLA FFI custom call).
 
-Every entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`). The kernels import only
+Every Pallas entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`); `cpu_matmul` runs where
+the CPU serving step asks for it (`small_rows`). The kernels import only
 `longcat_jax.ops` (math they share with the model), `longcat_jax.config` and `sharding`; the model imports
 the kernels, never the other way round.
 

@@ -6,7 +6,9 @@ XLA:CPU runs a matmul of 2 to 32 rows through a kernel that streams the weight a
 bandwidth a one-row matmul gets (on a 2-core Xeon: 8 rows x [512, 1536] 217 us, one row 86 us), and a
 serving step of a few decode rows is little else: its dense, attention-projection and LM-head matmuls read
 every weight once. `cpu_matmul.cc` keeps a block of up to 8 rows' outputs in registers while it streams a
-panel of the weight once (bench/cpu_matmul.py: 8 rows 1.6x faster, 16 rows 1.3x).
+panel of the weight once. bench/cpu_matmul.py on a 2-core Xeon: 2-8 rows 1.15-1.7x faster than XLA's on
+the serving benchmark model's weights; its serving steps 1.15x (one decode row), 1.25x (8 rows), 1.13x (32)
+and 1.07-1.12x (prefill chunks of 64-256 tokens, through the expert tiles).
 
 The C++ source is compiled on first use with the machine's C++ compiler ($CXX, else `c++`) for this CPU, into
 ~/.cache/longcat-jax/cpu_matmul/, and registered with XLA. Where it cannot be built
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 
 log = logging.getLogger("longcat_jax.kernels")
 
-MAX_ROWS = 16  # above this XLA's own matmul is as fast (32 rows: 357 against 360 us)
+MAX_ROWS = 16  # at 32 rows XLA's matmul is as fast or faster on most weights (x [1536, 512]: 348 vs 374 us)
 _TARGET = "longcat_small_rows_matmul"
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
 _active = contextvars.ContextVar("longcat_small_rows_matmul", default=False)
