@@ -6,12 +6,18 @@
 // L2), and the rows of w a few steps ahead are prefetched. Panels are handed out in chunks to the calling
 // thread and to XLA's intra-op threads. Each output is summed in order of k, whatever M is: a row's result
 // does not depend on the other rows.
+//
+// LongcatGroupedSwiglu runs a MoE layer's experts the same way: rows sorted by expert, each expert's rows
+// through its own SwiGLU, silu(x Wg) * (x Wu) in a first phase, times Wd in a second.
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -21,6 +27,7 @@ namespace {
 
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
+using Offsets = ffi::Buffer<ffi::S32, 1>;
 
 #if defined(__AVX512F__)
 typedef float Vec __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
@@ -119,7 +126,96 @@ ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, Matrix x, Matrix w, MatrixResul
   return ffi::Error::Success();
 }
 
+
+// A MoE layer's experts over expert-sorted rows: for expert e, rows starts[e] .. starts[e+1] of xs [M, D] go
+// through y = (silu(x Wg[e]) * (x Wu[e])) Wd[e], Wg/Wu [D, F], Wd [F, D]; rows past starts[E] come out 0.
+// Work items are (expert, panel) pairs: phase 1 fills h [M, F] panel by panel, phase 2 (after all of phase
+// 1) reads it. A helper that finds no phase-1 item left waits for phase 1 to end before it takes phase 2's.
+struct GroupedWork {
+  const float* xs;
+  float* y;
+  int64_t D, F;
+  std::vector<int64_t> row0, rows;  // of each expert with rows
+  std::vector<const float*> gate, up, down;
+  std::vector<float> g, u;  // [M, F] scratch: x Wg and x Wu, then h = silu(g) * u in g
+  int64_t items1, items2;
+  std::atomic<int64_t> next1{0}, done1{0}, next2{0}, done2{0};
+
+  void Run() {
+    const int64_t panels1 = F / kPanel, panels2 = D / kPanel;
+    for (int64_t i; (i = next1.fetch_add(1, std::memory_order_relaxed)) < items1;) {
+      const int64_t e = i / panels1, n0 = (i % panels1) * kPanel, r0 = row0[e];
+      Panel(xs + r0 * D, rows[e], D, gate[e], F, g.data() + r0 * F, n0);
+      Panel(xs + r0 * D, rows[e], D, up[e], F, u.data() + r0 * F, n0);
+      for (int64_t r = r0; r < r0 + rows[e]; ++r)
+        for (int64_t c = n0; c < n0 + kPanel; ++c) {
+          const float a = g[r * F + c];
+          g[r * F + c] = a / (1.f + std::exp(-a)) * u[r * F + c];
+        }
+      done1.fetch_add(1, std::memory_order_release);
+    }
+    while (done1.load(std::memory_order_acquire) < items1) std::this_thread::yield();
+    for (int64_t i; (i = next2.fetch_add(1, std::memory_order_relaxed)) < items2;) {
+      const int64_t e = i / panels2, n0 = (i % panels2) * kPanel, r0 = row0[e];
+      Panel(g.data() + r0 * F, rows[e], F, down[e], D, y + r0 * D, n0);
+      done2.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
+                         ffi::RemainingArgs weights, MatrixResult y) {
+  const int64_t M = xs.dimensions()[0], D = xs.dimensions()[1], E = starts.dimensions()[0] - 1;
+  if (E < 1 || static_cast<int64_t>(weights.size()) != 3 * E)
+    return ffi::Error::InvalidArgument("grouped_swiglu: takes 3 weights per expert");
+  auto work = std::make_shared<GroupedWork>();
+  const int32_t* s = starts.typed_data();
+  for (int64_t e = 0; e < E; ++e) {
+    auto wg = weights.get<Matrix>(e), wu = weights.get<Matrix>(E + e), wd = weights.get<Matrix>(2 * E + e);
+    if (!wg.has_value() || !wu.has_value() || !wd.has_value())
+      return ffi::Error::InvalidArgument("grouped_swiglu: weights must be 2-D float32");
+    if (e == 0) work->F = wg->dimensions()[1];
+    if (wg->dimensions()[0] != D || wu->dimensions()[0] != D || wd->dimensions()[1] != D ||
+        wg->dimensions()[1] != work->F || wu->dimensions()[1] != work->F || wd->dimensions()[0] != work->F)
+      return ffi::Error::InvalidArgument("grouped_swiglu: weight shapes do not match");
+    const int64_t r0 = std::clamp<int64_t>(s[e], 0, M), r1 = std::clamp<int64_t>(s[e + 1], r0, M);
+    if (r1 > r0) {
+      work->row0.push_back(r0);
+      work->rows.push_back(r1 - r0);
+      work->gate.push_back(wg->typed_data());
+      work->up.push_back(wu->typed_data());
+      work->down.push_back(wd->typed_data());
+    }
+  }
+  const int64_t F = work->F;
+  if (F % kPanel != 0 || D % kPanel != 0)
+    return ffi::Error::InvalidArgument("grouped_swiglu: D and F must be multiples of the panel width");
+  work->xs = xs.typed_data();
+  work->y = y->typed_data();
+  work->D = D;
+  work->g.resize(M * F);
+  work->u.resize(M * F);
+  const int64_t active = work->rows.size();
+  work->items1 = active * (F / kPanel);
+  work->items2 = active * (D / kPanel);
+  const int64_t routed = std::clamp<int64_t>(s[E], 0, M);
+  std::memset(work->y + routed * D, 0, (M - routed) * D * sizeof(float));
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items1) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done2.load(std::memory_order_acquire) < work->items2) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatSmallRowsMatmul, SmallRowsMatmul,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Matrix>().Arg<Matrix>().Ret<Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatGroupedSwiglu, GroupedSwiglu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<Offsets>()
+                                  .RemainingArgs()
+                                  .Ret<Matrix>());

@@ -1,6 +1,7 @@
-"""A float32 matmul for few rows on CPU (a serving step's decode rows), as an XLA FFI custom call.
+"""A float32 matmul for few rows on CPU (a serving step's decode rows), and a MoE layer's experts over their
+few rows each, as XLA FFI custom calls.
 
-Reference: `x @ w`.
+Reference: `x @ w` (`small_rows_matmul`); `expert_tiles.tiled_expert_ffn` (`grouped_swiglu`).
 
 XLA:CPU runs a matmul of 2 to 32 rows through a kernel that streams the weight at about half the memory
 bandwidth a one-row matmul gets (on a 2-core Xeon: 8 rows x [512, 1536] 217 us, one row 86 us), and a
@@ -8,7 +9,9 @@ serving step of a few decode rows is little else: its dense, attention-projectio
 every weight once. `cpu_matmul.cc` keeps a block of up to 8 rows' outputs in registers while it streams a
 panel of the weight once. bench/cpu_matmul.py on a 2-core Xeon: 2-8 rows 1.15-1.7x faster than XLA's on
 the serving benchmark model's weights; its serving steps 1.15x (one decode row), 1.25x (8 rows), 1.13x (32)
-and 1.07-1.12x (prefill chunks of 64-256 tokens, through the expert tiles).
+and 1.07-1.12x (prefill chunks of 64-256 tokens, through the expert tiles). `grouped_swiglu` runs all of a
+layer's experts in one call, each expert's rows against its own weights, in place of the expert tiles' loop
+of switches (2-6% more on those steps).
 
 The C++ source is compiled on first use with the machine's C++ compiler ($CXX, else `c++`) for this CPU, into
 ~/.cache/longcat-jax/cpu_matmul/, and registered with XLA. Where it cannot be built
@@ -38,7 +41,11 @@ import jax.numpy as jnp
 log = logging.getLogger("longcat_jax.kernels")
 
 MAX_ROWS = 16  # at 32 rows XLA's matmul is as fast or faster on most weights (x [1536, 512]: 348 vs 374 us)
+# The grouped experts beat 16-row tiles of XLA's or this matmul up to 32 rows per expert (prefill chunks of
+# 160 and 256 tokens on the serving benchmark's model: 3-4%); training batches keep XLA's 64-row tiles.
+MAX_GROUPED_ROWS = 32
 _TARGET = "longcat_small_rows_matmul"
+_GROUPED = "longcat_grouped_swiglu"
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
 _active = contextvars.ContextVar("longcat_small_rows_matmul", default=False)
 
@@ -73,6 +80,31 @@ def small_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(_TARGET, out)(x, w)
 
 
+def grouped_applies(rows_per_expert: int, xs: jax.Array, w_down: jax.Array) -> bool:
+    """Whether a MoE layer's experts run `grouped_swiglu` here: inside `small_rows()`, float32, at most
+    MAX_GROUPED_ROWS rows per expert on average, and D and F multiples of 32 (the panel width)."""
+    _, f, d = w_down.shape
+    return (_active.get() and xs.dtype == w_down.dtype == jnp.float32 and rows_per_expert <= MAX_GROUPED_ROWS
+            and d % 32 == 0 and f % 32 == 0 and available())
+
+
+def grouped_swiglu(xs: jax.Array, starts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                   w_down: jax.Array) -> jax.Array:
+    """Each expert's SwiGLU over its rows, as one custom call (CPU only; `grouped_applies` first).
+
+    Reference: `longcat_jax.model.expert_tiles.tiled_expert_ffn`.
+
+    xs [M, D] f32 rows sorted by expert; starts [E+1] int32: expert e's rows are starts[e] .. starts[e+1],
+    rows past starts[E] come out 0; w_gate, w_up [E, D, F], w_down [E, F, D] f32. Each expert's weights go
+    in as operands of their own, so that where the stack is one of separate per-expert parameters (the serving
+    step's), XLA folds each slice back to its parameter instead of copying it.
+    """
+    n_experts = w_gate.shape[0]
+    weights = [w[e] for w in (w_gate, w_up, w_down) for e in range(n_experts)]
+    out = jax.ShapeDtypeStruct(xs.shape, jnp.float32)
+    return jax.ffi.ffi_call(_GROUPED, out)(xs, starts.astype(jnp.int32), *weights)
+
+
 _lock = threading.Lock()  # step programs are traced from several threads (`StepPrograms.compile_all`)
 
 
@@ -91,6 +123,7 @@ def _load() -> bool:
                     "slower for steps of 1-16 rows", e)
         return False
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.LongcatSmallRowsMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(lib.LongcatGroupedSwiglu), platform="cpu")
     return True
 
 

@@ -61,3 +61,21 @@ def test_without_a_compiler_the_build_fails_with_a_named_reason(monkeypatch, tmp
     with pytest.raises((OSError, subprocess.SubprocessError), match="no-such-compiler"):
         cpu_matmul._build()
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left where a later run would look
+
+
+def test_grouped_swiglu_equals_the_expert_tiles(built):
+    """Experts with no rows, one row, and more than a block of 8; rows of no expert (sorted last) give 0."""
+    from longcat_jax.model.expert_tiles import tiled_expert_ffn
+
+    rng = np.random.default_rng(0)
+    E, D, F = 5, 32, 64
+    expert = np.array([0] * 11 + [2] + [3] * 3 + [E] * 2)  # sorted; experts 1 and 4 get none
+    starts = np.searchsorted(expert, np.arange(E + 1)).astype(np.int32)
+    xs = rng.standard_normal((len(expert), D), np.float32)
+    w_gate, w_up = (rng.standard_normal((E, D, F), np.float32) * 0.2 for _ in range(2))
+    w_down = rng.standard_normal((E, F, D), np.float32) * 0.2
+    y = np.asarray(jax.jit(cpu_matmul.grouped_swiglu)(xs, starts, w_gate, w_up, w_down))
+    routed = (expert < E)[:, None]
+    ref = np.asarray(tiled_expert_ffn(jnp.where(routed, xs, 0), starts, w_gate, w_up, w_down, 2))
+    np.testing.assert_allclose(y, np.where(routed, ref, 0), rtol=1e-5, atol=1e-5)
+    assert (y[~routed[:, 0]] == 0).all()
