@@ -5,7 +5,8 @@
 // for the whole K loop, so w streams from memory once (a second block of rows reads the panel again from
 // L2), and the rows of w a few steps ahead are prefetched. Panels are handed out in chunks to the calling
 // thread and to XLA's intra-op threads. Each output is summed in order of k, whatever M is: a row's result
-// does not depend on the other rows.
+// does not depend on the other rows. LongcatSmallRowsHeadsMatmul does the same for every head h of x [M, H, K]
+// and w [H, K, N] (MLA's absorbed per-head projections).
 //
 // LongcatGroupedSwiglu runs a MoE layer's experts the same way: rows sorted by expert, each expert's rows
 // through its own SwiGLU, silu(x Wg) * (x Wu) in a first phase, times Wd in a second.
@@ -28,6 +29,8 @@ namespace {
 using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 using Offsets = ffi::Buffer<ffi::S32, 1>;
+using Heads = ffi::Buffer<ffi::F32, 3>;
+using HeadsResult = ffi::ResultBuffer<ffi::F32, 3>;
 
 #if defined(__AVX512F__)
 typedef float Vec __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
@@ -41,91 +44,111 @@ constexpr int kRows = 8;                     // rows of a block: kRows * kPanelV
 constexpr int kPrefetchRows = 16;            // how many rows of w ahead to prefetch
 constexpr int64_t kPanelsPerChunk = 4;
 
+// Row r of x starts at x + r * ldx, row k of w at w + k * ldw, row r of y at y + r * ldy.
 template <int R>
-void Block(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t n0) {
+void Block(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy,
+           int64_t n0) {
   Vec acc[R][kPanelVecs];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec{};
   for (int64_t k = 0; k < K; ++k) {
-    const float* row = w + k * N + n0;
+    const float* row = w + k * ldw + n0;
     if (k + kPrefetchRows < K)
-      for (int c = 0; c < kPanel; c += 16) __builtin_prefetch(row + kPrefetchRows * N + c);
+      for (int c = 0; c < kPanel; c += 16) __builtin_prefetch(row + kPrefetchRows * ldw + c);
     Vec wv[kPanelVecs];
     for (int v = 0; v < kPanelVecs; ++v) wv[v] = *reinterpret_cast<const Vec*>(row + v * kLanes);
     for (int r = 0; r < R; ++r) {
-      const float xr = x[r * K + k];
+      const float xr = x[r * ldx + k];
       for (int v = 0; v < kPanelVecs; ++v) acc[r][v] += xr * wv[v];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kPanelVecs; ++v) *reinterpret_cast<Vec*>(y + r * N + n0 + v * kLanes) = acc[r][v];
+    for (int v = 0; v < kPanelVecs; ++v) *reinterpret_cast<Vec*>(y + r * ldy + n0 + v * kLanes) = acc[r][v];
 }
 
 // All M rows of one panel starting at column n0, kRows at a time.
-void Panel(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t n0) {
+void Panel(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw, float* y,
+           int64_t ldy, int64_t n0) {
   for (int64_t m = 0; m < M; m += kRows) {
-    const float* xb = x + m * K;
-    float* yb = y + m * N;
+    const float* xb = x + m * ldx;
+    float* yb = y + m * ldy;
     switch (std::min<int64_t>(kRows, M - m)) {
-      case 8: Block<8>(xb, K, w, N, yb, n0); break;
-      case 7: Block<7>(xb, K, w, N, yb, n0); break;
-      case 6: Block<6>(xb, K, w, N, yb, n0); break;
-      case 5: Block<5>(xb, K, w, N, yb, n0); break;
-      case 4: Block<4>(xb, K, w, N, yb, n0); break;
-      case 3: Block<3>(xb, K, w, N, yb, n0); break;
-      case 2: Block<2>(xb, K, w, N, yb, n0); break;
-      default: Block<1>(xb, K, w, N, yb, n0); break;
+      case 8: Block<8>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 7: Block<7>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 6: Block<6>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 5: Block<5>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 4: Block<4>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 3: Block<3>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 2: Block<2>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      default: Block<1>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
     }
   }
 }
 
-// The columns past the last full panel, one output at a time (summed in order of k, as the panels are).
-void TailColumns(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t n0) {
+// Columns n0 .. n1, one output at a time (summed in order of k, as the panels are).
+void Columns(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw, float* y,
+             int64_t ldy, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = n0; n < N; ++n) {
+    for (int64_t n = n0; n < n1; ++n) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[k * N + n];
-      y[m * N + n] = s;
+      for (int64_t k = 0; k < K; ++k) s += x[m * ldx + k] * w[k * ldw + n];
+      y[m * ldy + n] = s;
     }
 }
 
-// Shared by the calling thread and the helpers it schedules; a helper that starts after the work is done
-// finds no chunk left, so the caller never waits for a helper that has not started.
+// y[m, h] = x[m, h] @ w[h] for every head h: x [M, H, K], w [H, K, N], y [M, H, N] (H = 1: a plain matmul).
+// Work items are chunks of one head's panels, shared by the calling thread and the helpers it schedules; a
+// helper that starts after the work is done finds no item left, so the caller never waits for a helper that
+// has not started.
 struct Work {
   const float* x;
   const float* w;
   float* y;
-  int64_t M, K, N, panels, chunks;
+  int64_t M, H, K, N, panels, chunks;  // panels and chunks per head
   std::atomic<int64_t> next{0}, done{0};
 
   void Run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < H * chunks;) {
+      const int64_t h = i / chunks, c = i % chunks;
       const int64_t end = std::min(panels, (c + 1) * kPanelsPerChunk);
-      for (int64_t p = c * kPanelsPerChunk; p < end; ++p) Panel(x, M, K, w, N, y, p * kPanel);
+      for (int64_t p = c * kPanelsPerChunk; p < end; ++p)
+        Panel(x + h * K, H * K, M, K, w + h * K * N, N, y + h * N, H * N, p * kPanel);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
+void HeadsMatmul(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M, int64_t H,
+                 int64_t K, int64_t N) {
+  auto work = std::make_shared<Work>();
+  work->x = x, work->w = w, work->y = y;
+  work->M = M, work->H = H, work->K = K, work->N = N;
+  work->panels = N / kPanel;
+  work->chunks = (work->panels + kPanelsPerChunk - 1) / kPanelsPerChunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), H * work->chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  for (int64_t h = 0; h < H; ++h)
+    Columns(x + h * K, H * K, M, K, w + h * K * N, N, y + h * N, H * N, work->panels * kPanel, N);
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < H * work->chunks) std::this_thread::yield();
+}
+
 ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, Matrix x, Matrix w, MatrixResult y) {
   const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
   if (w.dimensions()[0] != K || y->dimensions()[0] != M || y->dimensions()[1] != N)
     return ffi::Error::InvalidArgument("small_rows_matmul: shapes do not match");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->y = y->typed_data();
-  work->M = M, work->K = K, work->N = N;
-  work->panels = N / kPanel;
-  work->chunks = (work->panels + kPanelsPerChunk - 1) / kPanelsPerChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  TailColumns(work->x, M, K, work->w, N, work->y, work->panels * kPanel);
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  HeadsMatmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, 1, K, N);
   return ffi::Error::Success();
 }
 
+ffi::Error SmallRowsHeadsMatmul(ffi::ThreadPool pool, Heads x, Heads w, HeadsResult y) {
+  const int64_t M = x.dimensions()[0], H = x.dimensions()[1], K = x.dimensions()[2], N = w.dimensions()[2];
+  if (w.dimensions()[0] != H || w.dimensions()[1] != K || y->dimensions()[0] != M || y->dimensions()[1] != H ||
+      y->dimensions()[2] != N)
+    return ffi::Error::InvalidArgument("small_rows_heads_matmul: shapes do not match");
+  HeadsMatmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, H, K, N);
+  return ffi::Error::Success();
+}
 
 // A MoE layer's experts over expert-sorted rows: for expert e, rows starts[e] .. starts[e+1] of xs [M, D] go
 // through y = (silu(x Wg[e]) * (x Wu[e])) Wd[e], Wg/Wu [D, F], Wd [F, D]; rows past starts[E] come out 0.
@@ -145,8 +168,8 @@ struct GroupedWork {
     const int64_t panels1 = F / kPanel, panels2 = D / kPanel;
     for (int64_t i; (i = next1.fetch_add(1, std::memory_order_relaxed)) < items1;) {
       const int64_t e = i / panels1, n0 = (i % panels1) * kPanel, r0 = row0[e];
-      Panel(xs + r0 * D, rows[e], D, gate[e], F, g.data() + r0 * F, n0);
-      Panel(xs + r0 * D, rows[e], D, up[e], F, u.data() + r0 * F, n0);
+      Panel(xs + r0 * D, D, rows[e], D, gate[e], F, g.data() + r0 * F, F, n0);
+      Panel(xs + r0 * D, D, rows[e], D, up[e], F, u.data() + r0 * F, F, n0);
       for (int64_t r = r0; r < r0 + rows[e]; ++r)
         for (int64_t c = n0; c < n0 + kPanel; ++c) {
           const float a = g[r * F + c];
@@ -157,7 +180,7 @@ struct GroupedWork {
     while (done1.load(std::memory_order_acquire) < items1) std::this_thread::yield();
     for (int64_t i; (i = next2.fetch_add(1, std::memory_order_relaxed)) < items2;) {
       const int64_t e = i / panels2, n0 = (i % panels2) * kPanel, r0 = row0[e];
-      Panel(g.data() + r0 * F, rows[e], F, down[e], D, y + r0 * D, n0);
+      Panel(g.data() + r0 * F, F, rows[e], F, down[e], D, y + r0 * D, D, n0);
       done2.fetch_add(1, std::memory_order_release);
     }
   }
@@ -219,3 +242,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatGroupedSwiglu, GroupedSwiglu,
                                   .Arg<Offsets>()
                                   .RemainingArgs()
                                   .Ret<Matrix>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatSmallRowsHeadsMatmul, SmallRowsHeadsMatmul,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Heads>().Arg<Heads>().Ret<Heads>());

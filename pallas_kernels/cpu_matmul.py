@@ -46,6 +46,7 @@ MAX_ROWS = 16  # at 32 rows XLA's matmul is as fast or faster on most weights (x
 MAX_GROUPED_ROWS = 32
 _TARGET = "longcat_small_rows_matmul"
 _GROUPED = "longcat_grouped_swiglu"
+_HEADS = "longcat_small_rows_heads_matmul"
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
 _active = contextvars.ContextVar("longcat_small_rows_matmul", default=False)
 
@@ -68,6 +69,17 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
         return jnp.tensordot(x, w, 1)
     y = small_rows_matmul(x.reshape(rows, k), w.reshape(k, -1))
     return y.reshape(*x.shape[:-1], *w.shape[1:])
+
+
+def heads_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Per head: x [..., H, K] @ w [H, K, N] -> [..., H, N] (`jnp.einsum("...hk,hkn->...hn")`), the custom call
+    inside `small_rows()` for float32 and at most MAX_ROWS rows of x, else XLA's."""
+    rows, (h, k) = math.prod(x.shape[:-2]), x.shape[-2:]
+    if not (_active.get() and x.dtype == w.dtype == jnp.float32 and 0 < rows <= MAX_ROWS and available()):
+        return jnp.einsum("...hk,hkn->...hn", x, w)
+    out = jax.ShapeDtypeStruct((rows, h, w.shape[-1]), jnp.float32)
+    y = jax.ffi.ffi_call(_HEADS, out)(x.reshape(rows, h, k), w)
+    return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def small_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -123,6 +135,7 @@ def _load() -> bool:
                     "slower for steps of 1-16 rows", e)
         return False
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.LongcatSmallRowsMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(_HEADS, jax.ffi.pycapsule(lib.LongcatSmallRowsHeadsMatmul), platform="cpu")
     jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(lib.LongcatGroupedSwiglu), platform="cpu")
     return True
 

@@ -20,7 +20,7 @@ from flax import nnx
 from longcat_jax.config import Config
 from longcat_jax.model.layers import apply_rope, param, rms_norm
 from longcat_jax.ops.masks import softmax_f32
-from pallas_kernels.cpu_matmul import matmul
+from pallas_kernels.cpu_matmul import heads_matmul, matmul
 
 
 class Absorbed(nnx.Variable):
@@ -124,7 +124,7 @@ def add_absorbed_weights(attn: MLA) -> None:
 def absorb_query(q_nope, w_uk):
     """q~ = W_UK^T q_nope [B,T,N,R] from W_UK [N,Hn,R]: the no-position query part, scored against the latent
     c_kv directly."""
-    return jnp.einsum("btnh,nhr->btnr", q_nope, w_uk.astype(q_nope.dtype))
+    return heads_matmul(q_nope, w_uk.astype(q_nope.dtype))
 
 
 def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
@@ -155,7 +155,7 @@ def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config, sp
 
 def latent_values(o_lat, w_uv):
     """W_UV: per-head values [B,T,N,Hv] from the latent sums o_lat [B,T,N,R] of absorbed attention."""
-    return jnp.einsum("btnr,nrh->btnh", o_lat, w_uv.astype(o_lat.dtype))
+    return heads_matmul(o_lat, w_uv.astype(o_lat.dtype))
 
 
 def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, scale: float):

@@ -79,3 +79,13 @@ def test_grouped_swiglu_equals_the_expert_tiles(built):
     ref = np.asarray(tiled_expert_ffn(jnp.where(routed, xs, 0), starts, w_gate, w_up, w_down, 2))
     np.testing.assert_allclose(y, np.where(routed, ref, 0), rtol=1e-5, atol=1e-5)
     assert (y[~routed[:, 0]] == 0).all()
+
+
+def test_heads_matmul_equals_the_einsum(built):
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 3, 4, 40), np.float32), rng.standard_normal((4, 40, 48), np.float32)
+    with cpu_matmul.small_rows():
+        lowered = jax.jit(lambda x, w: cpu_matmul.heads_matmul(x, w)).lower(x, w)
+    assert "longcat_small_rows_heads_matmul" in lowered.as_text()
+    ref = np.einsum("...hk,hkn->...hn", x.astype(np.float64), w.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(lowered.compile()(x, w)), ref, rtol=1e-5, atol=1e-5)
