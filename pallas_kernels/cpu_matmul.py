@@ -72,8 +72,8 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def heads_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Per head: x [..., H, K] @ w [H, K, N] -> [..., H, N] (`jnp.einsum("...hk,hkn->...hn")`), the custom call
-    inside `small_rows()` for float32 and at most MAX_ROWS rows of x, else XLA's."""
+    """Per head: x [..., H, K] @ w [H, K, N] -> [..., H, N] (`jnp.einsum("...hk,hkn->...hn")`): the custom
+    call inside `small_rows()` for float32 and at most MAX_ROWS rows of x, else XLA's."""
     rows, (h, k) = math.prod(x.shape[:-2]), x.shape[-2:]
     if not (_active.get() and x.dtype == w.dtype == jnp.float32 and 0 < rows <= MAX_ROWS and available()):
         return jnp.einsum("...hk,hkn->...hn", x, w)
