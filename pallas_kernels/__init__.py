@@ -1,7 +1,8 @@
 """Pallas kernels (sparse indexer, sparse MLA attention, N-gram lookup), each beside its plain-JAX path, and
-one C++ kernel for CPU serving (`cpu_matmul`: few-row float32 matmuls as an XLA FFI custom call).
+the CPU serving step's C++ kernels (`cpu_serving`: few-row matmuls, grouped experts and paged decode
+attention as XLA FFI custom calls).
 
-Every Pallas entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`); `cpu_matmul` runs where
+Every Pallas entry point takes `impl="auto" | "xla" | "pallas"` (see `impl.py`); `cpu_serving` runs where
 the CPU serving step asks for it (`small_rows`). The kernels import only
 `longcat_jax.ops` (math they share with the model), `longcat_jax.config` and `sharding`; the model imports
 the kernels, never the other way round.

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from longcat_jax.model.layers import swiglu_backward
-from pallas_kernels.cpu_matmul import matmul
+from pallas_kernels.cpu_serving import matmul
 
 
 def _tile_plan(starts, tile: int, max_tiles: int):

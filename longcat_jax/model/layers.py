@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
-from pallas_kernels.cpu_matmul import matmul
+from pallas_kernels.cpu_serving import matmul
 
 INIT_STD = 0.02  # HF `initializer_range`; docs/architecture.md#init
 

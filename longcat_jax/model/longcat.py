@@ -25,7 +25,7 @@ from longcat_jax.model.mla import add_absorbed_weights
 from longcat_jax.model.mtp import MTP
 from longcat_jax.model.ngram import NgramEmbedding, next_history
 from longcat_jax.model.paged_cache import PagedCache
-from pallas_kernels.cpu_matmul import matmul, small_rows
+from pallas_kernels.cpu_serving import matmul, small_rows
 from pallas_kernels.ngram_lookup import ngram_lookup
 from sharding.constrain import constrain
 from sharding.divisibility import check_divisible
@@ -314,7 +314,7 @@ def jit_paged_step(model: LongCat, unroll: bool | None = None):
     (`unstack_layers`) and runs them unrolled: XLA:CPU copies each layer's weights out of the stacked arrays
     in every step of the scan, and each expert's out of the stacked experts in every tile. The stacked model
     is rebuilt inside the step for its structure only (XLA drops the stack). On CPU the step's matmuls of few
-    rows run `pallas_kernels.cpu_matmul` (`small_rows`).
+    rows run `pallas_kernels.cpu_serving` (`small_rows`).
     """
     on_cpu = jax.default_backend() == "cpu"
     if unroll is None:

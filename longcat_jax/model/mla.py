@@ -20,7 +20,8 @@ from flax import nnx
 from longcat_jax.config import Config
 from longcat_jax.model.layers import apply_rope, param, rms_norm
 from longcat_jax.ops.masks import softmax_f32
-from pallas_kernels.cpu_matmul import heads_matmul, matmul
+from pallas_kernels import cpu_serving
+from pallas_kernels.cpu_serving import heads_matmul, matmul
 
 
 class Absorbed(nnx.Variable):
@@ -175,10 +176,14 @@ def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, s
     """
     B, W = page_table.shape
     S, R = W * pages.shape[1], q_lat.shape[-1]
+    q = jnp.concatenate([q_lat, q_rope], axis=-1).astype(pages.dtype)  # [B, N, R + Hr]
+    new_rows = new_rows.astype(pages.dtype)
+    if cpu_serving.paged_attention_applies(q, pages):  # the CPU serving step: one custom call
+        o = cpu_serving.paged_decode_attention(q, pages, page_table, positions, new_rows, scale)
+        return jax.lax.slice_in_dim(o, 0, R, axis=2)
     rows = pages[page_table].reshape(B, S, pages.shape[2])  # [B, S, R + Hr]
     pos = jnp.arange(S, dtype=jnp.int32)[None, :]
-    rows = jnp.where((pos == positions[:, None])[..., None], new_rows[:, None].astype(rows.dtype), rows)
-    q = jnp.concatenate([q_lat, q_rope], axis=-1).astype(rows.dtype)  # [B, N, R + Hr]
+    rows = jnp.where((pos == positions[:, None])[..., None], new_rows[:, None], rows)
     s = jnp.einsum("bsx,bnx->bsn", rows, q, preferred_element_type=jnp.float32) * scale
     # Never a fully masked row (position 0 is always valid), so the plain softmax: `softmax_f32`'s guards
     # against one cost this step 3-4% (they keep XLA from fusing the reductions over the middle axis).

@@ -34,7 +34,7 @@ from longcat_jax.config import Config
 from longcat_jax.model import expert_parallel
 from longcat_jax.model.expert_tiles import tiled_expert_ffn
 from longcat_jax.model.layers import expert_swiglu, param
-from pallas_kernels import cpu_matmul
+from pallas_kernels import cpu_serving
 from sharding.rules import RULES
 
 # --- Router ------------------------------------------------------------------------------------------------
@@ -168,8 +168,8 @@ def grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down) -> jax.Array:
         # its own code for a one-row matmul, and 32 experts' worth of them in every layer more than doubled
         # the decode step's compile time for a step at most 3% faster.
         per_expert = -(-xs.shape[0] // n_experts)
-        if cpu_matmul.grouped_applies(per_expert, xs, w_down):  # the CPU serving step
-            y = cpu_matmul.grouped_swiglu(xs, starts, w_gate, w_up, w_down)
+        if cpu_serving.grouped_applies(per_expert, xs, w_down):  # the CPU serving step
+            y = cpu_serving.grouped_swiglu(xs, starts, w_gate, w_up, w_down)
         else:
             tile = 64 if per_expert >= 64 else min(16, max(2, 1 << (per_expert - 1).bit_length()))
             y = tiled_expert_ffn(xs, starts, w_gate, w_up, w_down, tile)

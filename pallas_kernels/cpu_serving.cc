@@ -1,15 +1,18 @@
-// y = x @ w for a few rows of float32 on CPU, as an XLA FFI custom call (see cpu_matmul.py for why).
+// The CPU serving step's kernels, XLA FFI custom calls over float32 (see cpu_serving.py for why).
 //
-// x [M, K] and w [K, N] are row-major. The columns of w are cut into panels of kPanel columns; a panel's
-// rows are read once per block of up to kRows rows of x, with the block's outputs held in vector registers
-// for the whole K loop, so w streams from memory once (a second block of rows reads the panel again from
-// L2), and the rows of w a few steps ahead are prefetched. Panels are handed out in chunks to the calling
-// thread and to XLA's intra-op threads. Each output is summed in order of k, whatever M is: a row's result
-// does not depend on the other rows. LongcatSmallRowsHeadsMatmul does the same for every head h of x [M, H, K]
-// and w [H, K, N] (MLA's absorbed per-head projections).
+// LongcatSmallRowsMatmul: y = x @ w for a few rows; x [M, K] and w [K, N] are row-major. The columns of w are
+// cut into panels of kPanel columns; a panel's rows are read once per block of up to kRows rows of x, with
+// the block's outputs held in vector registers for the whole K loop, so w streams from memory once (a second
+// block of rows reads the panel again from L2), and the rows of w a few steps ahead are prefetched. Panels
+// are handed out in chunks to the calling thread and to XLA's intra-op threads. Each output is summed in
+// order of k, whatever M is: a row's result does not depend on the other rows.
+// LongcatSmallRowsHeadsMatmul does the same for every head h of x [M, H, K] and w [H, K, N] (MLA's absorbed
+// per-head projections).
 //
 // LongcatGroupedSwiglu runs a MoE layer's experts the same way: rows sorted by expert, each expert's rows
 // through its own SwiGLU, silu(x Wg) * (x Wu) in a first phase, times Wd in a second.
+//
+// LongcatPagedDecodeAttention: dense decode attention of one new token per sequence over its paged rows.
 
 #include <algorithm>
 #include <atomic>
@@ -30,6 +33,7 @@ using Matrix = ffi::Buffer<ffi::F32, 2>;
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 using Offsets = ffi::Buffer<ffi::S32, 1>;
 using Heads = ffi::Buffer<ffi::F32, 3>;
+using Table = ffi::Buffer<ffi::S32, 2>;
 using HeadsResult = ffi::ResultBuffer<ffi::F32, 3>;
 
 #if defined(__AVX512F__)
@@ -230,6 +234,95 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
   return ffi::Error::Success();
 }
 
+
+// Dense decode attention over a paged cache, one new token per sequence (mla.attend_paged_decode): for row b
+// and head n, o[b, n] = sum_t softmax_t(q[b, n] . row_t * scale) row_t over its positions t = 0 .. pos[b],
+// where row pos[b] is new_rows[b] and the others are read through the page table (a page index outside the
+// pool is clamped, as XLA's gather does). Each (row, group of heads) is one work item; its scores stay in a
+// scratch of L floats per head and its rows are read twice (scores, then values; the second time from cache).
+struct AttentionWork {
+  const float* q;
+  const float* pages;
+  const float* new_rows;
+  const int32_t* table;
+  const int32_t* positions;
+  float* o;
+  int64_t N, X, P, page, W, heads_per_item, groups, items;
+  float scale;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void Item(int64_t i) {
+    const int64_t b = i / groups, n0 = (i % groups) * heads_per_item, n1 = std::min(N, n0 + heads_per_item);
+    const int64_t pos = std::clamp<int64_t>(positions[b], 0, W * page - 1), L = pos + 1, H = n1 - n0;
+    const int64_t V = X / kLanes;
+    auto row = [&](int64_t t) {
+      if (t == pos) return new_rows + b * X;
+      const int64_t p = std::clamp<int64_t>(table[b * W + t / page], 0, P - 1);
+      return pages + (p * page + t % page) * X;
+    };
+    const float* qb = q + (b * N + n0) * X;
+    std::vector<float> s(H * L), acc(H * X, 0.f);
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec* r = reinterpret_cast<const Vec*>(row(t));
+      for (int64_t n = 0; n < H; ++n) {
+        const Vec* qn = reinterpret_cast<const Vec*>(qb + n * X);
+        Vec a = Vec{};
+        for (int64_t v = 0; v < V; ++v) a += qn[v] * r[v];
+        float sum = 0.f;
+        for (int l = 0; l < kLanes; ++l) sum += a[l];
+        s[n * L + t] = sum * scale;
+      }
+    }
+    std::vector<float> total(H);
+    for (int64_t n = 0; n < H; ++n) {
+      float* sn = s.data() + n * L;
+      const float m = *std::max_element(sn, sn + L);
+      float z = 0.f;
+      for (int64_t t = 0; t < L; ++t) z += (sn[t] = std::exp(sn[t] - m));
+      total[n] = z;
+    }
+    for (int64_t t = 0; t < L; ++t) {
+      const Vec* r = reinterpret_cast<const Vec*>(row(t));
+      for (int64_t n = 0; n < H; ++n) {
+        const float p = s[n * L + t];
+        Vec* an = reinterpret_cast<Vec*>(acc.data() + n * X);
+        for (int64_t v = 0; v < V; ++v) an[v] += p * r[v];
+      }
+    }
+    for (int64_t n = 0; n < H; ++n)
+      for (int64_t x = 0; x < X; ++x) o[(b * N + n0 + n) * X + x] = acc[n * X + x] / total[n];
+  }
+
+  void Run() {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      Item(i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, Heads q, Heads pages, Offsets positions,
+                                Table table, Matrix new_rows, HeadsResult o, float scale) {
+  const int64_t B = q.dimensions()[0], N = q.dimensions()[1], X = q.dimensions()[2];
+  if (pages.dimensions()[2] != X || new_rows.dimensions()[1] != X || table.dimensions()[0] != B ||
+      positions.dimensions()[0] != B || X % kLanes != 0)
+    return ffi::Error::InvalidArgument("paged_decode_attention: shapes do not match");
+  auto work = std::make_shared<AttentionWork>();
+  work->q = q.typed_data(), work->pages = pages.typed_data(), work->new_rows = new_rows.typed_data();
+  work->table = table.typed_data(), work->positions = positions.typed_data(), work->o = o->typed_data();
+  work->N = N, work->X = X, work->P = pages.dimensions()[0], work->page = pages.dimensions()[1];
+  work->W = table.dimensions()[1], work->scale = scale;
+  // One sequence's heads in two halves when it is alone, so that both threads have work.
+  work->groups = B == 1 && N > 1 ? 2 : 1;
+  work->heads_per_item = (N + work->groups - 1) / work->groups;
+  work->items = B * work->groups;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatSmallRowsMatmul, SmallRowsMatmul,
@@ -245,3 +338,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatGroupedSwiglu, GroupedSwiglu,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatSmallRowsHeadsMatmul, SmallRowsHeadsMatmul,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Heads>().Arg<Heads>().Ret<Heads>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatPagedDecodeAttention, PagedDecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Heads>()
+                                  .Arg<Heads>()
+                                  .Arg<Offsets>()
+                                  .Arg<Table>()
+                                  .Arg<Matrix>()
+                                  .Ret<Heads>()
+                                  .Attr<float>("scale"));

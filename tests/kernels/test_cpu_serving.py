@@ -1,4 +1,5 @@
-"""The few-row CPU matmul custom call against `x @ w`, its dispatch, and its fallback without a compiler."""
+"""The CPU serving step's custom calls against their references, their dispatch, and the build without a
+compiler."""
 
 import subprocess
 
@@ -7,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import cpu_matmul
+from pallas_kernels import cpu_serving
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU custom call")
 
 
 @pytest.fixture(scope="module")
 def built():
-    assert cpu_matmul.available(), "the kernel did not build (a C++ compiler is part of the test machine)"
+    assert cpu_serving.available(), "the kernel did not build (a C++ compiler is part of the test machine)"
 
 
 # Rows 1..16 (blocks of 8 and their remainders), columns with and without a partial panel, odd K.
@@ -22,11 +23,11 @@ def built():
 def test_equals_float64_reference_and_each_row_is_independent_of_the_others(built, m, k, n):
     rng = np.random.default_rng(m * 1000 + n)
     x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-    y = np.asarray(jax.jit(cpu_matmul.small_rows_matmul)(x, w))
+    y = np.asarray(jax.jit(cpu_serving.small_rows_matmul)(x, w))
     ref = x.astype(np.float64) @ w.astype(np.float64)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     # Summed in order of k whatever the batch: a row alone gives the same bits (batch invariance).
-    alone = np.asarray(jax.jit(cpu_matmul.small_rows_matmul)(x[-1:], w))
+    alone = np.asarray(jax.jit(cpu_serving.small_rows_matmul)(x[-1:], w))
     np.testing.assert_array_equal(alone[0], y[-1])
 
 
@@ -36,30 +37,30 @@ def test_matmul_dispatch(built):
     x, w = jnp.ones((2, 3, 8), jnp.float32), jnp.ones((8, 4, 5), jnp.float32)
 
     def hlo(x, w, enabled=True):  # a new function each time: jit reuses a trace of the same one
-        with cpu_matmul.small_rows(enabled):
-            return jax.jit(lambda x, w: cpu_matmul.matmul(x, w)).lower(x, w).as_text()
+        with cpu_serving.small_rows(enabled):
+            return jax.jit(lambda x, w: cpu_serving.matmul(x, w)).lower(x, w).as_text()
 
     assert "longcat_small_rows_matmul" in hlo(x, w)
     assert "longcat_small_rows_matmul" not in hlo(x, w, enabled=False)
-    assert "longcat_small_rows_matmul" not in hlo(jnp.ones((cpu_matmul.MAX_ROWS + 1, 8)), w)
+    assert "longcat_small_rows_matmul" not in hlo(jnp.ones((cpu_serving.MAX_ROWS + 1, 8)), w)
     assert "longcat_small_rows_matmul" not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    with cpu_matmul.small_rows():
-        y = jax.jit(cpu_matmul.matmul)(x, w)
+    with cpu_serving.small_rows():
+        y = jax.jit(cpu_serving.matmul)(x, w)
     np.testing.assert_array_equal(y, jnp.tensordot(x, w, 1))
 
 
 def test_bad_shapes_name_the_problem():
     with pytest.raises(ValueError, match=r"\[M, K\] @ \[K, N\]"):
-        cpu_matmul.small_rows_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
+        cpu_serving.small_rows_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
     with pytest.raises(ValueError, match="float32 only"):
-        cpu_matmul.small_rows_matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 5), jnp.bfloat16))
+        cpu_serving.small_rows_matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 5), jnp.bfloat16))
 
 
 def test_without_a_compiler_the_build_fails_with_a_named_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no library built earlier is found
     with pytest.raises((OSError, subprocess.SubprocessError), match="no-such-compiler"):
-        cpu_matmul._build()
+        cpu_serving._build()
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left where a later run would look
 
 
@@ -74,7 +75,7 @@ def test_grouped_swiglu_equals_the_expert_tiles(built):
     xs = rng.standard_normal((len(expert), D), np.float32)
     w_gate, w_up = (rng.standard_normal((E, D, F), np.float32) * 0.2 for _ in range(2))
     w_down = rng.standard_normal((E, F, D), np.float32) * 0.2
-    y = np.asarray(jax.jit(cpu_matmul.grouped_swiglu)(xs, starts, w_gate, w_up, w_down))
+    y = np.asarray(jax.jit(cpu_serving.grouped_swiglu)(xs, starts, w_gate, w_up, w_down))
     routed = (expert < E)[:, None]
     ref = np.asarray(tiled_expert_ffn(jnp.where(routed, xs, 0), starts, w_gate, w_up, w_down, 2))
     np.testing.assert_allclose(y, np.where(routed, ref, 0), rtol=1e-5, atol=1e-5)
@@ -84,8 +85,31 @@ def test_grouped_swiglu_equals_the_expert_tiles(built):
 def test_heads_matmul_equals_the_einsum(built):
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((2, 3, 4, 40), np.float32), rng.standard_normal((4, 40, 48), np.float32)
-    with cpu_matmul.small_rows():
-        lowered = jax.jit(lambda x, w: cpu_matmul.heads_matmul(x, w)).lower(x, w)
+    with cpu_serving.small_rows():
+        lowered = jax.jit(lambda x, w: cpu_serving.heads_matmul(x, w)).lower(x, w)
     assert "longcat_small_rows_heads_matmul" in lowered.as_text()
     ref = np.einsum("...hk,hkn->...hn", x.astype(np.float64), w.astype(np.float64))
     np.testing.assert_allclose(np.asarray(lowered.compile()(x, w)), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_equals_the_model_path(built):
+    """Against `mla.attend_paged_decode`'s XLA path: rows at position 0 (its own row only), mid-page and
+    last-row positions, a page index past the pool (clamped, as XLA's gather is), one sequence alone (its
+    heads split between the threads) and several."""
+    from longcat_jax.model.mla import attend_paged_decode
+
+    rng = np.random.default_rng(2)
+    P, page, N, R, Hr = 6, 4, 3, 16, 16
+    pages = rng.standard_normal((P, page, R + Hr), np.float32)
+    for positions, table in [([5], [[2, 0, 1]]), ([0, 7, 11], [[1, 4, 5], [3, 2, 9], [0, 5, 4]])]:
+        B = len(positions)
+        q_lat = rng.standard_normal((B, N, R), np.float32)
+        q_rope = rng.standard_normal((B, N, Hr), np.float32)
+        new_rows = rng.standard_normal((B, R + Hr), np.float32)
+        args = (q_lat, q_rope, pages, np.array(table, np.int32), np.array(positions, np.int32), new_rows, 0.3)
+        ref = jax.jit(attend_paged_decode, static_argnums=6)(*args)
+        with cpu_serving.small_rows():
+            lowered = jax.jit(lambda *a: attend_paged_decode(*a, 0.3)).lower(*args[:6])
+        assert "longcat_paged_decode_attention" in lowered.as_text()
+        np.testing.assert_allclose(np.asarray(lowered.compile()(*args[:6])), np.asarray(ref), rtol=1e-5,
+                                   atol=1e-5)

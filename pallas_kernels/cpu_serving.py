@@ -1,22 +1,24 @@
-"""A float32 matmul for few rows on CPU (a serving step's decode rows), and a MoE layer's experts over their
-few rows each, as XLA FFI custom calls.
+"""The CPU serving step's own kernels, XLA FFI custom calls over float32: matmuls of few rows (decode rows),
+a MoE layer's experts over their few rows each, and dense decode attention over the paged cache.
 
-Reference: `x @ w` (`small_rows_matmul`); `expert_tiles.tiled_expert_ffn` (`grouped_swiglu`).
+Reference: `x @ w` (`matmul`, `small_rows_matmul`); `jnp.einsum("...hk,hkn->...hn")` (`heads_matmul`);
+`longcat_jax.model.expert_tiles.tiled_expert_ffn` (`grouped_swiglu`); `longcat_jax.model.mla.
+attend_paged_decode` (`paged_decode_attention`).
 
-XLA:CPU runs a matmul of 2 to 32 rows through a kernel that streams the weight at about half the memory
+Why: XLA:CPU runs a matmul of 2 to 32 rows through a kernel that streams the weight at about half the memory
 bandwidth a one-row matmul gets (on a 2-core Xeon: 8 rows x [512, 1536] 217 us, one row 86 us), and a
 serving step of a few decode rows is little else: its dense, attention-projection and LM-head matmuls read
-every weight once. `cpu_matmul.cc` keeps a block of up to 8 rows' outputs in registers while it streams a
-panel of the weight once. bench/cpu_matmul.py on a 2-core Xeon: 2-8 rows 1.15-1.7x faster than XLA's on
-the serving benchmark model's weights; its serving steps 1.15x (one decode row), 1.25x (8 rows), 1.13x (32)
-and 1.07-1.12x (prefill chunks of 64-256 tokens, through the expert tiles). `grouped_swiglu` runs all of a
-layer's experts in one call, each expert's rows against its own weights, in place of the expert tiles' loop
-of switches (2-6% more on those steps).
+every weight once. `cpu_serving.cc` keeps a block of up to 8 rows' outputs in registers while it streams a
+panel of the weight once, summing every output in order of k whatever the batch (bench/cpu_serving.py on a
+2-core Xeon: 2-8 rows 1.15-1.7x faster than XLA's on the serving benchmark model's weights).
+`grouped_swiglu` runs all of a layer's experts in one call, each expert's rows against its own weights, in
+place of the expert tiles' loop of switches. `paged_decode_attention` reads each sequence's rows through its
+page table where XLA gathers them into a copy first and then reads that twice, for the scores and the values.
 
 The C++ source is compiled on first use with the machine's C++ compiler ($CXX, else `c++`) for this CPU, into
-~/.cache/longcat-jax/cpu_matmul/, and registered with XLA. Where it cannot be built
-(no compiler), `matmul` warns once and falls back to `x @ w`. It runs only inside `small_rows()`, which the
-CPU serving step sets while it is traced; training and every other backend keep XLA's matmul.
+~/.cache/longcat-jax/cpu_serving/, and registered with XLA. Where it cannot be built (no compiler), a warning
+says so once and the step keeps XLA's paths. The kernels run only inside `small_rows()`, which the CPU
+serving step (`longcat.jit_paged_step`) sets while it is traced; training and every other backend keep XLA's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 log = logging.getLogger("longcat_jax.kernels")
 
@@ -47,13 +50,15 @@ MAX_GROUPED_ROWS = 32
 _TARGET = "longcat_small_rows_matmul"
 _GROUPED = "longcat_grouped_swiglu"
 _HEADS = "longcat_small_rows_heads_matmul"
-_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_matmul.cc")
-_active = contextvars.ContextVar("longcat_small_rows_matmul", default=False)
+_ATTENTION = "longcat_paged_decode_attention"
+_SOURCE = os.path.join(os.path.dirname(__file__), "cpu_serving.cc")
+_active = contextvars.ContextVar("longcat_cpu_serving_kernels", default=False)
 
 
 @contextlib.contextmanager
 def small_rows(enabled: bool = True):
-    """Within it, `matmul` of at most MAX_ROWS float32 rows traced for CPU runs the custom call."""
+    """Within it (while a CPU program is traced), the functions here run their custom calls where they
+    apply."""
     token = _active.set(enabled)
     try:
         yield
@@ -117,6 +122,27 @@ def grouped_swiglu(xs: jax.Array, starts: jax.Array, w_gate: jax.Array, w_up: ja
     return jax.ffi.ffi_call(_GROUPED, out)(xs, starts.astype(jnp.int32), *weights)
 
 
+def paged_attention_applies(q: jax.Array, pages: jax.Array) -> bool:
+    """Whether `paged_decode_attention` runs here: inside `small_rows()`, float32, rows a multiple of 16."""
+    return (_active.get() and q.dtype == pages.dtype == jnp.float32 and q.shape[-1] % 16 == 0
+            and available())
+
+
+def paged_decode_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array, positions: jax.Array,
+                           new_rows: jax.Array, scale: float) -> jax.Array:
+    """Dense decode attention of one new token per sequence over its paged rows, as one custom call (CPU only;
+    `paged_attention_applies` first). Reference: `longcat_jax.model.mla.attend_paged_decode`.
+
+    q [B, N, X] (latent query | rope query), pages [P, page, X], page_table [B, W] int32, positions [B] int32
+    (the new token's, whose own row is new_rows [B, X]); all float32. Returns [B, N, X]: softmax over
+    positions 0 .. positions[b] of q . row * scale, times the rows.
+    """
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call(_ATTENTION, out)
+    return call(q, pages, positions.astype(jnp.int32), page_table.astype(jnp.int32), new_rows,
+                scale=np.float32(scale))
+
+
 _lock = threading.Lock()  # step programs are traced from several threads (`StepPrograms.compile_all`)
 
 
@@ -131,12 +157,13 @@ def _load() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(_build())
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("the CPU few-row matmul kernel could not be built (%s); serving steps use XLA's matmul, "
-                    "slower for steps of 1-16 rows", e)
+        log.warning("the CPU serving kernels could not be built (%s); serving steps use XLA's matmuls and "
+                    "attention, slower for decode steps", e)
         return False
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.LongcatSmallRowsMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(_HEADS, jax.ffi.pycapsule(lib.LongcatSmallRowsHeadsMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(_GROUPED, jax.ffi.pycapsule(lib.LongcatGroupedSwiglu), platform="cpu")
+    for target, symbol in ((_TARGET, lib.LongcatSmallRowsMatmul), (_HEADS, lib.LongcatSmallRowsHeadsMatmul),
+                           (_GROUPED, lib.LongcatGroupedSwiglu),
+                           (_ATTENTION, lib.LongcatPagedDecodeAttention)):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
 
 
@@ -148,8 +175,8 @@ def _build() -> str:
         source = f.read()
     key = hashlib.sha256("\0".join([source.decode(), importlib.metadata.version("jaxlib"), cxx, *flags,
                                      _cpu_description()]).encode()).hexdigest()[:16]
-    folder = os.path.expanduser("~/.cache/longcat-jax/cpu_matmul")
-    path = os.path.join(folder, f"cpu_matmul-{key}.so")
+    folder = os.path.expanduser("~/.cache/longcat-jax/cpu_serving")
+    path = os.path.join(folder, f"cpu_serving-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(folder, exist_ok=True)

@@ -1,15 +1,16 @@
-"""The few-row CPU matmul (`pallas_kernels.cpu_matmul`) against XLA's, alone and inside the serving step.
+"""The CPU serving step's kernels (`pallas_kernels.cpu_serving`) against XLA's paths: the few-row matmul
+alone, and whole serving steps with every kernel on or off.
 
-    python bench/cpu_matmul.py [--reps N] [--out PATH.json]
+    python bench/cpu_serving.py [--reps N] [--out PATH.json]
 
   matmuls   x [M, K] @ w [K, N] in float32 for the serving benchmark model's weight shapes, M = 1..32 rows;
             32 different weights per call, so that they stream from memory as a decode step's do. Median
             microseconds per matmul and the weight bytes read per second.
   steps     `paged_step` programs of a random model with the serving benchmark's dimensions (the `small`
-            preset in the Flash layout, vocabulary 8192): decode steps of 1-32 rows over 256 positions and
-            prefill chunks, compiled twice in one process (the kernel off: `cpu_matmul.MAX_ROWS = 0` while
-            tracing; on: as served) and run alternately with random tokens after warm-up. Greedy logits of
-            the two are compared as a check.
+            preset in the Flash layout, vocabulary 8192): decode steps of 1-32 rows (positions 100 of 256,
+            or of 512 for 32 rows) and prefill chunks, compiled twice in one process (kernels off: the
+            build reported unavailable while tracing; on: as served) and run alternately with random tokens
+            after warm-up. The logits of the two are compared as a check.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import longcat_jax as lj  # noqa: E402
 from longcat_jax.model.paged_cache import init_paged_cache  # noqa: E402
 from longcat_jax.serving.settings import EngineSettings  # noqa: E402
 from longcat_jax.serving.step_programs import StepPrograms  # noqa: E402
-from pallas_kernels import cpu_matmul  # noqa: E402
+from pallas_kernels import cpu_serving  # noqa: E402
 
-DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "cpu_matmul.json")
+DEFAULT_OUT = os.path.join(ROOT, "bench", "results", "cpu_serving.json")
 
 
 def timed(fn, args, reps: int) -> float:
@@ -60,7 +61,7 @@ def bench_matmuls(cfg, reps: int) -> list[dict]:
         for M in (1, 2, 4, 8, 16, 32):
             x = jnp.asarray(rng.standard_normal((M, K), np.float32))
             xla = jax.jit(lambda x, ws: [x @ w for w in ws])
-            ours = jax.jit(lambda x, ws: [cpu_matmul.small_rows_matmul(x, w) for w in ws])
+            ours = jax.jit(lambda x, ws: [cpu_serving.small_rows_matmul(x, w) for w in ws])
             np.testing.assert_allclose(np.asarray(ours(x, weights[:1])[0]), np.asarray(x @ weights[0]),
                                        rtol=1e-4, atol=1e-3)
             t_xla, t_ours = (timed(f, (x, weights), reps) / len(weights) for f in (xla, ours))
@@ -78,12 +79,12 @@ def bench_steps(cfg, reps: int) -> list[dict]:
     model = lj.build_model(cfg, seed=0)
     settings = EngineSettings(max_num_seqs=32, max_model_len=512).checked()
     cache = init_paged_cache(cfg, settings.pool_pages, settings.page_size)
-    sides, default = {}, cpu_matmul.MAX_ROWS
-    for name, max_rows in (("xla", 0), ("kernel", default)):
-        cpu_matmul.MAX_ROWS = max_rows  # read while a program is traced, i.e. in `_compile` below
+    sides, available = {}, cpu_serving.available
+    for name, built in (("xla", lambda: False), ("kernel", available)):
+        cpu_serving.available = built  # asked while a program is traced, i.e. in `_compile` below
         programs = StepPrograms(model, settings, cache)
         sides[name] = (programs, {shape: programs._compile(shape) for shape in STEP_SHAPES})
-    cpu_matmul.MAX_ROWS = default
+    cpu_serving.available = available
     rng = np.random.default_rng(0)
     rows = []
     for shape in STEP_SHAPES:
@@ -127,11 +128,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args(argv)
-    if not cpu_matmul.available():
+    if not cpu_serving.available():
         raise SystemExit("the kernel could not be built on this machine (see the warning above)")
     cfg = lj.Config.small(vocab_size=8192, ngram_n=0, use_indexer=False, si_enabled=False, hi_enabled=False,
                           mtp_num_steps=0)
-    result = dict(command="python bench/cpu_matmul.py " + " ".join(argv or sys.argv[1:]),
+    result = dict(command="python bench/cpu_serving.py " + " ".join(argv or sys.argv[1:]),
                   date=datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
                   machine=dict(processor=platform.processor(), cpus=os.cpu_count(), jax=jax.__version__,
                                cpu_model=next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
