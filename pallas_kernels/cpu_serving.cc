@@ -238,9 +238,11 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
 // Dense decode attention over a paged cache, one new token per sequence (mla.attend_paged_decode): for row b
 // and head n, o[b, n] = sum_t softmax_t(q[b, n] . row_t * scale) row_t over its positions t = 0 .. pos[b],
 // where row pos[b] is new_rows[b] and the others are read through the page table (a page index outside the
-// pool is clamped, as XLA's gather does). Each (row, group of heads) is one work item; its scores stay in a
-// scratch of L floats per head and its rows are read twice (scores, then values; the second time from cache).
+// pool is clamped, as XLA's gather does). Each (row, group of heads) is one work item. Its rows are read
+// once, a block at a time: the block's scores, then its values while its rows are still in cache, with the
+// running maximum and sum of the softmax rescaled once per block.
 struct AttentionWork {
+  static constexpr int64_t kBlock = 64;
   const float* q;
   const float* pages;
   const float* new_rows;
@@ -253,40 +255,45 @@ struct AttentionWork {
 
   void Item(int64_t i) {
     const int64_t b = i / groups, n0 = (i % groups) * heads_per_item, n1 = std::min(N, n0 + heads_per_item);
-    const int64_t pos = std::clamp<int64_t>(positions[b], 0, W * page - 1), L = pos + 1, H = n1 - n0;
-    const int64_t V = X / kLanes;
+    const int64_t pos = std::clamp<int64_t>(positions[b], 0, W * page - 1), H = n1 - n0, V = X / kLanes;
     auto row = [&](int64_t t) {
       if (t == pos) return new_rows + b * X;
       const int64_t p = std::clamp<int64_t>(table[b * W + t / page], 0, P - 1);
       return pages + (p * page + t % page) * X;
     };
     const float* qb = q + (b * N + n0) * X;
-    std::vector<float> s(H * L), acc(H * X, 0.f);
-    for (int64_t t = 0; t < L; ++t) {
-      const Vec* r = reinterpret_cast<const Vec*>(row(t));
-      for (int64_t n = 0; n < H; ++n) {
-        const Vec* qn = reinterpret_cast<const Vec*>(qb + n * X);
-        Vec a = Vec{};
-        for (int64_t v = 0; v < V; ++v) a += qn[v] * r[v];
-        float sum = 0.f;
-        for (int l = 0; l < kLanes; ++l) sum += a[l];
-        s[n * L + t] = sum * scale;
+    std::vector<float> s(H * kBlock), acc(H * X, 0.f), top(H, -INFINITY), total(H, 0.f);
+    const float* rows[kBlock];
+    for (int64_t t0 = 0; t0 <= pos; t0 += kBlock) {
+      const int64_t T = std::min(kBlock, pos + 1 - t0);
+      for (int64_t j = 0; j < T; ++j) {
+        rows[j] = row(t0 + j);
+        const Vec* r = reinterpret_cast<const Vec*>(rows[j]);
+        for (int64_t n = 0; n < H; ++n) {
+          const Vec* qn = reinterpret_cast<const Vec*>(qb + n * X);
+          Vec a = Vec{};
+          for (int64_t v = 0; v < V; ++v) a += qn[v] * r[v];
+          float sum = 0.f;
+          for (int l = 0; l < kLanes; ++l) sum += a[l];
+          s[n * kBlock + j] = sum * scale;
+        }
       }
-    }
-    std::vector<float> total(H);
-    for (int64_t n = 0; n < H; ++n) {
-      float* sn = s.data() + n * L;
-      const float m = *std::max_element(sn, sn + L);
-      float z = 0.f;
-      for (int64_t t = 0; t < L; ++t) z += (sn[t] = std::exp(sn[t] - m));
-      total[n] = z;
-    }
-    for (int64_t t = 0; t < L; ++t) {
-      const Vec* r = reinterpret_cast<const Vec*>(row(t));
       for (int64_t n = 0; n < H; ++n) {
-        const float p = s[n * L + t];
-        Vec* an = reinterpret_cast<Vec*>(acc.data() + n * X);
-        for (int64_t v = 0; v < V; ++v) an[v] += p * r[v];
+        float* sn = s.data() + n * kBlock;
+        const float m = std::max(top[n], *std::max_element(sn, sn + T));
+        const float rescale = std::exp(top[n] - m);  // 0 before the first block
+        total[n] *= rescale;
+        for (int64_t x = 0; x < X; ++x) acc[n * X + x] *= rescale;
+        for (int64_t j = 0; j < T; ++j) total[n] += (sn[j] = std::exp(sn[j] - m));
+        top[n] = m;
+      }
+      for (int64_t j = 0; j < T; ++j) {
+        const Vec* r = reinterpret_cast<const Vec*>(rows[j]);
+        for (int64_t n = 0; n < H; ++n) {
+          const float p = s[n * kBlock + j];
+          Vec* an = reinterpret_cast<Vec*>(acc.data() + n * X);
+          for (int64_t v = 0; v < V; ++v) an[v] += p * r[v];
+        }
       }
     }
     for (int64_t n = 0; n < H; ++n)

@@ -178,7 +178,7 @@ def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, s
     S, R = W * pages.shape[1], q_lat.shape[-1]
     q = jnp.concatenate([q_lat, q_rope], axis=-1).astype(pages.dtype)  # [B, N, R + Hr]
     new_rows = new_rows.astype(pages.dtype)
-    if cpu_serving.paged_attention_applies(q, pages):  # the CPU serving step: one custom call
+    if cpu_serving.paged_attention_applies(q, pages, page_table):  # the CPU serving step: one custom call
         o = cpu_serving.paged_decode_attention(q, pages, page_table, positions, new_rows, scale)
         return jax.lax.slice_in_dim(o, 0, R, axis=2)
     rows = pages[page_table].reshape(B, S, pages.shape[2])  # [B, S, R + Hr]

@@ -93,23 +93,33 @@ def test_heads_matmul_equals_the_einsum(built):
 
 
 def test_paged_decode_attention_equals_the_model_path(built):
-    """Against `mla.attend_paged_decode`'s XLA path: rows at position 0 (its own row only), mid-page and
-    last-row positions, a page index past the pool (clamped, as XLA's gather is), one sequence alone (its
-    heads split between the threads) and several."""
+    """Against `mla.attend_paged_decode`'s XLA path: rows at position 0 (its own row only), within the first
+    block of 64 rows and across blocks (the softmax rescaled per block), a page index past the pool (clamped,
+    as XLA's gather is), one sequence alone (its heads split between the threads) and several."""
     from longcat_jax.model.mla import attend_paged_decode
 
     rng = np.random.default_rng(2)
-    P, page, N, R, Hr = 6, 4, 3, 16, 16
+    P, page, N, R, Hr = 12, 16, 3, 16, 16
     pages = rng.standard_normal((P, page, R + Hr), np.float32)
-    for positions, table in [([5], [[2, 0, 1]]), ([0, 7, 11], [[1, 4, 5], [3, 2, 9], [0, 5, 4]])]:
+    table = rng.permutation(P)[:8]
+    for positions, tables in [([5], [table[:3]]), ([0, 77, 127], [table, table[::-1], [*table[:7], P + 3]])]:
         B = len(positions)
         q_lat = rng.standard_normal((B, N, R), np.float32)
         q_rope = rng.standard_normal((B, N, Hr), np.float32)
         new_rows = rng.standard_normal((B, R + Hr), np.float32)
-        args = (q_lat, q_rope, pages, np.array(table, np.int32), np.array(positions, np.int32), new_rows, 0.3)
-        ref = jax.jit(attend_paged_decode, static_argnums=6)(*args)
+        args = (q_lat, q_rope, pages, np.array(tables, np.int32), np.array(positions, np.int32), new_rows)
+        ref = jax.jit(attend_paged_decode, static_argnums=6)(*args, 0.3)
         with cpu_serving.small_rows():
-            lowered = jax.jit(lambda *a: attend_paged_decode(*a, 0.3)).lower(*args[:6])
+            lowered = jax.jit(lambda *a: attend_paged_decode(*a, 0.3)).lower(*args)
         assert "longcat_paged_decode_attention" in lowered.as_text()
-        np.testing.assert_allclose(np.asarray(lowered.compile()(*args[:6])), np.asarray(ref), rtol=1e-5,
+        np.testing.assert_allclose(np.asarray(lowered.compile()(*args)), np.asarray(ref), rtol=1e-5,
                                    atol=1e-5)
+
+
+def test_paged_decode_attention_leaves_one_long_sequence_to_xla(built):
+    pages, q = jnp.ones((4, 16, 32)), jnp.ones((1, 2, 32))
+    long_table = jnp.zeros((1, cpu_serving.MAX_ALONE_POSITIONS // 16 + 1), jnp.int32)
+    with cpu_serving.small_rows():
+        assert cpu_serving.paged_attention_applies(q, pages, long_table[:, :-1])
+        assert not cpu_serving.paged_attention_applies(q, pages, long_table)
+        assert cpu_serving.paged_attention_applies(jnp.ones((2, 2, 32)), pages, jnp.zeros((2, 1000), jnp.int32))
