@@ -14,6 +14,9 @@ panel of the weight once, summing every output in order of k whatever the batch 
 `grouped_swiglu` runs all of a layer's experts in one call, each expert's rows against its own weights, in
 place of the expert tiles' loop of switches. `paged_decode_attention` reads each sequence's rows through its
 page table where XLA gathers them into a copy first and then reads that twice, for the scores and the values.
+All together, against XLA's paths in one process (bench/cpu_serving.py, 2-core Xeon, the serving benchmark's
+model): decode steps of 1 / 8 / 16 / 32 rows 1.33x / 1.51x / 1.51x / 1.88x faster, prefill chunks of 64-256
+tokens 1.11-1.15x.
 
 The C++ source is compiled on first use with the machine's C++ compiler ($CXX, else `c++`) for this CPU, into
 ~/.cache/longcat-jax/cpu_serving/, and registered with XLA. Where it cannot be built (no compiler), a warning
