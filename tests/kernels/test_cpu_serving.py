@@ -122,4 +122,5 @@ def test_paged_decode_attention_leaves_one_long_sequence_to_xla(built):
     with cpu_serving.small_rows():
         assert cpu_serving.paged_attention_applies(q, pages, long_table[:, :-1])
         assert not cpu_serving.paged_attention_applies(q, pages, long_table)
-        assert cpu_serving.paged_attention_applies(jnp.ones((2, 2, 32)), pages, jnp.zeros((2, 1000), jnp.int32))
+        several = jnp.ones((2, 2, 32)), pages, jnp.zeros((2, 1000), jnp.int32)
+        assert cpu_serving.paged_attention_applies(*several)
