@@ -46,13 +46,14 @@ import numpy as np
 
 log = logging.getLogger("longcat_jax.kernels")
 
-MAX_ROWS = 16  # at 32 rows XLA's matmul is as fast or faster on most weights (x [1536, 512]: 348 vs 374 us)
+MAX_ROWS = 16  # at 32 rows no longer faster on every weight (x [1536, 512]: 374 against XLA's 348 us)
 # The grouped experts beat 16-row tiles of XLA's or this matmul up to 32 rows per expert (prefill chunks of
 # 160 and 256 tokens on the serving benchmark's model: 3-4%); training batches keep XLA's 64-row tiles.
 MAX_GROUPED_ROWS = 32
 # A sequence decoding alone splits its heads between the threads, which then both read all its rows: on the
 # serving benchmark's attention (8 heads, rows of 160) 1.6-2x faster than XLA's up to 2048 positions, 0.83x
-# at 4096, and its decode step at 32K positions took 48 ms against XLA's 34. Several sequences split by row.
+# at 4096; the LSA benchmark's dense decode step at 32K positions took 48 ms against XLA's 34. Several
+# sequences split by row.
 MAX_ALONE_POSITIONS = 2048
 _TARGET = "longcat_small_rows_matmul"
 _GROUPED = "longcat_grouped_swiglu"
@@ -156,7 +157,7 @@ _lock = threading.Lock()  # step programs are traced from several threads (`Step
 
 
 def available() -> bool:
-    """Whether the custom call is built and registered (built now if it was not); warns once if not."""
+    """Whether the custom calls are built and registered (built now if they were not); warns once if not."""
     with _lock:
         return _load()
 

@@ -313,8 +313,8 @@ def jit_paged_step(model: LongCat, unroll: bool | None = None):
     unroll (None: on CPU only) holds the layers' parameters as separate per-layer (and per-expert) arrays
     (`unstack_layers`) and runs them unrolled: XLA:CPU copies each layer's weights out of the stacked arrays
     in every step of the scan, and each expert's out of the stacked experts in every tile. The stacked model
-    is rebuilt inside the step for its structure only (XLA drops the stack). On CPU the step's matmuls of few
-    rows run `pallas_kernels.cpu_serving` (`small_rows`).
+    is rebuilt inside the step for its structure only (XLA drops the stack). On CPU the step runs its own
+    kernels where they apply (`pallas_kernels.cpu_serving`, `small_rows`).
     """
     on_cpu = jax.default_backend() == "cpu"
     if unroll is None:
