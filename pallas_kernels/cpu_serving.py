@@ -6,11 +6,11 @@ Reference: `x @ w` (`matmul`, `small_rows_matmul`); `jnp.einsum("...hk,hkn->...h
 attend_paged_decode` (`paged_decode_attention`).
 
 Why: XLA:CPU runs a matmul of 2 to 32 rows through a kernel that streams the weight at about half the memory
-bandwidth a one-row matmul gets (on a 2-core Xeon: 8 rows x [512, 1536] 217 us, one row 86 us), and a
+bandwidth a one-row matmul gets (on a 2-core Xeon: 8 rows x [512, 1536] 207-257 us, one row 86-95), and a
 serving step of a few decode rows is little else: its dense, attention-projection and LM-head matmuls read
 every weight once. `cpu_serving.cc` keeps a block of up to 8 rows' outputs in registers while it streams a
 panel of the weight once, summing every output in order of k whatever the batch (bench/cpu_serving.py on a
-2-core Xeon: 2-8 rows 1.15-1.7x faster than XLA's on the serving benchmark model's weights).
+2-core Xeon: 2-8 rows 1.2-2.0x faster than XLA's on the serving benchmark model's weights).
 `grouped_swiglu` runs all of a layer's experts in one call, each expert's rows against its own weights, in
 place of the expert tiles' loop of switches. `paged_decode_attention` reads each sequence's rows through its
 page table where XLA gathers them into a copy first and then reads that twice, for the scores and the values.
