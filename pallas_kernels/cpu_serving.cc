@@ -100,10 +100,19 @@ void Columns(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, 
     }
 }
 
+// Runs work->Run() on the calling thread and on up to items - 1 of XLA's intra-op threads; returns when
+// work->Finished(). Each Work hands out its items from atomic counters: a helper that starts after the work
+// is done finds none left, so the caller never waits for a helper that has not started.
+template <typename Shared>
+void RunShared(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& work, int64_t items) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (!work->Finished()) std::this_thread::yield();
+}
+
 // y[m, h] = x[m, h] @ w[h] for every head h: x [M, H, K], w [H, K, N], y [M, H, N] (H = 1: a plain matmul).
-// Work items are chunks of one head's panels, shared by the calling thread and the helpers it schedules; a
-// helper that starts after the work is done finds no item left, so the caller never waits for a helper that
-// has not started.
+// Work items are chunks of one head's panels.
 struct Work {
   const float* x;
   const float* w;
@@ -120,6 +129,8 @@ struct Work {
       done.fetch_add(1, std::memory_order_release);
     }
   }
+
+  bool Finished() const { return done.load(std::memory_order_acquire) == H * chunks; }
 };
 
 void HeadsMatmul(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M, int64_t H,
@@ -129,12 +140,9 @@ void HeadsMatmul(ffi::ThreadPool& pool, const float* x, const float* w, float* y
   work->M = M, work->H = H, work->K = K, work->N = N;
   work->panels = N / kPanel;
   work->chunks = (work->panels + kPanelsPerChunk - 1) / kPanelsPerChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), H * work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
   for (int64_t h = 0; h < H; ++h)
     Columns(x + h * K, H * K, M, K, w + h * K * N, N, y + h * N, H * N, work->panels * kPanel, N);
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < H * work->chunks) std::this_thread::yield();
+  RunShared(pool, work, H * work->chunks);
 }
 
 ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, Matrix x, Matrix w, MatrixResult y) {
@@ -188,6 +196,8 @@ struct GroupedWork {
       done2.fetch_add(1, std::memory_order_release);
     }
   }
+
+  bool Finished() const { return done2.load(std::memory_order_acquire) == items2; }
 };
 
 ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
@@ -227,10 +237,7 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
   work->items2 = active * (D / kPanel);
   const int64_t routed = std::clamp<int64_t>(s[E], 0, M);
   std::memset(work->y + routed * D, 0, (M - routed) * D * sizeof(float));
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items1) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done2.load(std::memory_order_acquire) < work->items2) std::this_thread::yield();
+  RunShared(pool, work, work->items1);
   return ffi::Error::Success();
 }
 
@@ -306,6 +313,8 @@ struct AttentionWork {
       done.fetch_add(1, std::memory_order_release);
     }
   }
+
+  bool Finished() const { return done.load(std::memory_order_acquire) == items; }
 };
 
 ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, Heads q, Heads pages, Offsets positions,
@@ -323,10 +332,7 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, Heads q, Heads pages, Offs
   work->groups = B == 1 && N > 1 ? 2 : 1;
   work->heads_per_item = (N + work->groups - 1) / work->groups;
   work->items = B * work->groups;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  RunShared(pool, work, work->items);
   return ffi::Error::Success();
 }
 

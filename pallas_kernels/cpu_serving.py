@@ -74,11 +74,16 @@ def small_rows(enabled: bool = True):
         _active.reset(token)
 
 
+def _enabled(*arrays: jax.Array) -> bool:
+    """Inside `small_rows()`, every array float32, and the kernels built."""
+    return _active.get() and all(a.dtype == jnp.float32 for a in arrays) and available()
+
+
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., K] contracted with w [K, ...] (`jnp.tensordot(x, w, 1)`): the custom call inside `small_rows()`
     for float32 and at most MAX_ROWS rows of x, else XLA's dot."""
     rows, k = math.prod(x.shape[:-1]), x.shape[-1]
-    if not (_active.get() and x.dtype == w.dtype == jnp.float32 and 0 < rows <= MAX_ROWS and available()):
+    if not (0 < rows <= MAX_ROWS and _enabled(x, w)):
         return jnp.tensordot(x, w, 1)
     y = small_rows_matmul(x.reshape(rows, k), w.reshape(k, -1))
     return y.reshape(*x.shape[:-1], *w.shape[1:])
@@ -88,7 +93,7 @@ def heads_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """Per head: x [..., H, K] @ w [H, K, N] -> [..., H, N] (`jnp.einsum("...hk,hkn->...hn")`): the custom
     call inside `small_rows()` for float32 and at most MAX_ROWS rows of x, else XLA's."""
     rows, (h, k) = math.prod(x.shape[:-2]), x.shape[-2:]
-    if not (_active.get() and x.dtype == w.dtype == jnp.float32 and 0 < rows <= MAX_ROWS and available()):
+    if not (0 < rows <= MAX_ROWS and _enabled(x, w)):
         return jnp.einsum("...hk,hkn->...hn", x, w)
     out = jax.ShapeDtypeStruct((rows, h, w.shape[-1]), jnp.float32)
     y = jax.ffi.ffi_call(_HEADS, out)(x.reshape(rows, h, k), w)
@@ -109,8 +114,7 @@ def grouped_applies(rows_per_expert: int, xs: jax.Array, w_down: jax.Array) -> b
     """Whether a MoE layer's experts run `grouped_swiglu` here: inside `small_rows()`, float32, at most
     MAX_GROUPED_ROWS rows per expert on average, and D and F multiples of 32 (the panel width)."""
     _, f, d = w_down.shape
-    return (_active.get() and xs.dtype == w_down.dtype == jnp.float32 and rows_per_expert <= MAX_GROUPED_ROWS
-            and d % 32 == 0 and f % 32 == 0 and available())
+    return rows_per_expert <= MAX_GROUPED_ROWS and d % 32 == 0 and f % 32 == 0 and _enabled(xs, w_down)
 
 
 def grouped_swiglu(xs: jax.Array, starts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -134,8 +138,7 @@ def paged_attention_applies(q: jax.Array, pages: jax.Array, page_table: jax.Arra
     """Whether `paged_decode_attention` runs here: inside `small_rows()`, float32, rows a multiple of 16, and
     not one sequence over more than MAX_ALONE_POSITIONS positions."""
     alone_and_long = q.shape[0] == 1 and page_table.shape[1] * pages.shape[1] > MAX_ALONE_POSITIONS
-    return (_active.get() and q.dtype == pages.dtype == jnp.float32 and q.shape[-1] % 16 == 0
-            and not alone_and_long and available())
+    return q.shape[-1] % 16 == 0 and not alone_and_long and _enabled(q, pages)
 
 
 def paged_decode_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array, positions: jax.Array,

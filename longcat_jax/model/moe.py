@@ -159,14 +159,15 @@ def grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down) -> jax.Array:
         u = jax.lax.ragged_dot(xs, w_up, group_sizes)
         y = jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes)  # [M, D]
     else:
-        # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work). Tiles of 64 rows
-        # suit training. Below that (serving steps), a tile holds the rows an expert gets on average (a power
-        # of two), 2 to 16: each tile reads its expert's weights again, the rows it holds past its expert's
-        # last are computed in full. On the serving benchmark's model and a 2-core Intel Xeon (AVX-512) this
-        # made decode steps of 32 rows and prefill chunks of 64-224 tokens 1-6% faster than tiles of half
-        # the average, which an AMD EPYC had favoured by 3-9% on 128-256-token chunks. Not 1: XLA:CPU emits
-        # its own code for a one-row matmul, and 32 experts' worth of them in every layer more than doubled
-        # the decode step's compile time for a step at most 3% faster.
+        # XLA:CPU lowers ragged_dot to a dense matmul over every expert (E times the work). The CPU serving
+        # step runs up to 32 rows per expert in one custom call (`cpu_serving.grouped_swiglu`); elsewhere the
+        # loop over tiles. Tiles of 64 rows suit training. Below that, a tile holds the rows an expert gets on
+        # average (a power of two), 2 to 16: each tile reads its expert's weights again, the rows it holds
+        # past its expert's last are computed in full. On the serving benchmark's model and a 2-core Intel
+        # Xeon (AVX-512) this made decode steps of 32 rows and prefill chunks of 64-224 tokens 1-6% faster
+        # than tiles of half the average, which an AMD EPYC had favoured by 3-9% on 128-256-token chunks.
+        # Not 1: XLA:CPU emits its own code for a one-row matmul, and 32 experts' worth of them in every layer
+        # more than doubled the decode step's compile time for a step at most 3% faster.
         per_expert = -(-xs.shape[0] // n_experts)
         if cpu_serving.grouped_applies(per_expert, xs, w_down):  # the CPU serving step
             y = cpu_serving.grouped_swiglu(xs, starts, w_gate, w_up, w_down)
