@@ -1,4 +1,5 @@
-// The CPU serving step's kernels, XLA FFI custom calls over float32 (see cpu_serving.py for why).
+// The CPU serving step's kernels, XLA FFI custom calls over float32 activations; the matmuls' weights are
+// float32 or bfloat16, widened to float32 as they are loaded (see cpu_serving.py for why).
 //
 // LongcatSmallRowsMatmul: y = x @ w for a few rows; x [M, K] and w [K, N] are row-major. The columns of w are
 // cut into panels of kPanel columns; a panel's rows are read once per block of up to kRows rows of x, with
@@ -30,6 +31,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using Matrix = ffi::Buffer<ffi::F32, 2>;
+using Weight = ffi::AnyBuffer;  // float32 or bfloat16
 using MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 using Offsets = ffi::Buffer<ffi::S32, 1>;
 using Heads = ffi::Buffer<ffi::F32, 3>;
@@ -42,62 +44,126 @@ typedef float Vec __attribute__((vector_size(64), aligned(4)));  // unaligned lo
 typedef float Vec __attribute__((vector_size(32), aligned(4)));
 #endif
 constexpr int kLanes = sizeof(Vec) / sizeof(float);
-constexpr int kPanelVecs = 2;
-constexpr int kPanel = kPanelVecs * kLanes;  // columns of a panel
-constexpr int kRows = 8;                     // rows of a block: kRows * kPanelVecs accumulators
-constexpr int kPrefetchRows = 16;            // how many rows of w ahead to prefetch
-constexpr int64_t kPanelsPerChunk = 4;
+typedef uint32_t IntVec __attribute__((vector_size(kLanes * 4), aligned(4)));
+using Bf16 = uint16_t;  // a bfloat16's bits: the top half of a float32's
 
-// Row r of x starts at x + r * ldx, row k of w at w + k * ldw, row r of y at y + r * ldy.
-template <int R>
-void Block(const float* x, int64_t ldx, int64_t K, const float* w, int64_t ldw, float* y, int64_t ldy,
-           int64_t n0) {
-  Vec acc[R][kPanelVecs];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = Vec{};
-  for (int64_t k = 0; k < K; ++k) {
-    const float* row = w + k * ldw + n0;
-    if (k + kPrefetchRows < K)
-      for (int c = 0; c < kPanel; c += 16) __builtin_prefetch(row + kPrefetchRows * ldw + c);
-    Vec wv[kPanelVecs];
-    for (int v = 0; v < kPanelVecs; ++v) wv[v] = *reinterpret_cast<const Vec*>(row + v * kLanes);
-    for (int r = 0; r < R; ++r) {
-      const float xr = x[r * ldx + k];
-      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] += xr * wv[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kPanelVecs; ++v) *reinterpret_cast<Vec*>(y + r * ldy + n0 + v * kLanes) = acc[r][v];
+// A weight's data as W (float or Bf16; the caller has checked its element type).
+template <typename W>
+const W* Data(const ffi::AnyBuffer& w) {
+  return static_cast<const W*>(w.untyped_data());
 }
 
-// All M rows of one panel starting at column n0, kRows at a time.
-void Panel(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw, float* y,
+// A bfloat16 is exact in float32: its bits are a float32's top half.
+inline float Widen(float v) { return v; }
+inline float Widen(Bf16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
+// A panel's row is two vectors of float32 weights (two 64-byte lines with AVX-512): four vectors' worth of
+// bfloat16 columns, so that a bfloat16 panel streams as many lines per row as a float32 one (with one line
+// per row, the bfloat16 matmuls ran at float32's speed: the lines in flight, not the bytes, set the rate).
+template <typename W>
+constexpr int kPanelVecs = 2 * sizeof(float) / sizeof(W);
+template <typename W>
+constexpr int kPanel = kPanelVecs<W> * kLanes;  // columns of a panel
+constexpr int kPrefetchRows = 16;          // how many rows of w ahead to prefetch
+constexpr int64_t kPanelsPerChunk = 4;
+
+// One panel row of weights as V float32 vectors (V = kPanelVecs<W>, or half that for the columns past the
+// last panel). float32: the columns in order. bfloat16: each 32-bit lane holds columns 2i and 2i+1, widened
+// with one shift (the even column) and one mask (the odd one), so vector 2p holds the even columns of the
+// p-th group of 2 * kLanes and vector 2p+1 its odd ones (`StoreRow` puts them back in order). Converting
+// 16-bit lanes to 32-bit ones instead took as many instructions as the loads and FMAs together, and made the
+// bfloat16 matmuls barely faster than float32's.
+template <int V>
+void LoadRow(const float* row, Vec* out) {
+  for (int v = 0; v < V; ++v) out[v] = *reinterpret_cast<const Vec*>(row + v * kLanes);
+}
+template <int V>
+void LoadRow(const Bf16* row, Vec* out) {
+  for (int p = 0; p < V / 2; ++p) {
+    const IntVec pairs = *reinterpret_cast<const IntVec*>(row + 2 * p * kLanes);
+    out[2 * p] = __builtin_bit_cast(Vec, pairs << 16);
+    out[2 * p + 1] = __builtin_bit_cast(Vec, pairs & 0xFFFF0000u);
+  }
+}
+
+// The sums of one panel row, laid out as `LoadRow` laid out its weights, into y in column order.
+template <int V>
+void StoreRow(const Vec* acc, float* y, const float*) {
+  for (int v = 0; v < V; ++v) *reinterpret_cast<Vec*>(y + v * kLanes) = acc[v];
+}
+template <int V>
+void StoreRow(const Vec* acc, float* y, const Bf16*) {
+  for (int p = 0; p < V / 2; ++p)
+    for (int i = 0; i < kLanes; ++i) {
+      y[2 * p * kLanes + 2 * i] = acc[2 * p][i];
+      y[2 * p * kLanes + 2 * i + 1] = acc[2 * p + 1][i];
+    }
+}
+
+// Row r of x starts at x + r * ldx, row k of w at w + k * ldw, row r of y at y + r * ldy.
+template <int R, int V, typename W>
+void Block(const float* x, int64_t ldx, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy,
+           int64_t n0) {
+  Vec acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec{};
+  for (int64_t k = 0; k < K; ++k) {
+    const W* row = w + k * ldw + n0;
+    if (k + kPrefetchRows < K)  // one prefetch per 64-byte line
+      for (int c = 0; c < V * kLanes; c += 64 / sizeof(W)) __builtin_prefetch(row + kPrefetchRows * ldw + c);
+    Vec wv[V];
+    LoadRow<V>(row, wv);
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * ldx + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += xr * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) StoreRow<V>(acc[r], y + r * ldy + n0, w);
+}
+
+// All M rows of one panel of V vectors' columns starting at column n0, in blocks of up to 16 accumulators.
+template <typename W, int V = kPanelVecs<W>>
+void Panel(const float* x, int64_t ldx, int64_t M, int64_t K, const W* w, int64_t ldw, float* y,
            int64_t ldy, int64_t n0) {
+  constexpr int64_t kRows = std::min(8, 16 / V);
   for (int64_t m = 0; m < M; m += kRows) {
     const float* xb = x + m * ldx;
     float* yb = y + m * ldy;
     switch (std::min<int64_t>(kRows, M - m)) {
-      case 8: Block<8>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
-      case 7: Block<7>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
-      case 6: Block<6>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
-      case 5: Block<5>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
-      case 4: Block<4>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
-      case 3: Block<3>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
-      case 2: Block<2>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
-      default: Block<1>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 8: Block<8, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 7: Block<7, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 6: Block<6, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 5: Block<5, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 4: Block<4, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 3: Block<3, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      case 2: Block<2, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
+      default: Block<1, V>(xb, ldx, K, w, ldw, yb, ldy, n0); break;
     }
   }
 }
 
 // Columns n0 .. n1, one output at a time (summed in order of k, as the panels are).
-void Columns(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t ldw, float* y,
+template <typename W>
+void Columns(const float* x, int64_t ldx, int64_t M, int64_t K, const W* w, int64_t ldw, float* y,
              int64_t ldy, int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = n0; n < n1; ++n) {
       float s = 0.f;
-      for (int64_t k = 0; k < K; ++k) s += x[m * ldx + k] * w[k * ldw + n];
+      for (int64_t k = 0; k < K; ++k) s += x[m * ldx + k] * Widen(w[k * ldw + n]);
       y[m * ldy + n] = s;
     }
+}
+
+// Columns n0 .. n1 past the last whole panel: a half panel where it fits (the 32 columns past a bfloat16
+// matmul's 64-column panels, as in MLA's [D, R + Hr] = [., 160] projection), the rest one at a time.
+template <typename W>
+void Tail(const float* x, int64_t ldx, int64_t M, int64_t K, const W* w, int64_t ldw, float* y, int64_t ldy,
+          int64_t n0, int64_t n1) {
+  constexpr int kHalf = kPanelVecs<W> / 2;
+  if (n1 - n0 >= kHalf * kLanes) {
+    Panel<W, kHalf>(x, ldx, M, K, w, ldw, y, ldy, n0);
+    n0 += kHalf * kLanes;
+  }
+  Columns(x, ldx, M, K, w, ldw, y, ldy, n0, n1);
 }
 
 // Runs work->Run() on the calling thread and on up to items - 1 of XLA's intra-op threads; returns when
@@ -113,9 +179,10 @@ void RunShared(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& work, int64
 
 // y[m, h] = x[m, h] @ w[h] for every head h: x [M, H, K], w [H, K, N], y [M, H, N] (H = 1: a plain matmul).
 // Work items are chunks of one head's panels.
+template <typename W>
 struct Work {
   const float* x;
-  const float* w;
+  const W* w;
   float* y;
   int64_t M, H, K, N, panels, chunks;  // panels and chunks per head
   std::atomic<int64_t> next{0}, done{0};
@@ -125,7 +192,7 @@ struct Work {
       const int64_t h = i / chunks, c = i % chunks;
       const int64_t end = std::min(panels, (c + 1) * kPanelsPerChunk);
       for (int64_t p = c * kPanelsPerChunk; p < end; ++p)
-        Panel(x + h * K, H * K, M, K, w + h * K * N, N, y + h * N, H * N, p * kPanel);
+        Panel(x + h * K, H * K, M, K, w + h * K * N, N, y + h * N, H * N, p * kPanel<W>);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -133,57 +200,70 @@ struct Work {
   bool Finished() const { return done.load(std::memory_order_acquire) == H * chunks; }
 };
 
-void HeadsMatmul(ffi::ThreadPool& pool, const float* x, const float* w, float* y, int64_t M, int64_t H,
+template <typename W>
+void HeadsMatmul(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t M, int64_t H,
                  int64_t K, int64_t N) {
-  auto work = std::make_shared<Work>();
+  auto work = std::make_shared<Work<W>>();
   work->x = x, work->w = w, work->y = y;
   work->M = M, work->H = H, work->K = K, work->N = N;
-  work->panels = N / kPanel;
+  work->panels = N / kPanel<W>;
   work->chunks = (work->panels + kPanelsPerChunk - 1) / kPanelsPerChunk;
   for (int64_t h = 0; h < H; ++h)
-    Columns(x + h * K, H * K, M, K, w + h * K * N, N, y + h * N, H * N, work->panels * kPanel, N);
+    Tail(x + h * K, H * K, M, K, w + h * K * N, N, y + h * N, H * N, work->panels * kPanel<W>, N);
   RunShared(pool, work, H * work->chunks);
 }
 
-ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, Matrix x, Matrix w, MatrixResult y) {
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
-  if (w.dimensions()[0] != K || y->dimensions()[0] != M || y->dimensions()[1] != N)
-    return ffi::Error::InvalidArgument("small_rows_matmul: shapes do not match");
-  HeadsMatmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, 1, K, N);
+// HeadsMatmul over a float32 or bfloat16 weight w [H, K, N] (rank 2: H = 1); x [M, H, K], y [M, H, N].
+ffi::Error AnyHeadsMatmul(ffi::ThreadPool& pool, const float* x, const Weight& w, float* y, int64_t M,
+                          int64_t H, int64_t K, int64_t N) {
+  switch (w.element_type()) {
+    case ffi::DataType::F32: HeadsMatmul(pool, x, Data<float>(w), y, M, H, K, N); break;
+    case ffi::DataType::BF16: HeadsMatmul(pool, x, Data<Bf16>(w), y, M, H, K, N); break;
+    default: return ffi::Error::InvalidArgument("small_rows_matmul: the weight must be float32 or bfloat16");
+  }
   return ffi::Error::Success();
 }
 
-ffi::Error SmallRowsHeadsMatmul(ffi::ThreadPool pool, Heads x, Heads w, HeadsResult y) {
-  const int64_t M = x.dimensions()[0], H = x.dimensions()[1], K = x.dimensions()[2], N = w.dimensions()[2];
-  if (w.dimensions()[0] != H || w.dimensions()[1] != K || y->dimensions()[0] != M || y->dimensions()[1] != H ||
-      y->dimensions()[2] != N)
+ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, Matrix x, Weight w, MatrixResult y) {
+  const int64_t M = x.dimensions()[0], K = x.dimensions()[1];
+  if (w.dimensions().size() != 2 || w.dimensions()[0] != K || y->dimensions()[0] != M ||
+      y->dimensions()[1] != w.dimensions()[1])
+    return ffi::Error::InvalidArgument("small_rows_matmul: shapes do not match");
+  return AnyHeadsMatmul(pool, x.typed_data(), w, y->typed_data(), M, 1, K, w.dimensions()[1]);
+}
+
+ffi::Error SmallRowsHeadsMatmul(ffi::ThreadPool pool, Heads x, Weight w, HeadsResult y) {
+  const int64_t M = x.dimensions()[0], H = x.dimensions()[1], K = x.dimensions()[2];
+  if (w.dimensions().size() != 3 || w.dimensions()[0] != H || w.dimensions()[1] != K ||
+      y->dimensions()[0] != M || y->dimensions()[1] != H || y->dimensions()[2] != w.dimensions()[2])
     return ffi::Error::InvalidArgument("small_rows_heads_matmul: shapes do not match");
-  HeadsMatmul(pool, x.typed_data(), w.typed_data(), y->typed_data(), M, H, K, N);
-  return ffi::Error::Success();
+  return AnyHeadsMatmul(pool, x.typed_data(), w, y->typed_data(), M, H, K, w.dimensions()[2]);
 }
 
 // A MoE layer's experts over expert-sorted rows: for expert e, rows starts[e] .. starts[e+1] of xs [M, D] go
 // through y = (silu(x Wg[e]) * (x Wu[e])) Wd[e], Wg/Wu [D, F], Wd [F, D]; rows past starts[E] come out 0.
 // Work items are (expert, panel) pairs: phase 1 fills h [M, F] panel by panel, phase 2 (after all of phase
 // 1) reads it. A helper that finds no phase-1 item left waits for phase 1 to end before it takes phase 2's.
+template <typename W>
 struct GroupedWork {
   const float* xs;
   float* y;
   int64_t D, F;
   std::vector<int64_t> row0, rows;  // of each expert with rows
-  std::vector<const float*> gate, up, down;
+  std::vector<const W*> gate, up, down;
   std::vector<float> g, u;  // [M, F] scratch: x Wg and x Wu, then h = silu(g) * u in g
   int64_t items1, items2;
   std::atomic<int64_t> next1{0}, done1{0}, next2{0}, done2{0};
 
   void Run() {
-    const int64_t panels1 = F / kPanel, panels2 = D / kPanel;
+    constexpr int64_t P = kPanel<W>;
+    const int64_t panels1 = F / P, panels2 = D / P;
     for (int64_t i; (i = next1.fetch_add(1, std::memory_order_relaxed)) < items1;) {
-      const int64_t e = i / panels1, n0 = (i % panels1) * kPanel, r0 = row0[e];
+      const int64_t e = i / panels1, n0 = (i % panels1) * P, r0 = row0[e];
       Panel(xs + r0 * D, D, rows[e], D, gate[e], F, g.data() + r0 * F, F, n0);
       Panel(xs + r0 * D, D, rows[e], D, up[e], F, u.data() + r0 * F, F, n0);
       for (int64_t r = r0; r < r0 + rows[e]; ++r)
-        for (int64_t c = n0; c < n0 + kPanel; ++c) {
+        for (int64_t c = n0; c < n0 + P; ++c) {
           const float a = g[r * F + c];
           g[r * F + c] = a / (1.f + std::exp(-a)) * u[r * F + c];
         }
@@ -191,7 +271,7 @@ struct GroupedWork {
     }
     while (done1.load(std::memory_order_acquire) < items1) std::this_thread::yield();
     for (int64_t i; (i = next2.fetch_add(1, std::memory_order_relaxed)) < items2;) {
-      const int64_t e = i / panels2, n0 = (i % panels2) * kPanel, r0 = row0[e];
+      const int64_t e = i / panels2, n0 = (i % panels2) * P, r0 = row0[e];
       Panel(g.data() + r0 * F, F, rows[e], F, down[e], D, y + r0 * D, D, n0);
       done2.fetch_add(1, std::memory_order_release);
     }
@@ -200,17 +280,20 @@ struct GroupedWork {
   bool Finished() const { return done2.load(std::memory_order_acquire) == items2; }
 };
 
-ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
-                         ffi::RemainingArgs weights, MatrixResult y) {
+template <typename W>
+ffi::Error Grouped(ffi::ThreadPool& pool, const Matrix& xs, const Offsets& starts,
+                   const ffi::RemainingArgs& weights, MatrixResult& y) {
   const int64_t M = xs.dimensions()[0], D = xs.dimensions()[1], E = starts.dimensions()[0] - 1;
-  if (E < 1 || static_cast<int64_t>(weights.size()) != 3 * E)
-    return ffi::Error::InvalidArgument("grouped_swiglu: takes 3 weights per expert");
-  auto work = std::make_shared<GroupedWork>();
+  const ffi::DataType type = weights.get<Weight>(0)->element_type();
+  auto work = std::make_shared<GroupedWork<W>>();
   const int32_t* s = starts.typed_data();
   for (int64_t e = 0; e < E; ++e) {
-    auto wg = weights.get<Matrix>(e), wu = weights.get<Matrix>(E + e), wd = weights.get<Matrix>(2 * E + e);
+    auto wg = weights.get<Weight>(e), wu = weights.get<Weight>(E + e), wd = weights.get<Weight>(2 * E + e);
     if (!wg.has_value() || !wu.has_value() || !wd.has_value())
-      return ffi::Error::InvalidArgument("grouped_swiglu: weights must be 2-D float32");
+      return ffi::Error::InvalidArgument("grouped_swiglu: the weights must be buffers");
+    for (const Weight* w : {&*wg, &*wu, &*wd})
+      if (w->dimensions().size() != 2 || w->element_type() != type)
+        return ffi::Error::InvalidArgument("grouped_swiglu: weights must be 2-D and of one dtype");
     if (e == 0) work->F = wg->dimensions()[1];
     if (wg->dimensions()[0] != D || wu->dimensions()[0] != D || wd->dimensions()[1] != D ||
         wg->dimensions()[1] != work->F || wu->dimensions()[1] != work->F || wd->dimensions()[0] != work->F)
@@ -219,13 +302,13 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
     if (r1 > r0) {
       work->row0.push_back(r0);
       work->rows.push_back(r1 - r0);
-      work->gate.push_back(wg->typed_data());
-      work->up.push_back(wu->typed_data());
-      work->down.push_back(wd->typed_data());
+      work->gate.push_back(Data<W>(*wg));
+      work->up.push_back(Data<W>(*wu));
+      work->down.push_back(Data<W>(*wd));
     }
   }
   const int64_t F = work->F;
-  if (F % kPanel != 0 || D % kPanel != 0)
+  if (F % kPanel<W> != 0 || D % kPanel<W> != 0)
     return ffi::Error::InvalidArgument("grouped_swiglu: D and F must be multiples of the panel width");
   work->xs = xs.typed_data();
   work->y = y->typed_data();
@@ -233,12 +316,26 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts,
   work->g.resize(M * F);
   work->u.resize(M * F);
   const int64_t active = work->rows.size();
-  work->items1 = active * (F / kPanel);
-  work->items2 = active * (D / kPanel);
+  work->items1 = active * (F / kPanel<W>);
+  work->items2 = active * (D / kPanel<W>);
   const int64_t routed = std::clamp<int64_t>(s[E], 0, M);
   std::memset(work->y + routed * D, 0, (M - routed) * D * sizeof(float));
   RunShared(pool, work, work->items1);
   return ffi::Error::Success();
+}
+
+ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts, ffi::RemainingArgs weights,
+                         MatrixResult y) {
+  const int64_t E = starts.dimensions()[0] - 1;
+  if (E < 1 || static_cast<int64_t>(weights.size()) != 3 * E)
+    return ffi::Error::InvalidArgument("grouped_swiglu: takes 3 weights per expert");
+  auto first = weights.get<Weight>(0);
+  if (!first.has_value()) return ffi::Error::InvalidArgument("grouped_swiglu: the weights must be buffers");
+  switch (first->element_type()) {
+    case ffi::DataType::F32: return Grouped<float>(pool, xs, starts, weights, y);
+    case ffi::DataType::BF16: return Grouped<Bf16>(pool, xs, starts, weights, y);
+    default: return ffi::Error::InvalidArgument("grouped_swiglu: the weights must be float32 or bfloat16");
+  }
 }
 
 
@@ -339,7 +436,11 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, Heads q, Heads pages, Offs
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatSmallRowsMatmul, SmallRowsMatmul,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Matrix>().Arg<Matrix>().Ret<Matrix>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Matrix>()
+                                  .Arg<Weight>()
+                                  .Ret<Matrix>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatGroupedSwiglu, GroupedSwiglu,
                               ffi::Ffi::Bind()
@@ -350,7 +451,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatGroupedSwiglu, GroupedSwiglu,
                                   .Ret<Matrix>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatSmallRowsHeadsMatmul, SmallRowsHeadsMatmul,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Heads>().Arg<Heads>().Ret<Heads>());
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Heads>()
+                                  .Arg<Weight>()
+                                  .Ret<Heads>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LongcatPagedDecodeAttention, PagedDecodeAttention,
                               ffi::Ffi::Bind()

@@ -1,5 +1,8 @@
-"""The CPU serving step's own kernels, XLA FFI custom calls over float32: matmuls of few rows (decode rows),
-a MoE layer's experts over their few rows each, and dense decode attention over the paged cache.
+"""The CPU serving step's own kernels, XLA FFI custom calls over float32 activations: matmuls of few rows
+(decode rows), a MoE layer's experts over their few rows each, and dense decode attention over the paged
+cache.
+The matmuls read float32 or bfloat16 weights; a bfloat16 one is widened to float32 as it is loaded (exact), so
+a checkpoint kept in bfloat16 streams half the bytes per decode step and computes what its float32 copy would.
 
 Reference: `x @ w` (`matmul`, `small_rows_matmul`); `jnp.einsum("...hk,hkn->...hn")` (`heads_matmul`);
 `longcat_jax.model.expert_tiles.tiled_expert_ffn` (`grouped_swiglu`); `longcat_jax.model.mla.
@@ -74,47 +77,71 @@ def small_rows(enabled: bool = True):
         _active.reset(token)
 
 
-def _enabled(*arrays: jax.Array) -> bool:
-    """Inside `small_rows()`, every array float32, and the kernels built."""
-    return _active.get() and all(a.dtype == jnp.float32 for a in arrays) and available()
+WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _enabled(x: jax.Array, w: jax.Array) -> bool:
+    """Inside `small_rows()`, x float32, w float32 or bfloat16, and the kernels built."""
+    return _active.get() and x.dtype == jnp.float32 and w.dtype in WEIGHT_DTYPES and available()
+
+
+def _kernel_applies(rows: int, x: jax.Array, w: jax.Array) -> bool:
+    """Whether a matmul of `rows` rows runs the custom call: inside `small_rows()` with float32 x, at most
+    MAX_ROWS rows for a float32 w, any number for a bfloat16 one. XLA:CPU would convert a bfloat16 weight to
+    float32 first at about 1.3 ms per million weights (512 x 1536: ~1 ms, more than the matmul of 256 rows
+    takes here); beyond 16 rows this kernel runs about as fast as XLA's float32 dot (16-256 rows x [512,
+    1536]: 0.9-1.1x), widening the weight as it reads it."""
+    return 0 < rows and (rows <= MAX_ROWS or w.dtype == jnp.bfloat16) and _enabled(x, w)
+
+
+def compute_weight(w: jax.Array, dtype) -> jax.Array:
+    """w for a matmul computed in `dtype`: cast to it, except while the CPU serving step is traced, where a
+    bfloat16 weight stays as it is for a float32 step: the matmuls here widen it as they read it (half the
+    bytes), and cast it themselves where they fall back to XLA's."""
+    if _active.get() and w.dtype == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32:
+        return w
+    return w.astype(dtype)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] contracted with w [K, ...] (`jnp.tensordot(x, w, 1)`): the custom call inside `small_rows()`
-    for float32 and at most MAX_ROWS rows of x, else XLA's dot."""
+    """x [..., K] contracted with w [K, ...] in x's dtype (`jnp.tensordot(x, w.astype(x.dtype), 1)`): the
+    custom call where `_kernel_applies`, else XLA's dot."""
     rows, k = math.prod(x.shape[:-1]), x.shape[-1]
-    if not (0 < rows <= MAX_ROWS and _enabled(x, w)):
-        return jnp.tensordot(x, w, 1)
+    if not _kernel_applies(rows, x, w):
+        return jnp.tensordot(x, w.astype(x.dtype), 1)
     y = small_rows_matmul(x.reshape(rows, k), w.reshape(k, -1))
     return y.reshape(*x.shape[:-1], *w.shape[1:])
 
 
 def heads_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Per head: x [..., H, K] @ w [H, K, N] -> [..., H, N] (`jnp.einsum("...hk,hkn->...hn")`): the custom
-    call inside `small_rows()` for float32 and at most MAX_ROWS rows of x, else XLA's."""
+    """Per head: x [..., H, K] @ w [H, K, N] -> [..., H, N] in x's dtype (`jnp.einsum("...hk,hkn->...hn")`):
+    the custom call where `_kernel_applies`, else XLA's."""
     rows, (h, k) = math.prod(x.shape[:-2]), x.shape[-2:]
-    if not (0 < rows <= MAX_ROWS and _enabled(x, w)):
-        return jnp.einsum("...hk,hkn->...hn", x, w)
+    if not _kernel_applies(rows, x, w):
+        return jnp.einsum("...hk,hkn->...hn", x, w.astype(x.dtype))
     out = jax.ShapeDtypeStruct((rows, h, w.shape[-1]), jnp.float32)
     y = jax.ffi.ffi_call(_HEADS, out)(x.reshape(rows, h, k), w)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 def small_rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """The custom call itself: x [M, K] f32 @ w [K, N] f32 -> [M, N] f32 (CPU only; `available()` first)."""
+    """The custom call itself: x [M, K] f32 @ w [K, N] f32 or bf16 -> [M, N] f32 (CPU only; `available()`
+    first)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"small_rows_matmul takes [M, K] @ [K, N]; got {x.shape} @ {w.shape}")
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        raise ValueError(f"small_rows_matmul is float32 only; got {x.dtype} @ {w.dtype}")
+    if x.dtype != jnp.float32 or w.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"small_rows_matmul takes float32 x and a float32 or bfloat16 w; got {x.dtype} @ "
+                         f"{w.dtype}")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
     return jax.ffi.ffi_call(_TARGET, out)(x, w)
 
 
 def grouped_applies(rows_per_expert: int, xs: jax.Array, w_down: jax.Array) -> bool:
-    """Whether a MoE layer's experts run `grouped_swiglu` here: inside `small_rows()`, float32, at most
-    MAX_GROUPED_ROWS rows per expert on average, and D and F multiples of 32 (the panel width)."""
+    """Whether a MoE layer's experts run `grouped_swiglu` here: inside `small_rows()`, float32 rows, at most
+    MAX_GROUPED_ROWS rows per expert on average, and D and F multiples of 64 (the widest panel: bfloat16
+    weights with AVX-512)."""
     _, f, d = w_down.shape
-    return rows_per_expert <= MAX_GROUPED_ROWS and d % 32 == 0 and f % 32 == 0 and _enabled(xs, w_down)
+    return rows_per_expert <= MAX_GROUPED_ROWS and d % 64 == 0 and f % 64 == 0 and _enabled(xs, w_down)
 
 
 def grouped_swiglu(xs: jax.Array, starts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
@@ -124,9 +151,9 @@ def grouped_swiglu(xs: jax.Array, starts: jax.Array, w_gate: jax.Array, w_up: ja
     Reference: `longcat_jax.model.expert_tiles.tiled_expert_ffn`.
 
     xs [M, D] f32 rows sorted by expert; starts [E+1] int32: expert e's rows are starts[e] .. starts[e+1],
-    rows past starts[E] come out 0; w_gate, w_up [E, D, F], w_down [E, F, D] f32. Each expert's weights go
-    in as operands of their own, so that where the stack is one of separate per-expert parameters (the serving
-    step's), XLA folds each slice back to its parameter instead of copying it.
+    rows past starts[E] come out 0; w_gate, w_up [E, D, F], w_down [E, F, D] f32 or bf16 (one dtype). Each
+    expert's weights go in as operands of their own, so that where the stack is one of separate per-expert
+    parameters (the serving step's), XLA folds each slice back to its parameter instead of copying it.
     """
     n_experts = w_gate.shape[0]
     weights = [w[e] for w in (w_gate, w_up, w_down) for e in range(n_experts)]
@@ -138,7 +165,7 @@ def paged_attention_applies(q: jax.Array, pages: jax.Array, page_table: jax.Arra
     """Whether `paged_decode_attention` runs here: inside `small_rows()`, float32, rows a multiple of 16, and
     not one sequence over more than MAX_ALONE_POSITIONS positions."""
     alone_and_long = q.shape[0] == 1 and page_table.shape[1] * pages.shape[1] > MAX_ALONE_POSITIONS
-    return q.shape[-1] % 16 == 0 and not alone_and_long and _enabled(q, pages)
+    return q.shape[-1] % 16 == 0 and not alone_and_long and pages.dtype == jnp.float32 and _enabled(q, pages)
 
 
 def paged_decode_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array, positions: jax.Array,

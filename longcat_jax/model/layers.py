@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from longcat_jax.config import Config
-from pallas_kernels.cpu_serving import matmul
+from pallas_kernels.cpu_serving import compute_weight, matmul
 
 INIT_STD = 0.02  # HF `initializer_range`; docs/architecture.md#init
 
@@ -68,8 +68,8 @@ class RMSNorm(nnx.Module):
 
 def swiglu(x, w_gate, w_up, w_down):
     """down(SiLU(gate x) * up x); x [..., D], w_gate/w_up [D, F], w_down [F, D], computed in x's dtype."""
-    dt = x.dtype
-    y = _swiglu(x.reshape(-1, x.shape[-1]), w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+    w_gate, w_up, w_down = (compute_weight(w, x.dtype) for w in (w_gate, w_up, w_down))
+    y = _swiglu(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -185,7 +185,7 @@ def _run_layers(model: LongCat, h, ctx: Context, layer_caches: dict | None, rema
 
 
 def _logits(model: LongCat, h):
-    return matmul(model.final_norm(h), model.lm_head[...].astype(h.dtype)).astype(jnp.float32)
+    return matmul(model.final_norm(h), model.lm_head[...]).astype(jnp.float32)
 
 
 def forward(model: LongCat, tokens: jax.Array, positions: jax.Array | None = None, with_mtp: bool = True, *,

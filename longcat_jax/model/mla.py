@@ -51,10 +51,10 @@ class MLA(nnx.Module):
         k_rope [B,T,Hr] (rotated, unscaled).
         """
         cfg, dt = self.cfg, x.dtype
-        c_q = rms_norm(matmul(x, self.w_q_down[...].astype(dt)), self.q_norm[...], cfg.mla_norm_eps)
-        q = matmul(c_q, self.w_q_up[...].astype(dt)) * jnp.asarray(cfg.q_scale, dt)
+        c_q = rms_norm(matmul(x, self.w_q_down[...]), self.q_norm[...], cfg.mla_norm_eps)
+        q = matmul(c_q, self.w_q_up[...]) * jnp.asarray(cfg.q_scale, dt)
         q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
-        kv = matmul(x, self.w_kv_down[...].astype(dt))
+        kv = matmul(x, self.w_kv_down[...])
         c_kv = rms_norm(kv[..., : cfg.kv_lora_rank], self.kv_norm[...], cfg.mla_norm_eps)
         c_kv = c_kv * jnp.asarray(cfg.kv_scale, dt)
         k_rope = apply_rope(kv[..., cfg.kv_lora_rank :], positions, inv_freq, interleaved=True)
@@ -81,7 +81,7 @@ class MLA(nnx.Module):
         layout of o's heads (a decode step's largest copy). B and T stay apart: under context parallelism T is
         split and B is not, and merging them would make XLA gather the whole activation."""
         B, T, N, H = o.shape
-        w = self.w_o[...].astype(o.dtype)
+        w = self.w_o[...]
         return matmul(o.reshape(B, T, N * H), w.reshape(N * H, w.shape[-1]))
 
     def absorbed_weights(self):
@@ -125,7 +125,7 @@ def add_absorbed_weights(attn: MLA) -> None:
 def absorb_query(q_nope, w_uk):
     """q~ = W_UK^T q_nope [B,T,N,R] from W_UK [N,Hn,R]: the no-position query part, scored against the latent
     c_kv directly."""
-    return heads_matmul(q_nope, w_uk.astype(q_nope.dtype))
+    return heads_matmul(q_nope, w_uk)
 
 
 def absorbed_scores(q_lat, q_rope, c_kv, k_rope):
@@ -156,7 +156,7 @@ def attend_absorbed(q_nope, q_rope, c_kv, k_rope, w_kv_up, mask, cfg: Config, sp
 
 def latent_values(o_lat, w_uv):
     """W_UV: per-head values [B,T,N,Hv] from the latent sums o_lat [B,T,N,R] of absorbed attention."""
-    return heads_matmul(o_lat, w_uv.astype(o_lat.dtype))
+    return heads_matmul(o_lat, w_uv)
 
 
 def attend_paged_decode(q_lat, q_rope, pages, page_table, positions, new_rows, scale: float):

@@ -144,7 +144,8 @@ def grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down) -> jax.Array:
     Args:
       xs: [M, D] rows sorted by expert; sorted_e [M] their experts (>= E: no expert, sorted last).
       starts: [E+1] int32 first row of each expert (starts[E] = rows of any expert).
-      w_gate, w_up: [E, D, Fe]; w_down: [E, Fe, D]; all in xs's dtype.
+      w_gate, w_up: [E, D, Fe]; w_down: [E, Fe, D]; in xs's dtype (or bfloat16 for float32 xs in the CPU
+        serving step: `cpu_serving.compute_weight`).
     Returns:
       [M, D] in xs's dtype.
     """
@@ -190,7 +191,8 @@ def moe_dropless(x, weights, indices, w_gate, w_up, w_down, cfg: Config) -> jax.
     dt = cfg.jnp_dtype
     order, sorted_e, starts = _sort_assignments(indices, n_experts)
     xs = _replicate_sorted(x.astype(dt), order, indices.shape[1])  # [N*K, D]
-    y = grouped_swiglu(xs, sorted_e, starts, w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+    w_gate, w_up, w_down = (cpu_serving.compute_weight(w, dt) for w in (w_gate, w_up, w_down))
+    y = grouped_swiglu(xs, sorted_e, starts, w_gate, w_up, w_down)
     return _combine(y, order, x, weights, indices, n_experts)
 
 

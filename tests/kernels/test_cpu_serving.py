@@ -18,13 +18,24 @@ def built():
     assert cpu_serving.available(), "the kernel did not build (a C++ compiler is part of the test machine)"
 
 
-# Rows 1..16 (blocks of 8 and their remainders), columns with and without a partial panel, odd K.
-@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (3, 64, 31), (8, 512, 1536), (13, 100, 257), (16, 7, 64)])
-def test_equals_float64_reference_and_each_row_is_independent_of_the_others(built, m, k, n):
+def random_weight(rng, shape, dtype):
+    """A random weight of `dtype` and its exact float64 value."""
+    w = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+    return w, np.asarray(w.astype(jnp.float32), np.float64)
+
+
+# Rows 1..16 (blocks of 8 or 4 and their remainders), columns with and without a partial panel (120: a half
+# panel and single columns past the last panel), odd K; float32 weights and bfloat16 ones (read as they are,
+# widened exactly).
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (3, 64, 31), (8, 512, 1536), (13, 100, 257), (16, 7, 64),
+                                   (2, 40, 120)])
+def test_equals_float64_reference_and_each_row_is_independent_of_the_others(built, m, k, n, dtype):
     rng = np.random.default_rng(m * 1000 + n)
-    x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    x = rng.standard_normal((m, k), np.float32)
+    w, w64 = random_weight(rng, (k, n), dtype)
     y = np.asarray(jax.jit(cpu_serving.small_rows_matmul)(x, w))
-    ref = x.astype(np.float64) @ w.astype(np.float64)
+    ref = x.astype(np.float64) @ w64
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     # Summed in order of k whatever the batch: a row alone gives the same bits (batch invariance).
     alone = np.asarray(jax.jit(cpu_serving.small_rows_matmul)(x[-1:], w))
@@ -32,8 +43,8 @@ def test_equals_float64_reference_and_each_row_is_independent_of_the_others(buil
 
 
 def test_matmul_dispatch(built):
-    """The custom call only inside `small_rows`, for float32 and at most MAX_ROWS rows; w's trailing axes
-    are flattened and restored (an MLA up-projection [R, N, H])."""
+    """The custom call only inside `small_rows`, for float32 x (float32 or bfloat16 w) and at most MAX_ROWS
+    rows; w's trailing axes are flattened and restored (an MLA up-projection [R, N, H])."""
     x, w = jnp.ones((2, 3, 8), jnp.float32), jnp.ones((8, 4, 5), jnp.float32)
 
     def hlo(x, w, enabled=True):  # a new function each time: jit reuses a trace of the same one
@@ -44,16 +55,34 @@ def test_matmul_dispatch(built):
     assert "longcat_small_rows_matmul" not in hlo(x, w, enabled=False)
     assert "longcat_small_rows_matmul" not in hlo(jnp.ones((cpu_serving.MAX_ROWS + 1, 8)), w)
     assert "longcat_small_rows_matmul" not in hlo(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert "longcat_small_rows_matmul" in hlo(x, w.astype(jnp.bfloat16))
+    many = jnp.ones((cpu_serving.MAX_ROWS + 1, 8))  # a bfloat16 weight at any row count: XLA would convert it
+    assert "longcat_small_rows_matmul" in hlo(many, w.astype(jnp.bfloat16))
     with cpu_serving.small_rows():
         y = jax.jit(cpu_serving.matmul)(x, w)
     np.testing.assert_array_equal(y, jnp.tensordot(x, w, 1))
+    # Outside it, in x's dtype whatever w's (XLA's dot after a cast).
+    y = cpu_serving.matmul(x, w.astype(jnp.bfloat16))
+    assert y.dtype == jnp.float32
+    np.testing.assert_array_equal(y, jnp.tensordot(x, w, 1))
+
+
+def test_compute_weight_keeps_bfloat16_only_for_the_serving_kernels():
+    w = jnp.ones((4, 4), jnp.bfloat16)
+    assert cpu_serving.compute_weight(w, jnp.float32).dtype == jnp.float32
+    with cpu_serving.small_rows():
+        assert cpu_serving.compute_weight(w, jnp.float32).dtype == jnp.bfloat16
+        assert cpu_serving.compute_weight(w.astype(jnp.float16), jnp.float32).dtype == jnp.float32
+        assert cpu_serving.compute_weight(jnp.ones((4, 4)), jnp.bfloat16).dtype == jnp.bfloat16
 
 
 def test_bad_shapes_name_the_problem():
     with pytest.raises(ValueError, match=r"\[M, K\] @ \[K, N\]"):
         cpu_serving.small_rows_matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))
-    with pytest.raises(ValueError, match="float32 only"):
+    with pytest.raises(ValueError, match="float32 x and a float32 or bfloat16 w"):
         cpu_serving.small_rows_matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 5), jnp.bfloat16))
+    with pytest.raises(ValueError, match="float32 x and a float32 or bfloat16 w"):
+        cpu_serving.small_rows_matmul(jnp.ones((2, 3)), jnp.ones((3, 5), jnp.float16))
 
 
 def test_without_a_compiler_the_build_fails_with_a_named_reason(monkeypatch, tmp_path):
@@ -64,31 +93,36 @@ def test_without_a_compiler_the_build_fails_with_a_named_reason(monkeypatch, tmp
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left where a later run would look
 
 
-def test_grouped_swiglu_equals_the_expert_tiles(built):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_grouped_swiglu_equals_the_expert_tiles(built, dtype):
     """Experts with no rows, one row, and more than a block of 8; rows of no expert (sorted last) give 0."""
     from longcat_jax.model.expert_tiles import tiled_expert_ffn
 
     rng = np.random.default_rng(0)
-    E, D, F = 5, 32, 64
+    E, D, F = 5, 64, 128
     expert = np.array([0] * 11 + [2] + [3] * 3 + [E] * 2)  # sorted; experts 1 and 4 get none
     starts = np.searchsorted(expert, np.arange(E + 1)).astype(np.int32)
     xs = rng.standard_normal((len(expert), D), np.float32)
     w_gate, w_up = (rng.standard_normal((E, D, F), np.float32) * 0.2 for _ in range(2))
     w_down = rng.standard_normal((E, F, D), np.float32) * 0.2
-    y = np.asarray(jax.jit(cpu_serving.grouped_swiglu)(xs, starts, w_gate, w_up, w_down))
+    w_gate, w_up, w_down = (jnp.asarray(w, dtype).astype(jnp.float32) for w in (w_gate, w_up, w_down))
+    y = np.asarray(jax.jit(cpu_serving.grouped_swiglu)(xs, starts, *(w.astype(dtype) for w in
+                                                                       (w_gate, w_up, w_down))))
     routed = (expert < E)[:, None]
     ref = np.asarray(tiled_expert_ffn(jnp.where(routed, xs, 0), starts, w_gate, w_up, w_down, 2))
     np.testing.assert_allclose(y, np.where(routed, ref, 0), rtol=1e-5, atol=1e-5)
     assert (y[~routed[:, 0]] == 0).all()
 
 
-def test_heads_matmul_equals_the_einsum(built):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_heads_matmul_equals_the_einsum(built, dtype):
     rng = np.random.default_rng(1)
-    x, w = rng.standard_normal((2, 3, 4, 40), np.float32), rng.standard_normal((4, 40, 48), np.float32)
+    x = rng.standard_normal((2, 3, 4, 40), np.float32)
+    w, w64 = random_weight(rng, (4, 40, 48), dtype)
     with cpu_serving.small_rows():
         lowered = jax.jit(lambda x, w: cpu_serving.heads_matmul(x, w)).lower(x, w)
     assert "longcat_small_rows_heads_matmul" in lowered.as_text()
-    ref = np.einsum("...hk,hkn->...hn", x.astype(np.float64), w.astype(np.float64))
+    ref = np.einsum("...hk,hkn->...hn", x.astype(np.float64), w64)
     np.testing.assert_allclose(np.asarray(lowered.compile()(x, w)), ref, rtol=1e-5, atol=1e-5)
 
 

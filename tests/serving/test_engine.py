@@ -166,6 +166,17 @@ def test_dense_model_equals_generate(prompts):
     assert Engine(model, settings()).generate([prompts[0]], greedy)[0].token_ids == want
 
 
+def test_bfloat16_weights_computed_in_float32_equal_generate(prompts):
+    """serve.py's default for a bfloat16 checkpoint on CPU: the weights stay bfloat16, the step computes in
+    float32 (its CPU kernels widen the weights as they read them; the plain model casts them first)."""
+    cfg = lj.Config.tiny(vocab_size=384, eos_token_id=2, param_dtype="bfloat16", dtype="float32")
+    model = lj.build_model(cfg, seed=0)
+    assert model.lm_head[...].dtype == jnp.bfloat16
+    want = np.asarray(lj.generate(model, jnp.asarray([prompts[0]], jnp.int32), 4))[0].tolist()
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert Engine(model, settings()).generate([prompts[0]], greedy)[0].token_ids == want
+
+
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(model, prompts, expected):
     eng = Engine(model, settings())
     real_program = eng.programs.program
