@@ -29,7 +29,7 @@ import uvicorn
 import longcat_jax as lj
 from longcat_jax.serving.api import build_app
 from longcat_jax.serving.engine import Engine, EngineSettings
-from longcat_jax.serving.load import LoadError, load_for_serving
+from longcat_jax.serving.load import DTYPES, LoadError, load_for_serving
 from longcat_jax.serving.params import SamplingParams
 
 COMPILE_CACHE = os.path.expanduser("~/.cache/longcat-jax/xla")
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=16, help="the largest n (choices per prompt) of a request")
     p.add_argument("--kernel-impl", default="auto", choices=("auto", "xla", "pallas", "reference"),
                    help="LSA and N-gram implementation (see pallas_kernels/)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="compute dtype of activations and the KV cache; the weights stay as stored (auto: "
+                        "float32 on CPU, where the serving kernels read bfloat16 weights as they are, else "
+                        "the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="initialisation of --preset weights")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds SIGTERM waits for running requests before aborting them")
@@ -176,11 +180,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     try:
         cfg, model, tokenizer, name = load_for_serving(hf=args.hf, checkpoint=args.checkpoint,
                                                        preset=args.preset, run=args.run,
-                                                       kernel_impl=args.kernel_impl, seed=args.seed)
+                                                       kernel_impl=args.kernel_impl, dtype=args.dtype,
+                                                       seed=args.seed)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _done(t, f"{name}: {cfg.num_layers} layers, vocabulary {cfg.vocab_size}, loaded")
+    _done(t, f"{name}: {cfg.num_layers} layers, vocabulary {cfg.vocab_size}, {cfg.param_dtype} weights, "
+             f"{cfg.dtype} compute, loaded")
     name = args.served_model_name or name
     max_len = args.max_model_len or min(DEFAULT_MAX_MODEL_LEN, cfg.max_position_embeddings)
     if max_len > cfg.max_position_embeddings:

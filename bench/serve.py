@@ -1,12 +1,14 @@
 """Serving on CPU: our serve.py against `transformers serve --continuous-batching`, batch-1 decode against
 transformers' `generate`, and LSA against dense decode per token at long context.
 
-One run, one machine, float32 everywhere:
+One run, one machine, float32 arithmetic everywhere:
 
   folder     a Hugging Face folder written by our code: a random-weight LongCat-Flash-layout model (the
              `small` preset's dimensions with no N-gram, indexer or MTP, which transformers'
-             LongcatFlashForCausalLM lacks; about 83M parameters), a byte-level BPE trained on the Python
-             standard library (`training.data.train_bpe`) and the default chat template
+             LongcatFlashForCausalLM lacks; about 83M parameters) with its weights in bfloat16, as LongCat
+             checkpoints ship (transformers loads them as float32, `--dtype float32`: the same values; ours
+             keeps them in bfloat16 and computes in float32, serve.py's default on CPU), a byte-level BPE
+             trained on the Python standard library (`training.data.train_bpe`) and the default chat template
              (`serving.text.save_tokenizer_folder`). Both servers load this same folder.
   serving    both servers started (ours: `python serve.py --hf FOLDER`; theirs: `transformers serve FOLDER
              --continuous-batching --device cpu --dtype float32`), each on a free localhost port, then level
@@ -86,7 +88,8 @@ def flash_config(vocab_size: int, quick: bool) -> lj.Config:
     """The small preset's dimensions in the Flash layout: no N-gram, indexer or MTP. HF's MLA latent norms use
     eps 1e-6 (docs/architecture.md#rmsnorm); ours follows, so both sides compute the same function."""
     return lj.Config.small(vocab_size=vocab_size, ngram_n=0, use_indexer=False, si_enabled=False,
-                           hi_enabled=False, mtp_num_steps=0, mla_norm_eps=1e-6, bos_token_id=1,
+                           hi_enabled=False, mtp_num_steps=0, param_dtype="bfloat16", dtype="float32",
+                           mla_norm_eps=1e-6, bos_token_id=1,
                            eos_token_id=2, pad_token_id=0, **(dict(num_layers=2) if quick else {}))
 
 
@@ -264,13 +267,14 @@ def bench_decode(args, folder: str, prompt_ids: list[int], result: dict) -> None
     from transformers import AutoModelForCausalLM
 
     from longcat_jax.serving.engine import Engine, EngineSettings
+    from longcat_jax.serving.load import load_for_serving
     from longcat_jax.serving.params import SamplingParams
 
     n, reps = args.max_tokens, args.decode_reps
     torch.set_num_threads(os.cpu_count())
 
-    # Ours, loaded from the folder as serve.py loads it.
-    cfg, model = lj.load_hf(folder)
+    # Ours, loaded from the folder as serve.py loads it (bfloat16 weights, float32 compute).
+    cfg, model, _, _ = load_for_serving(hf=folder)
     engine = Engine(model, EngineSettings(max_num_seqs=1, max_model_len=args.max_model_len))
 
     def ours(k):

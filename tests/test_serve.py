@@ -101,6 +101,19 @@ def test_load_errors(tmp_path):
         load_for_serving(hf=str(tmp_path), preset="tiny")
 
 
+def test_a_bfloat16_folder_keeps_its_weights_and_computes_in_float32_on_cpu(tmp_path):
+    from longcat_jax.serving.text import save_tokenizer_folder
+
+    cfg = lj.Config.tiny(param_dtype="bfloat16", dtype="bfloat16")
+    lj.save_hf(lj.build_model(cfg, seed=0), str(tmp_path))
+    save_tokenizer_folder(data.train_bpe(["def add(a, b):\n    return a + b\n"] * 20, 300), tmp_path)
+    cfg, model, _, _ = load_for_serving(hf=str(tmp_path))
+    assert (cfg.param_dtype, cfg.dtype, model.lm_head[...].dtype) == ("bfloat16", "float32", jnp.bfloat16)
+    assert load_for_serving(hf=str(tmp_path), dtype="bfloat16")[0].dtype == "bfloat16"
+    with pytest.raises(LoadError, match="unknown dtype 'float16'"):
+        load_for_serving(hf=str(tmp_path), dtype="float16")
+
+
 # --------------------------------------------------------------------------------------------- the CLI
 def test_every_flag_has_help():
     for action in serve.build_parser()._actions:

@@ -10,6 +10,12 @@ training built it (`training.loop.build`: the tokenizer's vocabulary rounded up 
 the tokenizer, BOS 1), and only the parameters are read back (orbax partial restore): the optimizer state,
 twice the model's size with Muon/AdamW, never leaves the disk. A step is used only if it passes the run's
 integrity check (`run_checkpoint.verify_step_dir`); with a checkpoints folder the newest good step is taken.
+
+The weights stay in the dtype they are stored in; `dtype` picks the compute dtype (activations and the KV
+cache). By default that is float32 on CPU, where XLA has no fast bfloat16 arithmetic on most CPUs and the
+serving kernels read bfloat16 weights as they are (`pallas_kernels.cpu_serving`), and the source's own
+elsewhere: a bfloat16 LongCat checkpoint served on CPU streams half the bytes of a float32 copy per decode
+step and computes what that copy would.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ VOCAB_MULTIPLE = 128  # training rounds the embedding up to this (loop.build)
 PRESET_BPE_MAX_VOCAB = 4096  # the --preset tokenizer: enough merges to look like text, trained in ~1 s
 PRESET_BPE_TEXT_CHARS = 300_000
 PRESET_MIN_VOCAB = 512
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 class LoadError(RuntimeError):
@@ -38,7 +45,7 @@ class LoadError(RuntimeError):
 
 
 def load_for_serving(*, hf: str | None = None, checkpoint: str | None = None, preset: str | None = None,
-                     run: str = "runs/default", kernel_impl: str = "auto", seed: int = 0,
+                     run: str = "runs/default", kernel_impl: str = "auto", dtype: str = "auto", seed: int = 0,
                      log: Callable[[str], object] = lambda s: print(s, file=sys.stderr)
                      ) -> tuple[lj.Config, lj.LongCat, TextTokenizer, str]:
     """(cfg, model, tokenizer, model_name) from one source; with none, the newest checkpoint of `run`.
@@ -50,6 +57,7 @@ def load_for_serving(*, hf: str | None = None, checkpoint: str | None = None, pr
       preset: random weights of a `Config.PRESETS` entry, with a small byte-level BPE.
       run: the run folder used when no source is given.
       kernel_impl: LSA / N-gram implementation (`Config.kernel_impl`).
+      dtype: the compute dtype, one of DTYPES (see the module docstring); the weights keep theirs.
       seed: initialisation of the preset's random weights.
       log: where skipped (corrupt) checkpoint steps are reported.
     Raises:
@@ -57,25 +65,30 @@ def load_for_serving(*, hf: str | None = None, checkpoint: str | None = None, pr
     """
     if sum(x is not None for x in (hf, checkpoint, preset)) > 1:
         raise LoadError("give at most one of --hf, --checkpoint and --preset")
+    if dtype not in DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    changes = {"kernel_impl": kernel_impl}
+    if dtype != "auto" or jax.default_backend() == "cpu":
+        changes["dtype"] = "float32" if dtype == "auto" else dtype
     if hf is not None:
-        return _from_hf(hf, kernel_impl)
+        return _from_hf(hf, changes)
     if preset is not None:
-        return _from_preset(preset, kernel_impl, seed)
+        return _from_preset(preset, changes, seed)
     if checkpoint is None:
         ckpts = Path(run) / "checkpoints"
         if not _step_dirs(ckpts):
             raise LoadError(f"no checkpoint in {ckpts}: train one with `make train` (or `python train.py`), "
                             "or pass --hf DIR, --checkpoint DIR or --preset NAME")
         checkpoint = str(ckpts)
-    return _from_checkpoint(checkpoint, kernel_impl, log)
+    return _from_checkpoint(checkpoint, changes, log)
 
 
-def _from_hf(path: str, kernel_impl: str):
+def _from_hf(path: str, changes: dict):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise LoadError(f"--hf {path}: not a Hugging Face model folder (no config.json)")
     try:
         tokenizer = TextTokenizer.from_folder(path)
-        cfg, model = lj.load_hf(path, kernel_impl=kernel_impl)
+        cfg, model = lj.load_hf(path, **changes)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise LoadError(f"--hf {path}: {e}") from e
     return cfg, model, tokenizer, os.path.basename(os.path.normpath(path))
@@ -97,7 +110,7 @@ def preset_tokenizer(vocab_size: int) -> TextTokenizer:
     return TextTokenizer.from_tokenizer(bpe)
 
 
-def _from_preset(name: str, kernel_impl: str, seed: int):
+def _from_preset(name: str, changes: dict, seed: int):
     if name not in lj.Config.PRESETS:
         raise LoadError(f"unknown preset {name!r}; choose one of {', '.join(lj.Config.PRESETS)}")
     base = lj.Config.preset(name)
@@ -105,7 +118,7 @@ def _from_preset(name: str, kernel_impl: str, seed: int):
     tokenizer = preset_tokenizer(max(base.vocab_size, PRESET_MIN_VOCAB))
     vocab = max(base.vocab_size, _rounded(tokenizer.vocab_size))
     cfg = lj.Config.preset(name, vocab_size=vocab, eos_token_id=tokenizer.eos_token_ids[0], bos_token_id=1,
-                           kernel_impl=kernel_impl)
+                           **changes)
     return cfg, lj.build_model(cfg, seed=seed), tokenizer, f"longcat-{name}"
 
 
@@ -163,7 +176,7 @@ class RunModel(NamedTuple):
         return int(self.step_dir.name)
 
 
-def load_run(path: str, *, kernel_impl: str | None = None,
+def load_run(path: str, *, changes: dict | None = None,
              log: Callable[[str], object] = lambda s: print(s, file=sys.stderr),
              flag: str = "--checkpoint") -> RunModel:
     """The model, config and tokenizer of a train.py checkpoint (see the module docstring).
@@ -171,7 +184,7 @@ def load_run(path: str, *, kernel_impl: str | None = None,
     Args:
       path: a step folder RUN/checkpoints/STEP, a RUN/checkpoints folder (its newest good step) or the run
         folder RUN itself.
-      kernel_impl: `Config.kernel_impl` of the model; None keeps the Config's default.
+      changes: Config fields to set (`kernel_impl`, the compute `dtype`); the rest as the run trained.
       log: where skipped (corrupt) checkpoint steps are reported.
       flag: the command-line option `path` came from, for the error messages.
     Raises:
@@ -191,7 +204,7 @@ def load_run(path: str, *, kernel_impl: str | None = None,
         raise LoadError(f"run folder {run}: needs run_config.json and tokenizer.json beside checkpoints/ "
                         f"({e})") from e
     preset = settings.get("preset", "tiny")
-    changes = {} if kernel_impl is None else {"kernel_impl": kernel_impl}
+    changes = changes or {}
     if "model_config" in settings:  # the run's model as train.py resolved it (preset, overrides, dtype)
         cfg = dataclasses.replace(lj.Config(**settings["model_config"]), **changes)
     else:  # a run from before the model config was saved: the preset and the tokenizer say it all
@@ -212,6 +225,6 @@ def load_run(path: str, *, kernel_impl: str | None = None,
     return RunModel(cfg, model, TextTokenizer.from_tokenizer(bpe), preset, run, step)
 
 
-def _from_checkpoint(path: str, kernel_impl: str, log: Callable[[str], object]):
-    run = load_run(path, kernel_impl=kernel_impl, log=log)
+def _from_checkpoint(path: str, changes: dict, log: Callable[[str], object]):
+    run = load_run(path, changes=changes, log=log)
     return run.cfg, run.model, run.tokenizer, f"longcat-{run.preset}-{run.run_dir.name}"
