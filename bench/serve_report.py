@@ -88,11 +88,14 @@ def print_summary(result: dict) -> None:
     if "decode_batch1" in result:
         d = result["decode_batch1"]
         print(f"\n=== Decode, batch 1, {d['prompt_tokens']}-token prompt, {d['new_tokens']} new tokens ===")
-        for n in ("ours", "transformers"):
+        for n in ("ours", "transformers", "transformers_bfloat16"):
+            if n not in d:  # results from before transformers was also timed in bfloat16
+                continue
             print(f"{n:>13}: {d[n]['decode_s_per_token'] * 1e3:7.2f} ms/token = "
                   f"{d[n]['decode_tokens_per_s']:7.1f} tok/s  (64 tokens in {d[n]['median_full_s']:.2f} s)")
-        print(f"{'ours/theirs':>13}: {d['speedup']:.2f}x faster; greedy outputs agree on the first "
-              f"{d['greedy_tokens_agreeing_from_start']} tokens")
+        against = d.get("speedup_against", "transformers in float32")
+        print(f"{'ours/theirs':>13}: {d['speedup']:.2f}x faster (against {against}); greedy outputs agree "
+              f"on the first {d['greedy_tokens_agreeing_from_start']} tokens")
     lsa = result.get("lsa_decode")
     if lsa:
         print("\n=== Decode step, small preset, batch 1, paged cache of random rows (ms/token) ===")
