@@ -1,8 +1,8 @@
 """The CPU serving step's own kernels, XLA FFI custom calls over float32 activations: matmuls of few rows
 (decode rows), a MoE layer's experts over their few rows each, and dense decode attention over the paged
-cache.
-The matmuls read float32 or bfloat16 weights; a bfloat16 one is widened to float32 as it is loaded (exact), so
-a checkpoint kept in bfloat16 streams half the bytes per decode step and computes what its float32 copy would.
+cache. The matmuls read float32 or bfloat16 weights; a bfloat16 one is widened to float32 in registers as it
+is loaded (exactly), so a checkpoint kept in bfloat16 streams half the bytes per decode step and computes
+what its float32 copy would.
 
 Reference: `x @ w` (`matmul`, `small_rows_matmul`); `jnp.einsum("...hk,hkn->...hn")` (`heads_matmul`);
 `longcat_jax.model.expert_tiles.tiled_expert_ffn` (`grouped_swiglu`); `longcat_jax.model.mla.
@@ -18,8 +18,8 @@ panel of the weight once, summing every output in order of k whatever the batch 
 place of the expert tiles' loop of switches. `paged_decode_attention` reads each sequence's rows through its
 page table where XLA gathers them into a copy first and then reads that twice, for the scores and the values.
 All together, against XLA's paths in one process (bench/cpu_serving.py, 2-core Xeon, the serving benchmark's
-model): decode steps of 1 / 8 / 16 / 32 rows 1.33x / 1.51x / 1.51x / 1.88x faster, prefill chunks of 64-256
-tokens 1.11-1.15x.
+model): decode steps of 1 / 8 / 16 / 32 rows 1.35x / 1.47x / 1.53x / 1.86x faster, prefill chunks of 64-256
+tokens 1.12-1.21x; over the same weights in bfloat16 the decode steps another 1.35-1.46x, prefill 0.99-1.10x.
 
 The C++ source is compiled on first use with the machine's C++ compiler ($CXX, else `c++`) for this CPU, into
 ~/.cache/longcat-jax/cpu_serving/, and registered with XLA. Where it cannot be built (no compiler), a warning
