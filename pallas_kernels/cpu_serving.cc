@@ -2,11 +2,12 @@
 // float32 or bfloat16, widened to float32 as they are loaded (see cpu_serving.py for why).
 //
 // LongcatSmallRowsMatmul: y = x @ w for a few rows; x [M, K] and w [K, N] are row-major. The columns of w are
-// cut into panels of kPanel columns; a panel's rows are read once per block of up to kRows rows of x, with
-// the block's outputs held in vector registers for the whole K loop, so w streams from memory once (a second
-// block of rows reads the panel again from L2), and the rows of w a few steps ahead are prefetched. Panels
-// are handed out in chunks to the calling thread and to XLA's intra-op threads. Each output is summed in
-// order of k, whatever M is: a row's result does not depend on the other rows.
+// cut into panels of kPanel<W> columns; a panel's rows are read once per block of rows of x (up to 8 over
+// float32 weights, 4 over bfloat16: 16 accumulators), with the block's outputs held in vector registers for
+// the whole K loop, so w streams from memory once (a second block of rows reads the panel again from L2),
+// and the rows of w a few steps ahead are prefetched. Panels are handed out in chunks to the calling thread
+// and to XLA's intra-op threads. Each output is summed in order of k, whatever M is: a row's result does not
+// depend on the other rows.
 // LongcatSmallRowsHeadsMatmul does the same for every head h of x [M, H, K] and w [H, K, N] (MLA's absorbed
 // per-head projections).
 //
@@ -56,9 +57,11 @@ const W* Data(const ffi::AnyBuffer& w) {
 // A bfloat16 is exact in float32: its bits are a float32's top half.
 inline float Widen(float v) { return v; }
 inline float Widen(Bf16 v) { return __builtin_bit_cast(float, static_cast<uint32_t>(v) << 16); }
-// A panel's row is two vectors of float32 weights (two 64-byte lines with AVX-512): four vectors' worth of
-// bfloat16 columns, so that a bfloat16 panel streams as many lines per row as a float32 one (with one line
-// per row, the bfloat16 matmuls ran at float32's speed: the lines in flight, not the bytes, set the rate).
+
+// A panel's row is two vectors of float32 weights (two 64-byte lines with AVX-512), or four vectors' worth of
+// bfloat16 columns, so that a bfloat16 panel streams as many lines per row as a float32 one: with one line
+// per row the bfloat16 matmuls ran barely faster than float32's (the lines in flight, more than the bytes,
+// seem to set the rate).
 template <typename W>
 constexpr int kPanelVecs = 2 * sizeof(float) / sizeof(W);
 template <typename W>
