@@ -283,11 +283,11 @@ struct GroupedWork {
   bool Finished() const { return done2.load(std::memory_order_acquire) == items2; }
 };
 
+// W is the weights' element type, `type` (every weight's, checked here).
 template <typename W>
 ffi::Error Grouped(ffi::ThreadPool& pool, const Matrix& xs, const Offsets& starts,
-                   const ffi::RemainingArgs& weights, MatrixResult& y) {
+                   const ffi::RemainingArgs& weights, ffi::DataType type, MatrixResult& y) {
   const int64_t M = xs.dimensions()[0], D = xs.dimensions()[1], E = starts.dimensions()[0] - 1;
-  const ffi::DataType type = weights.get<Weight>(0)->element_type();
   auto work = std::make_shared<GroupedWork<W>>();
   const int32_t* s = starts.typed_data();
   for (int64_t e = 0; e < E; ++e) {
@@ -335,8 +335,8 @@ ffi::Error GroupedSwiglu(ffi::ThreadPool pool, Matrix xs, Offsets starts, ffi::R
   auto first = weights.get<Weight>(0);
   if (!first.has_value()) return ffi::Error::InvalidArgument("grouped_swiglu: the weights must be buffers");
   switch (first->element_type()) {
-    case ffi::DataType::F32: return Grouped<float>(pool, xs, starts, weights, y);
-    case ffi::DataType::BF16: return Grouped<Bf16>(pool, xs, starts, weights, y);
+    case ffi::DataType::F32: return Grouped<float>(pool, xs, starts, weights, first->element_type(), y);
+    case ffi::DataType::BF16: return Grouped<Bf16>(pool, xs, starts, weights, first->element_type(), y);
     default: return ffi::Error::InvalidArgument("grouped_swiglu: the weights must be float32 or bfloat16");
   }
 }
